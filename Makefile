@@ -1,0 +1,51 @@
+# Every target sets itself up: `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# protoc-gen-mypy (from mypy-protobuf) must be on PATH for `make proto`.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+PROTOS := $(shell find protos -name '*.proto' | sort)
+MODELS := examples/housing/models/.stamp
+
+.PHONY: install proto proto-check fmt lint test test-all demo models bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,train]'
+	touch $(STAMP)
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos \
+	  --mypy_out=quiet:protos --mypy_grpc_out=only_async,quiet:protos $(PROTOS)
+
+# Generated code is committed; this fails when it drifts from the .proto sources.
+proto-check: proto
+	@test -z "$$(git status --porcelain protos)" || \
+	  { git status --porcelain protos; echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check . && $(VENV)/bin/mypy
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow and not gpu"
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest
+
+models: $(MODELS)
+
+$(MODELS): $(STAMP) examples/housing/make_models.py
+	$(PY) examples/housing/make_models.py --out examples/housing/models
+	touch $(MODELS)
+
+demo: $(STAMP) $(MODELS)
+	$(VENV)/bin/hotswap demo --models examples/housing/models
+
+clean:
+	rm -rf $(VENV) examples/housing/models .pytest_cache .mypy_cache .ruff_cache
