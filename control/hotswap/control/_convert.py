@@ -1,0 +1,64 @@
+"""Domain values <-> hotswap.v1 protobuf messages, for the control plane's servicers."""
+
+from __future__ import annotations
+
+from hotswap.control.domain import (
+    Deployment,
+    ModelVersion,
+    Pipeline,
+    PipelineVersion,
+    TensorSpec,
+    Workspace,
+)
+from hotswap.v1 import control_pb2, types_pb2
+
+
+def tensor_spec(spec: TensorSpec) -> types_pb2.TensorSpec:
+    return types_pb2.TensorSpec(name=spec.name, type=spec.type, shape=list(spec.shape))
+
+
+def model_version(model: ModelVersion) -> types_pb2.ModelVersion:
+    return types_pb2.ModelVersion(
+        workspace=model.workspace,
+        name=model.name,
+        version=model.version,
+        sha256=model.sha256,
+        size_bytes=model.size_bytes,
+        inputs=[tensor_spec(s) for s in model.inputs],
+        outputs=[tensor_spec(s) for s in model.outputs],
+        created_ms=model.created_ms,
+        framework="onnx",
+    )
+
+
+def pipeline_version(version: PipelineVersion) -> types_pb2.PipelineVersion:
+    return types_pb2.PipelineVersion(
+        workspace=version.workspace,
+        pipeline=version.pipeline,
+        version_id=version.version_id,
+        number=version.number,
+        steps=[model_version(m) for m in version.steps],
+        created_ms=version.created_ms,
+    )
+
+
+def workspace(ws: Workspace) -> control_pb2.Workspace:
+    return control_pb2.Workspace(name=ws.name, created_ms=ws.created_ms)
+
+
+def pipeline(p: Pipeline) -> control_pb2.Pipeline:
+    message = control_pb2.Pipeline(
+        workspace=p.workspace,
+        name=p.name,
+        created_ms=p.created_ms,
+        updated_ms=p.updated_ms,
+        version_count=p.version_count,
+    )
+    if p.deployment is not None:
+        message.deployed.CopyFrom(pipeline_version(p.deployment.version))
+        message.replicas = p.deployment.replicas
+    return message
+
+
+def deployment_version(deployment: Deployment | None) -> types_pb2.PipelineVersion | None:
+    return None if deployment is None else pipeline_version(deployment.version)

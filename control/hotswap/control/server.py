@@ -1,0 +1,76 @@
+"""Assembles the control plane: store, blobs, fleet, deployer and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from hotswap._edge import server_options
+from hotswap.control.blobs import BlobStore
+from hotswap.control.deployer import Deployer
+from hotswap.control.fleet import Fleet
+from hotswap.control.servicers import ControlPlaneServicer, FleetServicer
+from hotswap.control.settings import Settings
+from hotswap.control.store import Store
+from hotswap.control.uploads import ModelUploads
+from hotswap.v1 import control_pb2_grpc, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class ControlPlaneServer:
+    """A running control plane. `start()` binds (port 0 picks one); `address` says where."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(settings.data_dir / "hotswap.db")
+        self.blobs = BlobStore(settings.data_dir / "blobs")
+        self.fleet = Fleet(lambda name: self.deployer.desired_state(name), settings.lost_after)
+        self.deployer = Deployer(
+            self.store,
+            self.fleet,
+            prepare_timeout=settings.prepare_timeout,
+            commit_timeout=settings.commit_timeout,
+        )
+        uploads = ModelUploads(self.store, self.blobs, settings.max_model_bytes)
+        self._server = grpc.aio.server(options=server_options())
+        control_pb2_grpc.add_ControlPlaneServicer_to_server(
+            ControlPlaneServicer(self.store, uploads, self.deployer, self.fleet), self._server
+        )
+        fleet_pb2_grpc.add_FleetServicer_to_server(
+            FleetServicer(self.fleet, self.blobs), self._server
+        )
+        self.address = ""
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0]
+        port = self._server.add_insecure_port(self.settings.listen)
+        if port == 0:
+            raise OSError(f"could not listen on {self.settings.listen}")
+        await self._server.start()
+        self.address = f"{host}:{port}"
+        self._heartbeat = asyncio.create_task(
+            self.fleet.heartbeat_forever(self.settings.heartbeat_interval)
+        )
+        log.info("control plane serving on %s (data in %s)", self.address, self.settings.data_dir)
+        if self.settings.address_file is not None:
+            tmp = self.settings.address_file.with_suffix(".tmp")
+            tmp.write_text(self.address)
+            tmp.replace(self.settings.address_file)
+        return self.address
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        await self._server.stop(grace)
+        self.store.close()

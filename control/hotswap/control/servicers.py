@@ -1,0 +1,304 @@
+"""gRPC servicers of the control plane: decode, call the domain, encode. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from hotswap._edge import StatusTable, stream_errors, unary_errors
+from hotswap.control import _convert
+from hotswap.control.blobs import BlobStore
+from hotswap.control.deployer import Deployer
+from hotswap.control.errors import (
+    AlreadyExists,
+    DeployConflict,
+    DeployFailed,
+    InvalidArgument,
+    LimitExceeded,
+    NoEngines,
+    NotFound,
+)
+from hotswap.control.fleet import Fleet
+from hotswap.control.store import Store
+from hotswap.control.uploads import ModelUploads, UploadHeader
+from hotswap.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+STATUS: StatusTable = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeployFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    DeployConflict: grpc.StatusCode.ABORTED,
+    NoEngines: grpc.StatusCode.UNAVAILABLE,
+}
+unary = unary_errors(STATUS)
+streaming = stream_errors(STATUS)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+BLOB_CHUNK = 1024 * 1024
+
+
+class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
+    def __init__(
+        self, store: Store, uploads: ModelUploads, deployer: Deployer, fleet: Fleet
+    ) -> None:
+        self._store = store
+        self._uploads = uploads
+        self._deployer = deployer
+        self._fleet = fleet
+
+    @unary
+    async def CreateWorkspace(
+        self, request: control_pb2.CreateWorkspaceRequest, context: Context
+    ) -> control_pb2.Workspace:
+        return _convert.workspace(self._store.create_workspace(request.name))
+
+    @unary
+    async def ListWorkspaces(
+        self, request: control_pb2.ListWorkspacesRequest, context: Context
+    ) -> control_pb2.ListWorkspacesResponse:
+        return control_pb2.ListWorkspacesResponse(
+            workspaces=[_convert.workspace(w) for w in self._store.list_workspaces()]
+        )
+
+    @unary
+    async def UploadModel(
+        self, request_iterator: AsyncIterator[control_pb2.UploadModelRequest], context: Context
+    ) -> Any:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("an upload must start with a message carrying `header`")
+        h = first.header
+        header = UploadHeader(h.workspace, h.name, h.sha256, h.size_bytes)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.WhichOneof("part") != "chunk":
+                    raise InvalidArgument("only `chunk` messages may follow the header")
+                yield message.chunk
+
+        return _convert.model_version(await self._uploads.upload(header, chunks()))
+
+    @unary
+    async def ListModels(
+        self, request: control_pb2.ListModelsRequest, context: Context
+    ) -> control_pb2.ListModelsResponse:
+        return control_pb2.ListModelsResponse(
+            models=[
+                control_pb2.ModelSummary(
+                    name=m.name, latest=_convert.model_version(m), version_count=count
+                )
+                for m, count in self._store.list_models(request.workspace)
+            ]
+        )
+
+    @unary
+    async def GetModel(
+        self, request: control_pb2.GetModelRequest, context: Context
+    ) -> control_pb2.Model:
+        versions = self._store.model_versions(request.workspace, request.name)
+        return control_pb2.Model(
+            workspace=request.workspace,
+            name=request.name,
+            versions=[_convert.model_version(v) for v in versions],
+        )
+
+    @unary
+    async def CreatePipeline(
+        self, request: control_pb2.CreatePipelineRequest, context: Context
+    ) -> control_pb2.Pipeline:
+        return _convert.pipeline(self._store.create_pipeline(request.workspace, request.name))
+
+    @unary
+    async def ListPipelines(
+        self, request: control_pb2.ListPipelinesRequest, context: Context
+    ) -> control_pb2.ListPipelinesResponse:
+        return control_pb2.ListPipelinesResponse(
+            pipelines=[_convert.pipeline(p) for p in self._store.list_pipelines(request.workspace)]
+        )
+
+    @unary
+    async def GetPipeline(
+        self, request: control_pb2.GetPipelineRequest, context: Context
+    ) -> control_pb2.Pipeline:
+        return _convert.pipeline(self._store.get_pipeline(request.workspace, request.name))
+
+    @unary
+    async def CreatePipelineVersion(
+        self, request: control_pb2.CreatePipelineVersionRequest, context: Context
+    ) -> Any:
+        version = self._store.create_pipeline_version(
+            request.workspace, request.pipeline, [(s.model, s.version) for s in request.steps]
+        )
+        return _convert.pipeline_version(version)
+
+    @unary
+    async def ListPipelineVersions(
+        self, request: control_pb2.ListPipelineVersionsRequest, context: Context
+    ) -> control_pb2.ListPipelineVersionsResponse:
+        versions = self._store.pipeline_versions(request.workspace, request.pipeline)
+        return control_pb2.ListPipelineVersionsResponse(
+            versions=[_convert.pipeline_version(v) for v in versions]
+        )
+
+    @unary
+    async def Deploy(
+        self, request: control_pb2.DeployRequest, context: Context
+    ) -> control_pb2.DeployResponse:
+        if request.replicas < 0:
+            raise InvalidArgument("replicas must be 0 (keep / default 1) or more")
+        expected = (
+            request.expected_current_version
+            if request.HasField("expected_current_version")
+            else None
+        )
+        result = await self._deployer.deploy(
+            request.workspace, request.pipeline, request.version, request.replicas, expected
+        )
+        response = control_pb2.DeployResponse(
+            version=_convert.pipeline_version(result.version),
+            engines=[
+                control_pb2.EngineSwapTiming(
+                    engine=t.engine,
+                    address=t.address,
+                    prepare_ms=t.prepare_ms,
+                    fetch_ms=t.fetch_ms,
+                    load_ms=t.load_ms,
+                    warmup_ms=t.warmup_ms,
+                    commit_ms=t.commit_ms,
+                    switch_us=t.switch_us,
+                    reused=t.reused,
+                )
+                for t in result.engines
+            ],
+            prepare_ms=result.prepare_ms,
+            commit_ms=result.commit_ms,
+            total_ms=result.total_ms,
+        )
+        if result.previous is not None:
+            response.previous.CopyFrom(_convert.pipeline_version(result.previous))
+        return response
+
+    @unary
+    async def Undeploy(
+        self, request: control_pb2.UndeployRequest, context: Context
+    ) -> control_pb2.UndeployResponse:
+        await self._deployer.undeploy(request.workspace, request.pipeline)
+        return control_pb2.UndeployResponse()
+
+    @unary
+    async def GetPipelineStatus(
+        self, request: control_pb2.GetPipelineStatusRequest, context: Context
+    ) -> control_pb2.PipelineStatus:
+        status = self._deployer.status(request.workspace, request.pipeline)
+        message = control_pb2.PipelineStatus(
+            workspace=status.workspace,
+            pipeline=status.pipeline,
+            status=status.status,
+            details=status.details,
+            replicas=status.deployment.replicas if status.deployment else 0,
+            engines=[
+                control_pb2.EngineStatus(
+                    name=e.name,
+                    address=e.address,
+                    status=e.status,
+                    reason=e.reason,
+                    serving_version=e.serving_version,
+                    last_seen_ms=e.last_seen_ms,
+                    models=[
+                        control_pb2.ModelStatus(
+                            name=m.name, version=m.version, sha256=m.sha256, status=m.status
+                        )
+                        for m in e.models
+                    ],
+                )
+                for e in status.engines
+            ],
+        )
+        if status.deployment is not None:
+            message.deployed.CopyFrom(_convert.pipeline_version(status.deployment.version))
+        return message
+
+    @unary
+    async def GetPipelineEndpoints(
+        self, request: control_pb2.GetPipelineEndpointsRequest, context: Context
+    ) -> control_pb2.PipelineEndpoints:
+        number, addresses = self._deployer.endpoints(request.workspace, request.pipeline)
+        return control_pb2.PipelineEndpoints(version=number, addresses=addresses)
+
+    @unary
+    async def ListEngines(
+        self, request: control_pb2.ListEnginesRequest, context: Context
+    ) -> control_pb2.ListEnginesResponse:
+        fleet = self._fleet
+        return control_pb2.ListEnginesResponse(
+            engines=[
+                control_pb2.EngineInfo(
+                    name=s.name,
+                    address=s.address,
+                    state="Lost" if s.lost(fleet.lost_after) else "Connected",
+                    last_seen_ms=s.last_seen_ms,
+                    serving=[
+                        f"{p.workspace}/{p.pipeline}@{p.number}" for p in s.serving.values()
+                    ],
+                )
+                for s in sorted(fleet.sessions.values(), key=lambda s: s.name)
+            ]
+        )
+
+
+class FleetServicer(fleet_pb2_grpc.FleetServicer):
+    def __init__(self, fleet: Fleet, blobs: BlobStore) -> None:
+        self._fleet = fleet
+        self._blobs = blobs
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[fleet_pb2.EngineMessage], context: Context
+    ) -> AsyncIterator[fleet_pb2.ControlMessage]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "hello":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "an engine must open with `hello`"
+            )
+            return
+        session = self._fleet.connect(first.hello)
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    self._fleet.handle(session, message)
+            finally:
+                self._fleet.disconnect(session)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (message := await session.outbox.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self._fleet.disconnect(session)
+
+    @streaming
+    async def FetchBlob(
+        self, request: fleet_pb2.FetchBlobRequest, context: Context
+    ) -> AsyncIterator[fleet_pb2.BlobChunk]:
+        path = self._blobs.path(request.sha256)
+        total = path.stat().st_size
+        if not 0 <= request.offset <= total:
+            raise InvalidArgument(f"offset {request.offset} is outside the blob (0..{total})")
+        with path.open("rb") as f:
+            f.seek(request.offset)
+            offset = request.offset
+            while data := f.read(BLOB_CHUNK):
+                yield fleet_pb2.BlobChunk(offset=offset, data=data, total_size=total)
+                offset += len(data)

@@ -1,0 +1,85 @@
+"""Control plane settings: one frozen value, built once from flags over HOTSWAP_* env."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path.home() / ".hotswap" / "control"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path
+    listen: str = "127.0.0.1:50051"
+    max_model_bytes: int = 2 * 1024**3
+    prepare_timeout: float = 120.0
+    commit_timeout: float = 5.0
+    heartbeat_interval: float = 1.0
+    lost_after: float = 5.0
+    # When set, the bound address ("host:port") is written here once serving (for port 0).
+    address_file: Path | None = None
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+        env = environ.get
+        parser = argparse.ArgumentParser(
+            prog="hotswap control", description="Run the hotswap control plane."
+        )
+        parser.add_argument(
+            "--listen",
+            default=env("HOTSWAP_LISTEN", "127.0.0.1:50051"),
+            help="host:port to serve on; port 0 picks a free one (default %(default)s)",
+        )
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=Path(env("HOTSWAP_DATA_DIR", str(DEFAULT_DATA_DIR))),
+            help="where the SQLite database and model blobs live (default %(default)s)",
+        )
+        parser.add_argument(
+            "--max-model-bytes",
+            type=int,
+            default=int(env("HOTSWAP_MAX_MODEL_BYTES", str(_DEFAULTS.max_model_bytes))),
+            help="largest model accepted for upload (default %(default)s)",
+        )
+        parser.add_argument(
+            "--prepare-timeout",
+            type=float,
+            default=float(env("HOTSWAP_PREPARE_TIMEOUT", str(_DEFAULTS.prepare_timeout))),
+            help="seconds each engine gets to prepare a new version (default %(default)s)",
+        )
+        parser.add_argument(
+            "--commit-timeout",
+            type=float,
+            default=float(env("HOTSWAP_COMMIT_TIMEOUT", str(_DEFAULTS.commit_timeout))),
+            help="seconds each engine gets to confirm a commit (default %(default)s)",
+        )
+        parser.add_argument(
+            "--heartbeat-interval",
+            type=float,
+            default=float(env("HOTSWAP_HEARTBEAT_INTERVAL", str(_DEFAULTS.heartbeat_interval))),
+        )
+        parser.add_argument(
+            "--lost-after",
+            type=float,
+            default=float(env("HOTSWAP_LOST_AFTER", str(_DEFAULTS.lost_after))),
+            help="seconds without a heartbeat before an engine counts as lost",
+        )
+        parser.add_argument("--address-file", type=Path, default=None, help=argparse.SUPPRESS)
+        args = parser.parse_args(list(argv))
+        return cls(
+            data_dir=args.data_dir,
+            listen=args.listen,
+            max_model_bytes=args.max_model_bytes,
+            prepare_timeout=args.prepare_timeout,
+            commit_timeout=args.commit_timeout,
+            heartbeat_interval=args.heartbeat_interval,
+            lost_after=args.lost_after,
+            address_file=args.address_file,
+        )
+
+
+_DEFAULTS = Settings(data_dir=DEFAULT_DATA_DIR)

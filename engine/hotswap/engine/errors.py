@@ -1,0 +1,34 @@
+"""Errors raised by the engine's domain code. They carry no transport codes: the servicer maps
+them to gRPC status codes once, at the edge (``hotswap.engine._convert``).
+
+    EngineError
+    ├── InvalidInput          bad Arrow, wrong column / width / dtype / nulls      (INVALID_ARGUMENT)
+    ├── PipelineNotServed     this engine does not serve the named pipeline          (NOT_FOUND)
+    ├── PipelineLoading       assigned but its first version is still loading        (UNAVAILABLE)
+    └── PrepareError          a version could not be fetched, built or warmed up
+        └── BlobError         a blob could not be fetched or failed its sha256 check
+"""
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class InvalidInput(EngineError):
+    """The request's data cannot be served: the message says what to change."""
+
+
+class PipelineNotServed(EngineError):
+    """The engine serves no pipeline by that name."""
+
+
+class PipelineLoading(EngineError):
+    """The pipeline is assigned to this engine but not loaded yet."""
+
+
+class PrepareError(EngineError):
+    """A pipeline version could not be made ready to serve."""
+
+
+class BlobError(PrepareError):
+    """A model blob could not be fetched, or its bytes do not match its sha256."""
