@@ -125,9 +125,7 @@ class Deployer:
             # Replace assigned engines that are gone, then fill up to the replica count.
             kept = [e for e in deployment.engines if e in live]
             if len(kept) < deployment.replicas:
-                log.info(
-                    "assigning %s to engine %s", deployment.version.key, engine
-                )
+                log.info("assigning %s to engine %s", deployment.version.key, engine)
                 self._store.set_deployment(deployment.version, deployment.replicas, [*kept, engine])
                 self._revision += 1
 
@@ -218,9 +216,7 @@ class Deployer:
     ) -> tuple[float, fleet_pb2.PrepareResult]:
         start = time.perf_counter()
         message = fleet_pb2.ControlMessage(
-            prepare=fleet_pb2.Prepare(
-                swap_id=swap_id, version=_convert.pipeline_version(version)
-            )
+            prepare=fleet_pb2.Prepare(swap_id=swap_id, version=_convert.pipeline_version(version))
         )
         try:
             answer = await self._fleet.ask(
@@ -244,9 +240,7 @@ class Deployer:
         version: PipelineVersion,
         current: Deployment | None,
     ) -> dict[str, tuple[float, fleet_pb2.PrepareResult]]:
-        tasks = [
-            asyncio.ensure_future(self._prepare_one(e, swap_id, version)) for e in engines
-        ]
+        tasks = [asyncio.ensure_future(self._prepare_one(e, swap_id, version)) for e in engines]
         # Wait for the first failure, not for every engine: a stalled one must not delay abort.
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failure = next((t.exception() for t in done if t.exception() is not None), None)

@@ -112,9 +112,7 @@ class Fleet:
         elif kind == "committed":
             self._resolve(session, ("commit", message.committed.swap_id), message)
         elif kind == "state":
-            session.serving = {
-                f"{s.workspace}/{s.pipeline}": s for s in message.state.serving
-            }
+            session.serving = {f"{s.workspace}/{s.pipeline}": s for s in message.state.serving}
             session.reported.set()
             session.reported = asyncio.Event()
 
@@ -139,9 +137,7 @@ class Fleet:
         """
         if not session.connected:
             raise EngineGone(f"engine {session.name} is not connected")
-        future: asyncio.Future[fleet_pb2.EngineMessage] = (
-            asyncio.get_running_loop().create_future()
-        )
+        future: asyncio.Future[fleet_pb2.EngineMessage] = asyncio.get_running_loop().create_future()
         session.pending[key] = future
         session.send(message)
         try:

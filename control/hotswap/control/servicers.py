@@ -246,9 +246,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
                     address=s.address,
                     state="Lost" if s.lost(fleet.lost_after) else "Connected",
                     last_seen_ms=s.last_seen_ms,
-                    serving=[
-                        f"{p.workspace}/{p.pipeline}@{p.number}" for p in s.serving.values()
-                    ],
+                    serving=[f"{p.workspace}/{p.pipeline}@{p.number}" for p in s.serving.values()],
                 )
                 for s in sorted(fleet.sessions.values(), key=lambda s: s.name)
             ]

@@ -1,0 +1,39 @@
+"""``hotswap engine`` / ``python -m hotswap.engine``: run an engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from hotswap.engine.server import EngineServer
+from hotswap.engine.settings import Settings
+
+
+async def _run(settings: Settings) -> None:
+    server = EngineServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down")
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = Settings.from_args(sys.argv[1:] if argv is None else argv, os.environ)
+    logging.basicConfig(
+        level=os.environ.get("HOTSWAP_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s engine %(name)s: %(message)s",
+    )
+    asyncio.run(_run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""hotswap.v1 messages <-> the engine's domain values."""
+
+from __future__ import annotations
+
+from hotswap.engine.host import ModelRef, PipelineState, VersionRef
+from hotswap.engine.runtime import LoadedPipeline
+from hotswap.v1 import fleet_pb2, types_pb2
+
+
+def version_ref(version: types_pb2.PipelineVersion) -> VersionRef:
+    return VersionRef(
+        workspace=version.workspace,
+        pipeline=version.pipeline,
+        version_id=version.version_id,
+        number=version.number,
+        models=tuple(ModelRef(m.name, m.version, m.sha256) for m in version.steps),
+    )
+
+
+def served_models(loaded: LoadedPipeline) -> list[types_pb2.ServedModel]:
+    return [
+        types_pb2.ServedModel(name=s.model_name, version=s.model_version, sha256=s.sha256)
+        for s in loaded.spec.steps
+    ]
+
+
+def serving_pipeline(state: PipelineState) -> fleet_pb2.ServingPipeline:
+    workspace, pipeline = state.key.split("/", 1)
+    message = fleet_pb2.ServingPipeline(
+        workspace=workspace, pipeline=pipeline, state=state.state, error=state.error
+    )
+    if state.active is not None:
+        message.version_id = state.active.spec.version_id
+        message.number = state.active.spec.number
+        message.models.extend(served_models(state.active))
+    return message

@@ -1,0 +1,209 @@
+"""The engine's serving state: which loaded pipeline version is active for each pipeline.
+
+The heart of the hot swap. A request looks up the active `LoadedPipeline` once and runs on that
+object to the end, so it is served wholly by one version. A swap replaces one dict entry — no
+lock is held across inference — and the old object is freed when its last request finishes
+(or kept for `retain_seconds`, so a rollback to it is a pointer flip).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from hotswap.engine.blob_cache import BlobCache
+from hotswap.engine.errors import PipelineLoading, PipelineNotServed, PrepareError
+from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, RuntimeOptions, StepSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRef:
+    """A pipeline version as the control plane describes it (models by sha, not by path)."""
+
+    workspace: str
+    pipeline: str
+    version_id: str
+    number: int
+    models: tuple[ModelRef, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.workspace}/{self.pipeline}"
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    fetch_ms: float
+    load_ms: float
+    warmup_ms: float
+    reused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineState:
+    """What the engine reports for one pipeline."""
+
+    key: str
+    active: LoadedPipeline | None
+    state: str  # Running | Loading | Error
+    error: str
+
+
+class EngineHost:
+    def __init__(self, cache: BlobCache, options: RuntimeOptions, retain_seconds: float) -> None:
+        self._cache = cache
+        self._options = options
+        self._retain_seconds = retain_seconds
+        self._active: dict[str, LoadedPipeline] = {}
+        self._prepared: dict[str, LoadedPipeline] = {}
+        # Versions swapped out recently, by version id, with the monotonic time they expire.
+        self._retained: dict[str, tuple[LoadedPipeline, float]] = {}
+        # Pipelines assigned by the desired state but not active yet: key -> Loading | error.
+        self._pending: dict[str, str] = {}
+        self._reconcile_lock = asyncio.Lock()
+
+    # -- request path -----------------------------------------------------------------------
+
+    def lookup(self, workspace: str, pipeline: str) -> LoadedPipeline:
+        """The active version to serve one request. Call once per request."""
+        found = self._active.get(f"{workspace}/{pipeline}")
+        if found is not None:
+            return found
+        if not workspace:
+            matches = [p for k, p in self._active.items() if k.split("/", 1)[1] == pipeline]
+            if not pipeline and len(self._active) == 1:
+                matches = list(self._active.values())
+            if len(matches) == 1:
+                return matches[0]
+        key = f"{workspace}/{pipeline}"
+        if key in self._pending or any(k.endswith(f"/{pipeline}") for k in self._pending):
+            raise PipelineLoading(f"pipeline {pipeline!r} is still loading on this engine; retry")
+        served = ", ".join(sorted(self._active)) or "nothing"
+        raise PipelineNotServed(
+            f"this engine does not serve pipeline {key if workspace else pipeline!r} "
+            f"(it serves {served}); is it deployed?"
+        )
+
+    # -- two-phase swap -------------------------------------------------------------------
+
+    def _reusable(self, ref: VersionRef) -> LoadedPipeline | None:
+        self._expire()
+        active = self._active.get(ref.key)
+        if active is not None and active.spec.version_id == ref.version_id:
+            return active
+        retained = self._retained.get(ref.version_id)
+        return retained[0] if retained else None
+
+    async def _build(self, ref: VersionRef) -> tuple[LoadedPipeline, Prepared]:
+        reused = self._reusable(ref)
+        if reused is not None:
+            return reused, Prepared(0.0, 0.0, 0.0, reused=True)
+        start = time.perf_counter()
+        paths = [await self._cache.ensure(m.sha256) for m in ref.models]
+        fetch_ms = (time.perf_counter() - start) * 1000
+        spec = PipelineSpec(
+            workspace=ref.workspace,
+            pipeline=ref.pipeline,
+            version_id=ref.version_id,
+            number=ref.number,
+            steps=tuple(
+                StepSpec(m.name, m.version, m.sha256, path)
+                for m, path in zip(ref.models, paths, strict=True)
+            ),
+        )
+        # Sessions are built from file paths in a worker thread: the event loop keeps serving.
+        loaded = await asyncio.to_thread(LoadedPipeline.build, spec, self._options)
+        return loaded, Prepared(fetch_ms, loaded.load_ms, loaded.warmup_ms, reused=False)
+
+    async def prepare(self, swap_id: str, ref: VersionRef) -> Prepared:
+        """Phase 1. Raises PrepareError (with a message for a person) when it cannot."""
+        loaded, prepared = await self._build(ref)
+        self._prepared[swap_id] = loaded
+        return prepared
+
+    def commit(self, swap_id: str) -> float:
+        """Phase 2: makes the prepared version active. Returns the switch time in µs."""
+        loaded = self._prepared.pop(swap_id, None)
+        if loaded is None:
+            raise PrepareError(f"swap {swap_id} was not prepared on this engine (or was aborted)")
+        start = time.perf_counter_ns()
+        key = f"{loaded.spec.workspace}/{loaded.spec.pipeline}"
+        old = self._active.get(key)
+        self._active[key] = loaded
+        switch_us = (time.perf_counter_ns() - start) / 1000
+        self._pending.pop(key, None)
+        self._retained.pop(loaded.spec.version_id, None)
+        if old is not None and old is not loaded:
+            self._retain(old)
+        log.info("swapped %s to version %d in %.1f us", key, loaded.spec.number, switch_us)
+        return switch_us
+
+    def abort(self, swap_id: str) -> None:
+        self._prepared.pop(swap_id, None)
+
+    def _retain(self, loaded: LoadedPipeline) -> None:
+        if self._retain_seconds > 0:
+            expires = time.monotonic() + self._retain_seconds
+            self._retained[loaded.spec.version_id] = (loaded, expires)
+        self._expire()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for version_id, (_, expires) in list(self._retained.items()):
+            if expires <= now:
+                del self._retained[version_id]
+
+    # -- desired state (level-triggered) ------------------------------------------------
+
+    async def reconcile(self, desired: list[VersionRef]) -> None:
+        """Makes the active set match `desired`: loads what is missing, releases the rest."""
+        async with self._reconcile_lock:
+            wanted = {ref.key: ref for ref in desired}
+            for key in [k for k in self._active if k not in wanted]:
+                released = self._active.pop(key)
+                log.info("released %s version %d", key, released.spec.number)
+            for version_id, (loaded, _) in list(self._retained.items()):
+                if f"{loaded.spec.workspace}/{loaded.spec.pipeline}" not in wanted:
+                    del self._retained[version_id]
+            for key in [k for k in self._pending if k not in wanted]:
+                del self._pending[key]
+            for ref in desired:
+                active = self._active.get(ref.key)
+                if active is not None and active.spec.version_id == ref.version_id:
+                    self._pending.pop(ref.key, None)
+                    continue
+                self._pending[ref.key] = "Loading"
+                try:
+                    loaded, _ = await self._build(ref)
+                except PrepareError as exc:
+                    log.error("could not load %s version %d: %s", ref.key, ref.number, exc)
+                    self._pending[ref.key] = str(exc)
+                    continue
+                if ref.key in self._pending:  # not released while loading
+                    swap_id = f"desired:{ref.version_id}"
+                    self._prepared[swap_id] = loaded
+                    self.commit(swap_id)
+
+    def states(self) -> list[PipelineState]:
+        keys = sorted(set(self._active) | set(self._pending))
+        out = []
+        for key in keys:
+            pending = self._pending.get(key)
+            if pending is None:
+                out.append(PipelineState(key, self._active[key], "Running", ""))
+            elif pending == "Loading":
+                out.append(PipelineState(key, self._active.get(key), "Loading", ""))
+            else:
+                out.append(PipelineState(key, self._active.get(key), "Error", pending))
+        return out

@@ -1,0 +1,195 @@
+"""The engine's side of ``Fleet.Connect``: dial the control plane, keep the stream up, and turn
+its messages into calls on the `EngineHost`. Serving never depends on this stream: while the
+control plane is away the engine keeps serving what it has, and resyncs when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import grpc
+
+from hotswap._edge import channel_options
+from hotswap.engine import _convert
+from hotswap.engine.errors import BlobError, PrepareError
+from hotswap.engine.host import EngineHost
+from hotswap.v1 import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START = 0.1
+BACKOFF_MAX = 2.0
+
+
+class ControlLink:
+    def __init__(
+        self,
+        host: EngineHost,
+        control: str,
+        name: str,
+        address: str,
+        heartbeat_interval: float,
+    ) -> None:
+        self._host = host
+        self._control = control
+        self.name = name
+        self.address = address
+        self._heartbeat_interval = heartbeat_interval
+        self._channel = grpc.aio.insecure_channel(control, options=channel_options())
+        self._stub = fleet_pb2_grpc.FleetStub(self._channel)
+        self.connected = asyncio.Event()
+        self._outbox: asyncio.Queue[fleet_pb2.EngineMessage] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    async def fetch_blob(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        """The blob fetcher the engine's BlobCache uses (resumable by offset)."""
+        try:
+            async for chunk in self._stub.FetchBlob(
+                fleet_pb2.FetchBlobRequest(sha256=sha256, offset=offset)
+            ):
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise BlobError(
+                f"could not fetch model blob {sha256[:12]} from the control plane: "
+                f"{exc.code().name} {exc.details()}"
+            ) from None
+
+    # -- stream ---------------------------------------------------------------------------
+
+    def _send(self, message: fleet_pb2.EngineMessage) -> None:
+        self._outbox.put_nowait(message)
+
+    def _report(self, revision: int = 0) -> None:
+        report = fleet_pb2.StateReport(
+            revision=revision,
+            serving=[_convert.serving_pipeline(s) for s in self._host.states()],
+        )
+        self._send(fleet_pb2.EngineMessage(state=report))
+
+    async def _requests(self) -> AsyncIterator[fleet_pb2.EngineMessage]:
+        yield fleet_pb2.EngineMessage(
+            hello=fleet_pb2.Hello(
+                name=self.name,
+                address=self.address,
+                serving=[_convert.serving_pipeline(s) for s in self._host.states()],
+            )
+        )
+        while True:
+            yield await self._outbox.get()
+
+    async def run_forever(self) -> None:
+        backoff = BACKOFF_START
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "control plane %s unreachable (%s); serving what we have, retrying",
+                    self._control,
+                    exc.code().name,
+                )
+            finally:
+                self.connected.clear()
+                for task in self._tasks:
+                    task.cancel()
+            if time.monotonic() - started > 10:
+                backoff = BACKOFF_START
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _session(self) -> None:
+        # A fresh outbox per stream: stale answers for a previous session mean nothing now.
+        self._outbox = asyncio.Queue()
+        call = self._stub.Connect(self._requests())
+        beat = self._spawn(self._heartbeat_forever())
+        try:
+            async for message in call:
+                if not self.connected.is_set():
+                    log.info("connected to control plane %s as %s", self._control, self.name)
+                    self.connected.set()
+                self._dispatch(message)
+        finally:
+            beat.cancel()
+            call.cancel()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            beat = fleet_pb2.Heartbeat(sent_ms=int(time.time() * 1000))
+            self._send(fleet_pb2.EngineMessage(heartbeat=beat))
+            await asyncio.sleep(self._heartbeat_interval)
+
+    def _dispatch(self, message: fleet_pb2.ControlMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "desired":
+            self._spawn(self._apply_desired(message.desired))
+        elif kind == "prepare":
+            self._spawn(self._prepare(message.prepare))
+        elif kind == "commit":
+            self._commit(message.commit)
+        elif kind == "abort":
+            self._host.abort(message.abort.swap_id)
+            log.info("swap %s aborted: %s", message.abort.swap_id, message.abort.reason)
+
+    async def _apply_desired(self, desired: fleet_pb2.DesiredState) -> None:
+        self._report(desired.revision)  # shows "Loading" while it builds
+        await self._host.reconcile([_convert.version_ref(v) for v in desired.pipelines])
+        self._report(desired.revision)
+
+    async def _prepare(self, prepare: fleet_pb2.Prepare) -> None:
+        ref = _convert.version_ref(prepare.version)
+        try:
+            done = await self._host.prepare(prepare.swap_id, ref)
+        except PrepareError as exc:
+            log.error("prepare %s of %s v%d failed: %s", prepare.swap_id, ref.key, ref.number, exc)
+            failed = fleet_pb2.PrepareResult(swap_id=prepare.swap_id, error=str(exc))
+            self._send(fleet_pb2.EngineMessage(prepared=failed))
+            return
+        except Exception as exc:
+            log.exception("prepare %s failed unexpectedly", prepare.swap_id)
+            unexpected = fleet_pb2.PrepareResult(
+                swap_id=prepare.swap_id, error=f"unexpected {type(exc).__name__}: {exc}"
+            )
+            self._send(fleet_pb2.EngineMessage(prepared=unexpected))
+            return
+        ready = fleet_pb2.PrepareResult(
+            swap_id=prepare.swap_id,
+            ok=True,
+            fetch_ms=done.fetch_ms,
+            load_ms=done.load_ms,
+            warmup_ms=done.warmup_ms,
+            reused=done.reused,
+        )
+        self._send(fleet_pb2.EngineMessage(prepared=ready))
+
+    def _commit(self, commit: fleet_pb2.Commit) -> None:
+        try:
+            switch_us = self._host.commit(commit.swap_id)
+        except PrepareError as exc:
+            failed_commit = fleet_pb2.CommitResult(swap_id=commit.swap_id, error=str(exc))
+            self._send(fleet_pb2.EngineMessage(committed=failed_commit))
+            return
+        # The report goes first so the control plane knows what we serve by the time it sees
+        # the commit answer (GetPipelineEndpoints after Deploy returns must include us).
+        self._report()
+        done_commit = fleet_pb2.CommitResult(swap_id=commit.swap_id, ok=True, switch_us=switch_us)
+        self._send(fleet_pb2.EngineMessage(committed=done_commit))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self._channel.close()

@@ -1,0 +1,97 @@
+"""Assembles an engine: blob cache, host, control link and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from hotswap._edge import server_options
+from hotswap.engine.blob_cache import BlobCache
+from hotswap.engine.host import EngineHost
+from hotswap.engine.link import ControlLink
+from hotswap.engine.runtime import RuntimeOptions
+from hotswap.engine.servicers import EngineIdentity, EngineServicer
+from hotswap.engine.settings import Settings
+from hotswap.v1 import engine_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class EngineServer:
+    """A running engine. `start()` binds, then connects to the control plane in the background."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.workers, thread_name_prefix="infer"
+        )
+        self._server = grpc.aio.server(options=server_options())
+        self._identity = EngineIdentity()
+        self.link: ControlLink | None = None
+        self.host: EngineHost | None = None
+        self._link_task: asyncio.Task[None] | None = None
+        self.address = ""
+        self.name = ""
+
+    async def start(self) -> str:
+        port = self._server.add_insecure_port(self.settings.listen)
+        if port == 0:
+            raise OSError(f"could not listen on {self.settings.listen}")
+        host_part = self.settings.listen.rsplit(":", 1)[0]
+        self.address = self.settings.advertise or f"{host_part}:{port}"
+        self.name = self.settings.engine_name(port)
+        cache_dir = self.settings.cache_dir or Path.home() / ".hotswap" / "engines" / self.name
+        link_ref: list[ControlLink] = []
+
+        def fetch(sha256: str, offset: int) -> AsyncIterator[bytes]:
+            return link_ref[0].fetch_blob(sha256, offset)
+
+        self.host = EngineHost(
+            BlobCache(cache_dir / "blobs", fetch),
+            RuntimeOptions(intra_op_threads=self.settings.threads),
+            self.settings.retain_seconds,
+        )
+        self.link = ControlLink(
+            self.host,
+            self.settings.control,
+            self.name,
+            self.address,
+            self.settings.heartbeat_interval,
+        )
+        link_ref.append(self.link)
+        self._identity.name = self.name
+        self._identity.address = self.address
+        self._identity.connected = self.link.connected.is_set
+        engine_pb2_grpc.add_EngineServicer_to_server(
+            EngineServicer(self.host, self._executor, self._identity), self._server
+        )
+        await self._server.start()
+        self._link_task = asyncio.create_task(self.link.run_forever())
+        log.info(
+            "engine %s serving on %s, control plane %s, cache %s",
+            self.name,
+            self.address,
+            self.settings.control,
+            cache_dir,
+        )
+        if self.settings.address_file is not None:
+            tmp = self.settings.address_file.with_suffix(".tmp")
+            tmp.write_text(self.address)
+            tmp.replace(self.settings.address_file)
+        return self.address
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._link_task is not None:
+            self._link_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._link_task
+        if self.link is not None:
+            await self.link.close()
+        await self._server.stop(grace)
+        self._executor.shutdown(wait=True, cancel_futures=True)

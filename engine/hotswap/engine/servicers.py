@@ -1,0 +1,127 @@
+"""gRPC servicer of the engine: decode, call the domain, encode. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import grpc
+
+from hotswap._edge import StatusTable, status_for, unary_errors
+from hotswap.engine import _convert
+from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed
+from hotswap.engine.host import EngineHost
+from hotswap.engine.runtime import LoadedPipeline, decode_ipc, encode_ipc
+from hotswap.v1 import engine_pb2, engine_pb2_grpc
+
+STATUS: StatusTable = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    PipelineNotServed: grpc.StatusCode.NOT_FOUND,
+    PipelineLoading: grpc.StatusCode.UNAVAILABLE,
+}
+unary = unary_errors(STATUS)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+# Answers an InferStream keeps in flight at once; more requests wait (back-pressure).
+STREAM_WINDOW = 64
+
+
+def _run(loaded: LoadedPipeline, data: bytes) -> tuple[bytes, int]:
+    """Decode, infer, encode: one request, wholly on `loaded`, in a worker thread."""
+    start = time.perf_counter_ns()
+    out = encode_ipc(loaded.infer(decode_ipc(data)))
+    return out, time.perf_counter_ns() - start
+
+
+class EngineServicer(engine_pb2_grpc.EngineServicer):
+    def __init__(self, host: EngineHost, executor: Executor, state: EngineIdentity) -> None:
+        self._host = host
+        self._executor = executor
+        self._identity = state
+
+    async def _infer(self, request: engine_pb2.InferRequest) -> engine_pb2.InferResponse:
+        # Looked up once: this request runs on this version even if a swap commits meanwhile.
+        loaded = self._host.lookup(request.workspace, request.pipeline)
+        loop = asyncio.get_running_loop()
+        arrow, elapsed_ns = await loop.run_in_executor(self._executor, _run, loaded, request.arrow)
+        spec = loaded.spec
+        return engine_pb2.InferResponse(
+            arrow=arrow,
+            workspace=spec.workspace,
+            pipeline=spec.pipeline,
+            pipeline_version=spec.number,
+            pipeline_version_id=spec.version_id,
+            models=_convert.served_models(loaded),
+            elapsed_ns=elapsed_ns,
+            request_id=request.request_id,
+        )
+
+    @unary
+    async def Infer(
+        self, request: engine_pb2.InferRequest, context: Context
+    ) -> engine_pb2.InferResponse:
+        return await self._infer(request)
+
+    async def _answer(self, request: engine_pb2.InferRequest) -> engine_pb2.InferResponse:
+        try:
+            return await self._infer(request)
+        except Exception as exc:
+            code = status_for(STATUS, exc)
+            if code is None:
+                raise
+            return engine_pb2.InferResponse(
+                request_id=request.request_id,
+                error_code=code.value[0],
+                error_message=str(exc),
+            )
+
+    async def InferStream(
+        self, request_iterator: AsyncIterator[engine_pb2.InferRequest], context: Context
+    ) -> AsyncIterator[engine_pb2.InferResponse]:
+        answers: asyncio.Queue[asyncio.Task[engine_pb2.InferResponse] | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(self._answer(request))
+                    task.add_done_callback(lambda t: answers.put_nowait(t))
+            finally:
+                # Holding every permit means every started answer has been yielded: end.
+                for _ in range(STREAM_WINDOW):
+                    await window.acquire()
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await answers.get()) is not None:
+                window.release()
+                yield task.result()
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def GetStatus(
+        self, request: engine_pb2.GetEngineStatusRequest, context: Context
+    ) -> engine_pb2.EngineState:
+        return engine_pb2.EngineState(
+            name=self._identity.name,
+            address=self._identity.address,
+            connected=self._identity.connected(),
+            pipelines=[_convert.serving_pipeline(s) for s in self._host.states()],
+        )
+
+
+class EngineIdentity:
+    """Who this engine is, as shown by GetStatus (known only once the port is bound)."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.address = ""
+        self.connected: Callable[[], bool] = lambda: False
