@@ -243,12 +243,15 @@ class Store:
         """Each model's latest version with its version count, in upload order."""
         ws_id = self._workspace_id(workspace)
         rows = self._db.execute(
-            self._MODEL_VERSION_SELECT + ", (SELECT COUNT(*) FROM model_versions c"
-            " WHERE c.model_id = m.id) AS count WHERE m.workspace_id = ? AND v.seq ="
-            " (SELECT MAX(seq) FROM model_versions x WHERE x.model_id = m.id) ORDER BY m.id",
+            self._MODEL_VERSION_SELECT + " WHERE m.workspace_id = ? ORDER BY m.id, v.seq",
             (ws_id,),
         ).fetchall()
-        return [(self._model_version(r), int(r["count"])) for r in rows]
+        latest: dict[str, sqlite3.Row] = {}
+        counts: dict[str, int] = {}
+        for r in rows:
+            latest[r["name"]] = r
+            counts[r["name"]] = counts.get(r["name"], 0) + 1
+        return [(self._model_version(r), counts[name]) for name, r in latest.items()]
 
     def _resolve_model_version(self, workspace: str, name: str, version: str) -> ModelVersion:
         versions = self.model_versions(workspace, name)

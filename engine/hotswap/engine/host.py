@@ -67,6 +67,8 @@ class EngineHost:
         self._retain_seconds = retain_seconds
         self._active: dict[str, LoadedPipeline] = {}
         self._prepared: dict[str, LoadedPipeline] = {}
+        # Swaps being prepared; abort removes its id, so a build that finishes later is dropped.
+        self._preparing: set[str] = set()
         # Versions swapped out recently, by version id, with the monotonic time they expire.
         self._retained: dict[str, tuple[LoadedPipeline, float]] = {}
         # Pipelines assigned by the desired state but not active yet: key -> Loading | error.
@@ -128,7 +130,13 @@ class EngineHost:
 
     async def prepare(self, swap_id: str, ref: VersionRef) -> Prepared:
         """Phase 1. Raises PrepareError (with a message for a person) when it cannot."""
-        loaded, prepared = await self._build(ref)
+        self._preparing.add(swap_id)
+        try:
+            loaded, prepared = await self._build(ref)
+            if swap_id not in self._preparing:
+                raise PrepareError(f"swap {swap_id} was aborted while preparing")
+        finally:
+            self._preparing.discard(swap_id)
         self._prepared[swap_id] = loaded
         return prepared
 
@@ -150,6 +158,7 @@ class EngineHost:
         return switch_us
 
     def abort(self, swap_id: str) -> None:
+        self._preparing.discard(swap_id)
         self._prepared.pop(swap_id, None)
 
     def _retain(self, loaded: LoadedPipeline) -> None:

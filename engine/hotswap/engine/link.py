@@ -165,6 +165,16 @@ class ControlLink:
             )
             self._send(fleet_pb2.EngineMessage(prepared=unexpected))
             return
+        log.info(
+            "prepared %s v%d (swap %s): fetch %.1f ms, load %.1f ms, warm-up %.1f ms%s",
+            ref.key,
+            ref.number,
+            prepare.swap_id,
+            done.fetch_ms,
+            done.load_ms,
+            done.warmup_ms,
+            " (reused)" if done.reused else "",
+        )
         ready = fleet_pb2.PrepareResult(
             swap_id=prepare.swap_id,
             ok=True,
