@@ -1,0 +1,64 @@
+"""`hotswap up`: a control plane and N engines as processes, stopped cleanly by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from hotswap.v1 import control_pb2 as c
+from tests.e2e import _api
+
+UP = "import sys; from hotswap.clients._stack import main_up; sys.exit(main_up(sys.argv[1:]))"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_up_runs_engines_and_stops_them_all(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", UP, "--data-dir", str(tmp_path), "--port", "0", "--engines", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as up:
+        _check_up(up)
+
+
+def _check_up(up: subprocess.Popen[str]) -> None:
+    try:
+        assert up.stdout is not None
+        lines = []
+        for line in up.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        control_line = next(x for x in lines if x.startswith("control plane"))
+        address = control_line.split()[2]
+        engines = _api.control(address).ListEngines(c.ListEnginesRequest()).engines
+        assert sorted((e.name, e.state) for e in engines) == [
+            ("engine-1", "Connected"),
+            ("engine-2", "Connected"),
+        ]
+        children = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and f"PPid:\t{up.pid}\n" in (p / "status").read_text(errors="replace")
+        ]
+        assert len(children) == 3
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=30) == 0
+        assert not any(_alive(pid) for pid in children)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
