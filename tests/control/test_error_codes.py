@@ -40,6 +40,9 @@ def test_most_specific_class_wins() -> None:
     class Specific(control_errors.NotFound):
         pass
 
-    table = {control_errors.NotFound: grpc.StatusCode.NOT_FOUND, Specific: grpc.StatusCode.ABORTED}
+    table: _edge.StatusTable = {
+        control_errors.NotFound: grpc.StatusCode.NOT_FOUND,
+        Specific: grpc.StatusCode.ABORTED,
+    }
     assert _edge.status_for(table, Specific("x")) == grpc.StatusCode.ABORTED
     assert _edge.status_for(table, ValueError("x")) is None

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from hotswap.clients._stack import LocalStack
-from tests.e2e import _api
 from hotswap.v1 import control_pb2 as c
+from tests.e2e import _api
 
 MODELS = ("rf", "gbr", "xgb")
 

@@ -34,7 +34,8 @@ def _blob_files(stack: LocalStack) -> list[Path]:
 def _error(call: Any) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as excinfo:
         call()
-    return excinfo.value.code(), excinfo.value.details()  # type: ignore[attr-defined]
+    error: Any = excinfo.value
+    return error.code(), error.details() or ""
 
 
 def test_bad_uploads_store_nothing(
@@ -79,14 +80,12 @@ def _table_body(column: pa.Array, name: str = "tensor") -> bytes:
 def test_bad_infer_requests_are_refused_and_serving_continues(
     deployed: tuple[Any, Any], assets: Path, xtest: np.ndarray
 ) -> None:
-    stub, engine = deployed
+    _, engine = deployed
     cases = {
         "not arrow": b"\x00\x01 this is not an arrow stream",
         "width 17": _api.ipc_stream(_api.tensor_table(xtest[:2, :17])),
         "strings": _table_body(pa.array([["a"] * 18, ["b"] * 18])),
-        "wrong column": _api.ipc_stream(
-            _api.tensor_table(xtest[:2]).rename_columns(["features"])
-        ),
+        "wrong column": _api.ipc_stream(_api.tensor_table(xtest[:2]).rename_columns(["features"])),
     }
     for case, body in cases.items():
         code, message = _error(lambda body=body: _api.infer(engine, "housing", body))

@@ -62,7 +62,7 @@ def test_stalled_engine_aborts_the_swap_everywhere(
     finally:
         stack2.kill("engine-2", signal.SIGCONT)
     assert _api.rpc_code(failed) == grpc.StatusCode.FAILED_PRECONDITION
-    message = failed.value.details()
+    message = failed.value.details() or ""
     assert "engine-2" in message and "did not prepare" in message
     assert f"version {v1} keeps serving" in message
 

@@ -110,7 +110,7 @@ def test_swaps_under_load_lose_nothing_and_never_mix(
         assert s.values == expected[model_of[s.version]]
     for (_, returned, number), nxt in zip(swaps, [*swaps[1:], None], strict=True):
         after = [s for s in served if s.started > returned]
-        assert all(s.version >= number for s in after), "a request saw a version older than deployed"
+        assert all(s.version >= number for s in after), "served an older version than deployed"
         if nxt is not None:
             # Requests that finished before the next deploy began saw exactly this version.
             between = [s for s in after if s.finished < nxt[0]]
