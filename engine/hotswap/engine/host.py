@@ -165,6 +165,8 @@ class EngineHost:
         if self._retain_seconds > 0:
             expires = time.monotonic() + self._retain_seconds
             self._retained[loaded.spec.version_id] = (loaded, expires)
+            # Without further swaps nothing else would call _expire: free it on time.
+            asyncio.get_running_loop().call_later(self._retain_seconds, self._expire)
         self._expire()
 
     def _expire(self) -> None:
