@@ -2,9 +2,9 @@
 them to gRPC status codes once, at the edge (``hotswap.engine._convert``).
 
     EngineError
-    ├── InvalidInput          bad Arrow, wrong column / width / dtype / nulls      (INVALID_ARGUMENT)
-    ├── PipelineNotServed     this engine does not serve the named pipeline          (NOT_FOUND)
-    ├── PipelineLoading       assigned but its first version is still loading        (UNAVAILABLE)
+    ├── InvalidInput          bad Arrow, wrong column/width/dtype, nulls   (INVALID_ARGUMENT)
+    ├── PipelineNotServed     the engine does not serve that pipeline      (NOT_FOUND)
+    ├── PipelineLoading       assigned, first version still loading       (UNAVAILABLE)
     └── PrepareError          a version could not be fetched, built or warmed up
         └── BlobError         a blob could not be fetched or failed its sha256 check
 """

@@ -1,0 +1,324 @@
+"""Arrow <-> numpy conversion for the request path: IPC decoding/encoding, input columns to
+tensors, output tensors to columns.
+
+Everything here runs once per request, so it avoids per-row Python work and copies wherever
+pyarrow and numpy allow: a `fixed_size_list<float32>` column reaches ONNX Runtime as a read-only
+view of the request's own buffer, and output tensors become Arrow arrays without a copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from hotswap.engine.errors import InvalidInput
+
+__all__ = [
+    "Dims",
+    "InputReader",
+    "cast_values",
+    "column_to_ndarray",
+    "decode_ipc",
+    "encode_ipc",
+    "format_dims",
+    "int32_zeros",
+    "ndarray_to_arrow",
+    "timestamp_column",
+]
+
+Array = npt.NDArray[Any]
+Dims = tuple[int | None, ...]
+"""A tensor's dims as far as the model declares them: None where a dim is dynamic."""
+
+_FILE_MAGIC = b"ARROW1"
+_TIMESTAMP_MS = pa.timestamp("ms")
+_INT32_MAX = 2**31 - 1
+# Requests of up to this many rows reuse cached offsets/zeros arrays (immutable, so shared
+# safely across threads); larger ones are rare and big enough that allocating is noise.
+_CACHED_ROWS = 4096
+# Passing options explicitly skips pyarrow's per-call environment look-ups (~3 us a call).
+_READ_OPTIONS = ipc.IpcReadOptions()
+_WRITE_OPTIONS = ipc.IpcWriteOptions()
+# Numeric dtypes whose numpy buffer is exactly an Arrow data buffer (bool is bit-packed in
+# Arrow, strings are objects: those go through pa.array).
+_PLAIN_NAMES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8")
+_PLAIN_TYPES: dict[np.dtype[Any], pa.DataType] = {
+    np.dtype(name): pa.from_numpy_dtype(np.dtype(name))
+    for name in (*_PLAIN_NAMES, "uint16", "uint32", "uint64")
+}
+
+
+def decode_ipc(data: bytes) -> pa.Table:
+    """Read a table from Arrow IPC bytes, stream or file format (told apart by the file magic).
+
+    The buffers are validated in full: offsets in a hostile list column could otherwise point
+    outside the message and crash the process when read.
+
+    Raises:
+        InvalidInput: the bytes are empty or are not a valid Arrow IPC stream or file.
+    """
+    if not data:
+        raise InvalidInput("the request body is empty: send a table as an Arrow IPC stream or file")
+    buffer = pa.py_buffer(data)
+    try:
+        if buffer[:6].to_pybytes() == _FILE_MAGIC:
+            table = ipc.open_file(buffer, options=_READ_OPTIONS).read_all()
+        else:
+            table = ipc.open_stream(buffer, options=_READ_OPTIONS).read_all()
+        table.validate(full=True)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise InvalidInput(
+            f"the request body is not a valid Arrow IPC stream or file ({len(data)} bytes): {exc}"
+        ) from None
+    return table
+
+
+def encode_ipc(table: pa.Table) -> bytes:
+    """Write a table as an Arrow IPC stream (schema metadata included)."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema, options=_WRITE_OPTIONS) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+@dataclass(frozen=True, slots=True)
+class InputReader:
+    """Reads one ONNX input of a pipeline's first step from the request table.
+
+    Finds the column, converts it (`column_to_ndarray`), checks the row shape against the
+    model's declared dims and casts to the model's element type.
+    """
+
+    columns: tuple[str, ...]  # accepted column names, preferred first
+    input_name: str
+    dtype: np.dtype[Any]
+    batch: int | None  # a batch size the model fixes, if any
+    row: Dims | None  # per-row dims after the batch axis; None = rank unknown
+    what: str  # how messages name this input, e.g. "model 'housing-rf'"
+    static_row: tuple[int, ...] | None = field(init=False)
+    size: int | None = field(init=False)  # values per row, when `row` is fully static
+
+    def __post_init__(self) -> None:
+        static = None
+        if self.row is not None and all(d is not None for d in self.row):
+            static = tuple(int(d) for d in self.row if d is not None)
+        object.__setattr__(self, "static_row", static)
+        object.__setattr__(self, "size", None if static is None else math.prod(static))
+
+    def tensor(self, table: pa.Table, rows: int) -> Array:
+        """This input's tensor for `table` (which has `rows > 0` rows).
+
+        Raises:
+            InvalidInput: the column is missing or cannot become this input (see
+                `column_to_ndarray` and `cast_values`), or has the wrong values per row.
+        """
+        schema = table.schema
+        for column in self.columns:
+            index = schema.get_field_index(column)  # -1 when missing or duplicated
+            if index >= 0:
+                break
+        else:
+            raise self._missing(table)
+        values, shape = column_to_ndarray(table.column(index), column)
+        if self.static_row is not None:
+            if math.prod(shape) != self.size:
+                raise InvalidInput(
+                    f"column {column!r} has {math.prod(shape)} values per row; "
+                    f"{self.what} expects {self.size}"
+                )
+            target = (rows, *self.static_row)
+        else:
+            target = (rows, *self._dynamic_row(column, shape))
+        if self.batch is not None and rows != self.batch:
+            raise InvalidInput(
+                f"{self.what} takes exactly {self.batch} row(s) per request; got {rows}"
+            )
+        return cast_values(values.reshape(target), self.dtype, f"{self.what} (column {column!r})")
+
+    def _dynamic_row(self, column: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        row = self.row
+        if row is None:
+            return shape
+        if len(row) == len(shape) and all(
+            d is None or d == s for d, s in zip(row, shape, strict=True)
+        ):
+            return shape
+        if len(row) == 1:  # [N, ?]: any width, nested lists flattened row-major
+            return (math.prod(shape),)
+        raise InvalidInput(
+            f"column {column!r} has rows shaped {list(shape)}; {self.what} expects "
+            f"{format_dims(row)} per row"
+        )
+
+    def _missing(self, table: pa.Table) -> InvalidInput:
+        names = table.column_names
+        for column in self.columns:
+            if names.count(column) > 1:
+                return InvalidInput(f"column {column!r} appears {names.count(column)} times")
+        accepted = " or ".join(repr(c) for c in self.columns)
+        return InvalidInput(
+            f"the table has no column {accepted} ({self.what} reads it); columns sent: {names}"
+        )
+
+
+def format_dims(dims: Dims) -> str:
+    """`[18]`, `[?, 3]`: dims as messages show them."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def column_to_ndarray(
+    column: pa.ChunkedArray | pa.Array, name: str
+) -> tuple[Array, tuple[int, ...]]:
+    """The values of a numeric or (nested) list-of-numeric column, and the shape of one row.
+
+    Returns `(values, row_shape)`: `values` is flat (all rows concatenated, zero-copy when the
+    column is one chunk without nulls); a plain numeric column has `row_shape == ()`, a
+    `fixed_size_list<float>[18]` or `list<double>` column of 18-value rows `(18,)`, a list of
+    lists `(3, 6)`. Slices are honoured: only the column's own rows are read.
+
+    Raises:
+        InvalidInput: nulls anywhere, rows of different lengths, or values that are not numbers.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    array: Any = column
+    # Walk down the list levels keeping [start, stop) in the current array's logical indices,
+    # rather than calling .flatten() (several times slower per call on a 1-row request).
+    start, stop = 0, len(array)
+    row_shape: list[int] = []
+    while True:
+        if array.null_count and array.slice(start, stop - start).null_count:
+            raise InvalidInput(
+                f"column {name!r} contains nulls: fill or drop them "
+                "(every row needs all its values)"
+            )
+        kind = array.type
+        if isinstance(kind, pa.BaseExtensionType):  # e.g. arrow.fixed_shape_tensor
+            array = array.storage
+            continue
+        if pa.types.is_fixed_size_list(kind):
+            width = kind.list_size
+            base = array.offset  # .values ignores the array's own slice offset
+            start, stop = (base + start) * width, (base + stop) * width
+            array = array.values
+        elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            offsets = array.offsets.to_numpy()[start : stop + 1]
+            width = int(offsets[1] - offsets[0]) if len(offsets) > 1 else 0
+            if len(offsets) > 2:
+                lengths = np.diff(offsets)
+                if (lengths != width).any():
+                    other = int(lengths[np.argmax(lengths != width)])
+                    raise InvalidInput(
+                        f"column {name!r} has rows of different lengths ({width} and {other} "
+                        "values): every row must have the same number of values"
+                    )
+            start, stop = int(offsets[0]), int(offsets[-1])
+            array = array.values
+        elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+            break
+        else:
+            where = " inside its lists" if row_shape else ""
+            raise InvalidInput(
+                f"column {name!r} holds {kind} values{where}: send numbers, e.g. "
+                "fixed_size_list<float32>[N] or list<float64> per row"
+            )
+        row_shape.append(width)
+    if array.null_count or pa.types.is_boolean(kind):
+        # Bit-packed or null-bearing: only this slice may be converted (it is a copy anyway).
+        values = array.slice(start, stop - start).to_numpy(zero_copy_only=False)
+    else:
+        values = array.to_numpy()[start:stop]
+    return values, tuple(row_shape)
+
+
+def cast_values(values: Array, dtype: np.dtype[Any], what: str) -> Array:
+    """Cast to a model's element type, refusing casts that would silently change values.
+
+    Float to narrower float is accepted (float64 input for a float model is the tutorial's
+    case); float to integer needs whole numbers, and integers must fit the target type.
+
+    Raises:
+        InvalidInput: fractional/non-finite values for an integer input, or integers out of range.
+    """
+    if values.dtype == dtype:
+        return values
+    if dtype.kind in "iu" and values.size:
+        fractional = values.dtype.kind == "f" and (
+            not np.isfinite(values).all() or (values != np.trunc(values)).any()
+        )
+        if fractional:
+            raise InvalidInput(f"{what} takes {dtype} but the values are not all whole numbers")
+        if not np.can_cast(values.dtype, dtype):
+            info = np.iinfo(dtype)
+            if values.min() < info.min or values.max() > info.max:
+                raise InvalidInput(
+                    f"{what} takes {dtype} but some values are outside [{info.min}, {info.max}]"
+                )
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):  # out-of-range values become inf, like any float cast
+            return values.astype(dtype)
+    return values.astype(dtype)
+
+
+def ndarray_to_arrow(values: Array) -> pa.Array:
+    """One Arrow value per entry of the first axis: `[N]` -> a plain column, `[N, k]` ->
+    `list<dtype>` with k values per row, further axes -> nested lists. No per-row Python work.
+
+    Raises:
+        InvalidInput: the result is too large for 32-bit list offsets (send fewer rows).
+    """
+    shape = values.shape
+    if len(shape) == 0:
+        raise ValueError("a scalar cannot become a column: the output has no row axis")
+    flat = values.reshape(-1)
+    if not flat.flags.c_contiguous:  # a strided 1-D view stays strided through reshape
+        flat = np.ascontiguousarray(flat)
+    plain = _PLAIN_TYPES.get(flat.dtype)
+    if plain is None:
+        array = pa.array(flat)
+    else:  # zero-copy, and cheaper than pa.array's type inference
+        array = pa.Array.from_buffers(plain, len(flat), [None, pa.py_buffer(flat)])
+    for axis in range(len(shape) - 1, 0, -1):
+        outer, width = math.prod(shape[:axis]), int(shape[axis])
+        if outer * width > _INT32_MAX:
+            raise InvalidInput(
+                f"the response would hold {outer * width} values in one column: send fewer rows"
+            )
+        array = pa.ListArray.from_arrays(_list_offsets(outer, width), array)
+    return array
+
+
+def timestamp_column(epoch_ms: int, rows: int) -> pa.Array:
+    """A `timestamp[ms]` column repeating one instant `rows` times."""
+    data = np.full(rows, epoch_ms, dtype=np.int64)
+    return pa.Array.from_buffers(_TIMESTAMP_MS, rows, [None, pa.py_buffer(data)])
+
+
+def int32_zeros(rows: int) -> pa.Array:
+    """An `int32` column of zeros (the `check_failures` column until checks exist)."""
+    if rows <= _CACHED_ROWS:
+        return _cached_zeros(rows)
+    return pa.array(np.zeros(rows, dtype=np.int32))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_zeros(rows: int) -> pa.Array:
+    return pa.array(np.zeros(rows, dtype=np.int32))
+
+
+def _list_offsets(count: int, width: int) -> pa.Array:
+    if count <= _CACHED_ROWS:
+        return _cached_offsets(count, width)
+    return pa.array(np.arange(count + 1, dtype=np.int32) * np.int32(width))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_offsets(count: int, width: int) -> pa.Array:
+    return pa.array(np.arange(count + 1, dtype=np.int32) * np.int32(width))

@@ -1,0 +1,125 @@
+"""The engine's serving state without grpc: real ONNX Runtime sessions from a real blob cache."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import shutil
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hotswap.engine.blob_cache import BlobCache
+from hotswap.engine.errors import BlobError, PipelineNotServed, PrepareError
+from hotswap.engine.host import EngineHost, ModelRef, VersionRef
+from hotswap.engine.runtime import RuntimeOptions
+
+
+async def _no_fetch(sha256: str, offset: int) -> AsyncIterator[bytes]:
+    raise BlobError(f"blob {sha256} is not in the test cache")
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+def _cache(tmp_path: Path, assets: Path) -> tuple[BlobCache, dict[str, str]]:
+    """A blob cache pre-filled with the tutorial models, as if fetched earlier."""
+    cache = BlobCache(tmp_path / "cache", _no_fetch)
+    shas = {}
+    for model in ("rf", "gbr"):
+        data = (assets / "models" / f"{model}_model.onnx").read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        cache.path(sha).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(assets / "models" / f"{model}_model.onnx", cache.path(sha))
+        shas[model] = sha
+    return cache, shas
+
+
+def _ref(number: int, model: str, sha: str) -> VersionRef:
+    return VersionRef("ws", "p", f"id-{number}", number, (ModelRef(model, f"{model}-v", sha),))
+
+
+def _batch() -> pa.Table:
+    values = pa.array(np.ones(18, dtype=np.float32))
+    return pa.table({"tensor": pa.FixedSizeListArray.from_arrays(values, 18)})
+
+
+async def test_swap_keeps_in_flight_requests_on_their_version_then_frees_it(
+    tmp_path: Path, assets: Path
+) -> None:
+    cache, shas = _cache(tmp_path, assets)
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=0)
+    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
+    host.commit("s1")
+
+    in_flight = host.lookup("ws", "p")  # a request that started before the swap
+    old = weakref.ref(in_flight)
+    await host.prepare("s2", _ref(2, "gbr", shas["gbr"]))
+    assert host.commit("s2") < 1000  # µs: a reference swap
+
+    assert host.lookup("ws", "p").spec.number == 2
+    assert host.lookup("", "p").spec.number == 2  # workspace optional when unambiguous
+    assert in_flight.spec.number == 1
+    assert in_flight.infer(_batch()).num_rows == 1  # the old version still answers it
+    del in_flight
+    gc.collect()
+    assert old() is None, "the swapped-out version outlived its last request"
+
+
+async def test_rollback_to_a_retained_version_is_a_pointer_flip(
+    tmp_path: Path, assets: Path
+) -> None:
+    cache, shas = _cache(tmp_path, assets)
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=60)
+    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
+    host.commit("s1")
+    first = host.lookup("ws", "p")
+    await host.prepare("s2", _ref(2, "gbr", shas["gbr"]))
+    host.commit("s2")
+    prepared = await host.prepare("s3", _ref(1, "rf", shas["rf"]))
+    assert prepared.reused
+    host.commit("s3")
+    assert host.lookup("ws", "p") is first
+
+
+async def test_abort_and_failures_leave_the_active_version(tmp_path: Path, assets: Path) -> None:
+    cache, shas = _cache(tmp_path, assets)
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=0)
+    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
+    host.commit("s1")
+
+    await host.prepare("s2", _ref(2, "gbr", shas["gbr"]))
+    host.abort("s2")
+    with pytest.raises(PrepareError, match="not prepared"):
+        host.commit("s2")
+    with pytest.raises(BlobError):
+        await host.prepare("s3", _ref(3, "missing", "0" * 64))
+    assert host.lookup("ws", "p").spec.number == 1
+
+
+async def test_reconcile_loads_desired_and_releases_the_rest(tmp_path: Path, assets: Path) -> None:
+    cache, shas = _cache(tmp_path, assets)
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=0)
+    await host.reconcile([_ref(4, "gbr", shas["gbr"])])
+    assert [(s.key, s.state, s.active.spec.number) for s in host.states() if s.active] == [
+        ("ws/p", "Running", 4)
+    ]
+    await host.reconcile([_ref(5, "missing", "0" * 64)])
+    [state] = host.states()
+    assert state.state == "Error" and "0000" in state.error
+    assert host.lookup("ws", "p").spec.number == 4  # still serving what it had
+    await host.reconcile([])
+    assert host.states() == []
+    with pytest.raises(PipelineNotServed):
+        host.lookup("ws", "p")
+
+
+async def test_a_corrupt_cached_blob_is_never_served(tmp_path: Path, assets: Path) -> None:
+    cache, shas = _cache(tmp_path, assets)
+    cache.path(shas["rf"]).write_bytes(b"corrupted on disk")
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=0)
+    with pytest.raises(BlobError, match="not in the test cache"):
+        await host.prepare("s1", _ref(1, "rf", shas["rf"]))
+    assert not cache.path(shas["rf"]).exists()
