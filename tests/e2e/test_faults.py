@@ -168,3 +168,31 @@ def test_control_plane_killed_and_restarted_loses_nothing(
     # And the resynced fleet takes new deploys.
     _api.deploy(stub, "housing", v1)
     _serves(stack, assets, xtest[:4], "rf", v1)
+
+
+def test_a_new_engine_takes_over_from_a_lost_one(tmp_path: Path, assets: Path) -> None:
+    with LocalStack(
+        tmp_path / "stack",
+        engines=1,
+        control_args=("--lost-after", "1"),
+        engine_args=("--heartbeat-interval", "0.2"),
+    ) as stack:
+        stub = _api.control(stack.control_address)
+        seed_models(stub, assets)
+        _api.deploy(stub, "housing", _api.new_version(stub, "housing", "rf").number)
+        stack.kill("engine-1", signal.SIGKILL)
+        _wait_status(stub, "Error", "engine-1")
+
+        stack.start_engine("engine-9")
+        status = _wait_running(stub)
+        assert [(e.name, e.serving_version) for e in status.engines] == [("engine-9", 1)]
+        assert _api.endpoints(stub, "housing") == [stack.address_of("engine-9")]
+
+
+def _wait_status(stub: object, wanted: str, engine: str, timeout: float = 20) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ((s := _status(stub)).status == wanted and s.engines[0].name == engine):
+        assert time.monotonic() < deadline, f"status stayed {s.status}: {s.details}"
+        time.sleep(0.02)

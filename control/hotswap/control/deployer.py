@@ -96,6 +96,7 @@ class Deployer:
         # Deploys of one pipeline run one at a time; different pipelines swap concurrently.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._revision = int(time.time() * 1000)
+        self._started = time.monotonic()
         fleet.on_connect = self._assign_to_new_engine
 
     # -- desired state (level-triggered) -------------------------------------------------
@@ -118,12 +119,18 @@ class Deployer:
 
     def _assign_to_new_engine(self, engine: str) -> None:
         """Gives a (re)connecting engine the deployments that lack replicas."""
+        # Right after a control plane restart, assigned engines have not reconnected yet; they
+        # are still serving, so moving their pipelines elsewhere would only cause churn.
+        starting = time.monotonic() - self._started < 2 * self._fleet.lost_after
+        live = {s.name for s in self._fleet.live()}
         for deployment in self._store.deployments():
-            live = {s.name for s in self._fleet.live()}
             if engine in deployment.engines:
                 continue
-            # Replace assigned engines that are gone, then fill up to the replica count.
-            kept = [e for e in deployment.engines if e in live]
+            kept = [
+                e
+                for e in deployment.engines
+                if e in live or (starting and e not in self._fleet.sessions)
+            ]
             if len(kept) < deployment.replicas:
                 log.info("assigning %s to engine %s", deployment.version.key, engine)
                 self._store.set_deployment(deployment.version, deployment.replicas, [*kept, engine])
@@ -334,15 +341,16 @@ class Deployer:
                 workspace, pipeline, "Undeployed", "pipeline is not deployed", None, ()
             )
         engines = tuple(self._engine_view(n, deployment) for n in deployment.engines)
-        states = {e.status for e in engines}
-        if states == {"Running"}:
-            status, details = "Running", ""
-        elif "Error" in states or not engines:
+        states = [e.status for e in engines]
+        details = "; ".join(f"{e.name}: {e.reason}" for e in engines if e.status != "Running")
+        if "Error" in states or not engines:
             status = "Error"
-            details = "; ".join(f"{e.name}: {e.reason}" for e in engines if e.status != "Running")
-        else:
+        elif "Starting" in states:
             status = "Starting"
-            details = "; ".join(f"{e.name}: {e.reason}" for e in engines if e.status != "Running")
+        elif "Running" in states:
+            status = "Running"  # possibly degraded: `details` names the lost engines
+        else:
+            status = "Error"  # every assigned engine is lost: nothing serves
         return PipelineStatus(workspace, pipeline, status, details, deployment, engines)
 
     def endpoints(self, workspace: str, pipeline: str) -> tuple[int, list[str]]:
