@@ -14,7 +14,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,train]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,train,plot]'
 	touch $(STAMP)
 
 proto: $(STAMP)
