@@ -14,5 +14,7 @@ SHARED_ASSETS = REPO.parent / "shared" / "assets"
 def assets() -> Path:
     """`../shared/assets` (the Wallaroo tutorial's models and inputs); skips when absent."""
     if not (SHARED_ASSETS / "models" / "rf_model.onnx").is_file():
-        pytest.skip(f"tutorial assets not found at {SHARED_ASSETS} (CI links ../shared beside the repo)")
+        pytest.skip(
+            f"tutorial assets not found at {SHARED_ASSETS} (CI links ../shared beside the repo)"
+        )
     return SHARED_ASSETS

@@ -1,0 +1,151 @@
+"""Deployment values: the config a deploy asks for, what a swap cost, and the status dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hotswap.clients._errors import InvalidInputError
+from hotswap.v1 import control_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    """What :meth:`Pipeline.deploy` asks for. Build one with :class:`DeploymentConfigBuilder`.
+
+    Attributes:
+        replicas: Engines to serve the pipeline on; 0 keeps the current count (1 for a first
+            deployment).
+    """
+
+    replicas: int = 0
+
+
+class DeploymentConfigBuilder:
+    """Builds a :class:`DeploymentConfig` the way Wallaroo's builder does.
+
+    Example:
+        >>> DeploymentConfigBuilder().replica_count(2).build()
+        DeploymentConfig(replicas=2)
+    """
+
+    def __init__(self) -> None:
+        self._replicas = 0
+
+    def replica_count(self, count: int) -> DeploymentConfigBuilder:
+        """Sets how many engines serve the pipeline (at least 1)."""
+        if count < 1:
+            raise InvalidInputError(f"replica_count must be at least 1, got {count}")
+        self._replicas = count
+        return self
+
+    def cpus(self, _: float) -> DeploymentConfigBuilder:
+        """Accepted for Wallaroo compatibility; engine resources are set when engines start."""
+        return self
+
+    def memory(self, _: str) -> DeploymentConfigBuilder:
+        """Accepted for Wallaroo compatibility; engine resources are set when engines start."""
+        return self
+
+    def build(self) -> DeploymentConfig:
+        """The finished config."""
+        return DeploymentConfig(replicas=self._replicas)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineTiming:
+    """One engine's part in a swap, as the control plane measured it (milliseconds)."""
+
+    engine: str
+    address: str
+    prepare_ms: float
+    fetch_ms: float
+    load_ms: float
+    warmup_ms: float
+    commit_ms: float
+    switch_us: float
+    reused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeployResult:
+    """What the last :meth:`Pipeline.deploy` did and what it cost.
+
+    Attributes:
+        version: The pipeline version number now live.
+        version_id: Its id.
+        previous: The version number live before (0 when none).
+        wall_ms: ``deploy()`` wall time seen by this client, version creation included.
+        prepare_ms: The server's prepare phase (fetch, load, warm up on all engines).
+        commit_ms: The server's commit phase.
+        total_ms: The whole Deploy call inside the control plane.
+        engines: Per-engine timings.
+    """
+
+    version: int
+    version_id: str
+    previous: int
+    wall_ms: float
+    prepare_ms: float
+    commit_ms: float
+    total_ms: float
+    engines: tuple[EngineTiming, ...]
+
+    @classmethod
+    def from_proto(cls, resp: control_pb2.DeployResponse, wall_ms: float) -> DeployResult:
+        return cls(
+            version=resp.version.number,
+            version_id=resp.version.version_id,
+            previous=resp.previous.number if resp.HasField("previous") else 0,
+            wall_ms=wall_ms,
+            prepare_ms=resp.prepare_ms,
+            commit_ms=resp.commit_ms,
+            total_ms=resp.total_ms,
+            engines=tuple(
+                EngineTiming(
+                    e.engine,
+                    e.address,
+                    e.prepare_ms,
+                    e.fetch_ms,
+                    e.load_ms,
+                    e.warmup_ms,
+                    e.commit_ms,
+                    e.switch_us,
+                    e.reused,
+                )
+                for e in resp.engines
+            ),
+        )
+
+
+def status_dict(status: control_pb2.PipelineStatus) -> dict[str, Any]:
+    """Shapes a ``PipelineStatus`` like the tutorial's ``pipeline.status()``."""
+    pipeline = status.pipeline
+    return {
+        "status": status.status,
+        "details": [status.details] if status.details else [],
+        "engines": [_engine_dict(pipeline, e) for e in status.engines],
+    }
+
+
+def _engine_dict(pipeline: str, engine: control_pb2.EngineStatus) -> dict[str, Any]:
+    host = engine.address.rsplit(":", 1)[0].strip("[]") if engine.address else ""
+    return {
+        "ip": host,
+        "address": engine.address,
+        "name": engine.name,
+        "status": engine.status,
+        "reason": engine.reason or None,
+        "details": [],
+        "pipeline_statuses": {
+            "pipelines": [
+                {"id": pipeline, "status": engine.status, "version": engine.serving_version}
+            ]
+        },
+        "model_statuses": {
+            "models": [
+                {"name": m.name, "version": m.version, "sha": m.sha256, "status": m.status}
+                for m in engine.models
+            ]
+        },
+    }

@@ -1,0 +1,392 @@
+"""Pipelines: ordered model steps, immutable versions, deployment (the hot swap) and inference."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import pyarrow as pa
+
+from hotswap.clients._convert import (
+    is_dataframe,
+    read_table_file,
+    table_from_pandas,
+    table_to_pandas,
+)
+from hotswap.clients._deploy import DeploymentConfig, DeployResult, status_dict
+from hotswap.clients._errors import EntityNotFoundError, HotswapError, InvalidInputError
+from hotswap.clients._infer import DEFAULT_BATCH_ROWS, Router, Served, served_attrs
+from hotswap.clients._model import Model
+from hotswap.clients._pipeline_version import PipelineVersion, PipelineVersionList
+from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
+from hotswap.clients._session import Session
+from hotswap.v1 import control_pb2
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class Pipeline:
+    """A named pipeline of model steps.
+
+    Steps added with :meth:`add_model_step` / :meth:`replace_with_model_step` are staged
+    locally; :meth:`deploy` turns them into a new immutable version (unless they equal the
+    version already deployed) and makes it live on the engines with a hot swap.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        proto: control_pb2.Pipeline,
+        steps: list[Model],
+        pinned: PipelineVersion | None = None,
+    ) -> None:
+        self._session = session
+        self._proto = proto
+        self._steps = list(steps)
+        self._pinned = pinned
+        self._router = Router(session, proto.workspace, proto.name)
+        self._last_deploy: DeployResult | None = None
+
+    # --- identity and state -----------------------------------------------------------------
+
+    def name(self) -> str:
+        """The pipeline's name, unique in its workspace."""
+        return self._proto.name
+
+    def workspace(self) -> str:
+        """The workspace the pipeline belongs to."""
+        return self._proto.workspace
+
+    def created(self) -> str:
+        """When the pipeline was created (UTC)."""
+        return format_ms(self._proto.created_ms)
+
+    def last_update(self) -> str:
+        """When a version was last made or the deployment last changed (UTC)."""
+        return format_ms(self._refresh().updated_ms)
+
+    def deployed(self) -> bool:
+        """Whether a version of the pipeline is deployed now."""
+        return self._refresh().HasField("deployed")
+
+    def deployed_version(self) -> PipelineVersion | None:
+        """The version deployed now, if any."""
+        proto = self._refresh()
+        return (
+            PipelineVersion(self._session, proto.deployed) if proto.HasField("deployed") else None
+        )
+
+    def versions(self) -> PipelineVersionList:
+        """Every version, oldest first."""
+        resp = self._session.control.list_pipeline_versions(
+            control_pb2.ListPipelineVersionsRequest(
+                workspace=self.workspace(), pipeline=self.name()
+            )
+        )
+        deployed = self._refresh().deployed.number
+        return PipelineVersionList(
+            (PipelineVersion(self._session, v) for v in resp.versions), deployed
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The deployment's live state, shaped like the tutorial's ``pipeline.status()``:
+        ``{'status', 'details', 'engines': [{'ip', 'address', 'name', 'status', 'reason',
+        'details', 'pipeline_statuses', 'model_statuses'}]}``, one engine entry per replica."""
+        resp = self._session.control.get_pipeline_status(
+            control_pb2.GetPipelineStatusRequest(workspace=self.workspace(), pipeline=self.name())
+        )
+        return status_dict(resp)
+
+    def endpoints(self) -> list[str]:
+        """The engine addresses serving the deployed version now."""
+        return list(self._router.addresses(refresh=True))
+
+    def last_served(self) -> Served | None:
+        """Which version (and engine) answered this object's last inference."""
+        return self._router.last_served
+
+    def last_deploy(self) -> DeployResult | None:
+        """What this object's last :meth:`deploy` did and how long the swap took."""
+        return self._last_deploy
+
+    # --- staging steps ----------------------------------------------------------------------
+
+    def steps(self) -> list[Model]:
+        """The staged steps (initially those of the deployed or latest version)."""
+        return list(self._steps)
+
+    def add_model_step(self, model: Model) -> Pipeline:
+        """Appends a step; returns the pipeline so calls chain."""
+        self._steps.append(model)
+        return self
+
+    def replace_with_model_step(self, index: int, model: Model) -> Pipeline:
+        """Replaces step ``index`` (0-based); ``deploy()`` then hot-swaps it in."""
+        self._check_index(index)
+        self._steps[index] = model
+        return self
+
+    def remove_step(self, index: int) -> Pipeline:
+        """Removes step ``index`` (0-based)."""
+        self._check_index(index)
+        del self._steps[index]
+        return self
+
+    def clear(self) -> Pipeline:
+        """Removes every staged step."""
+        self._steps.clear()
+        return self
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self._steps):
+            raise InvalidInputError(
+                f"pipeline {self.name()!r} has {len(self._steps)} step(s); no step {index}"
+            )
+
+    # --- versions and deployment -------------------------------------------------------------
+
+    def create_version(self) -> PipelineVersion:
+        """Makes a new immutable version from the staged steps, without deploying it."""
+        if not self._steps:
+            raise InvalidInputError(
+                f"pipeline {self.name()!r} has no steps: add one with add_model_step(model)"
+            )
+        proto = self._session.control.create_pipeline_version(
+            control_pb2.CreatePipelineVersionRequest(
+                workspace=self.workspace(),
+                pipeline=self.name(),
+                steps=[
+                    control_pb2.StepRef(model=m.name(), version=m.version()) for m in self._steps
+                ],
+            )
+        )
+        self._pinned = PipelineVersion(self._session, proto)
+        self._refresh()
+        return self._pinned
+
+    def deploy(
+        self,
+        version: int | str | PipelineVersion | None = None,
+        deployment_config: DeploymentConfig | None = None,
+        *,
+        expected_current_version: int | None = None,
+    ) -> Pipeline:
+        """Makes the staged steps (or ``version``) live with a two-phase hot swap.
+
+        Without ``version``, the staged steps become a new version unless they equal the
+        deployed (or pinned, or latest) version's steps. Returns once every assigned engine
+        serves it: any request started afterwards is answered by it. On failure nothing that
+        serves traffic changes.
+
+        Args:
+            version: A version number, id or :class:`PipelineVersion` to (re)deploy: a rollback.
+            deployment_config: Replica count; see :class:`DeploymentConfigBuilder`.
+            expected_current_version: Deploy only if this version number (0: none) is the one
+                deployed now; otherwise raise :class:`ConcurrentDeployError`.
+
+        Returns:
+            The pipeline, so calls chain. :meth:`last_deploy` has the swap's timings.
+        """
+        start = time.perf_counter()
+        target = self._resolve(version) if version is not None else self._version_for_staged()
+        request = control_pb2.DeployRequest(
+            workspace=self.workspace(),
+            pipeline=self.name(),
+            version=target.number(),
+            replicas=deployment_config.replicas if deployment_config else 0,
+        )
+        if expected_current_version is not None:
+            request.expected_current_version = expected_current_version
+        try:
+            resp = self._session.control.deploy(request)
+        finally:
+            self._router.invalidate()
+        wall_ms = (time.perf_counter() - start) * 1000
+        self._last_deploy = DeployResult.from_proto(resp, wall_ms)
+        deployed = PipelineVersion(self._session, resp.version)
+        if deployed.step_keys() != tuple((m.name(), m.version()) for m in self._steps):
+            self._steps = deployed.steps()  # else keep the staged Models and their configure()
+        self._pinned = None
+        self._refresh()
+        return self
+
+    def undeploy(self) -> Pipeline:
+        """Stops serving the pipeline and frees its sessions on every engine."""
+        try:
+            self._session.control.undeploy(
+                control_pb2.UndeployRequest(workspace=self.workspace(), pipeline=self.name())
+            )
+        finally:
+            self._router.invalidate()
+        self._refresh()
+        return self
+
+    def _resolve(self, version: int | str | PipelineVersion) -> PipelineVersion:
+        if isinstance(version, PipelineVersion):
+            return version
+        for v in self.versions():
+            if v.number() == version or v.id() == version:
+                return v
+        raise EntityNotFoundError(f"pipeline {self.name()!r} has no version {version!r}")
+
+    def _version_for_staged(self) -> PipelineVersion:
+        if not self._steps and self._pinned is not None:
+            return self._pinned
+        keys = tuple((m.name(), m.version()) for m in self._steps)
+        candidate = self._pinned or self.deployed_version()
+        if candidate is None and self._proto.version_count:
+            candidate = self.versions()[-1]
+        if candidate is not None and candidate.step_keys() == keys:
+            return candidate
+        return self.create_version()
+
+    # --- inference ----------------------------------------------------------------------------
+
+    @overload
+    def infer(
+        self, data: pd.DataFrame, timeout: float | None = ..., *, batch_rows: int = ...
+    ) -> pd.DataFrame: ...
+    @overload
+    def infer(
+        self, data: pa.Table | pa.RecordBatch, timeout: float | None = ..., *, batch_rows: int = ...
+    ) -> pa.Table: ...
+    def infer(
+        self,
+        data: pd.DataFrame | pa.Table | pa.RecordBatch,
+        timeout: float | None = None,
+        *,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+    ) -> pd.DataFrame | pa.Table:
+        """Runs the deployed pipeline on ``data``.
+
+        Args:
+            data: A pandas DataFrame (a ``tensor`` column of number lists, as in the tutorial),
+                a ``pyarrow.Table`` or a ``pyarrow.RecordBatch``.
+            timeout: Seconds to wait for each request (default 15); on expiry
+                :class:`InferenceTimeoutError` says what to do.
+            batch_rows: Inputs with more rows are sent as several requests.
+
+        Returns:
+            pandas in, pandas out (``out.<name>`` columns hold a list per row, float32 shown
+            the shortest way: 718013.7); Arrow in, ``pyarrow.Table`` out. Which version served
+            is in ``DataFrame.attrs`` / the schema metadata and :meth:`last_served`.
+        """
+        if is_dataframe(data):
+            table = table_from_pandas(data)
+            return self._to_pandas(self._infer_arrow(table, timeout, batch_rows))
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        if not isinstance(data, pa.Table):
+            raise InvalidInputError(
+                f"infer() takes a pandas DataFrame or a pyarrow Table/RecordBatch, not "
+                f"{type(data).__name__}; for files use infer_from_file(path)"
+            )
+        return self._infer_arrow(data, timeout, batch_rows)
+
+    def infer_from_file(
+        self,
+        path: str | Path,
+        data_format: Literal["pandas", "arrow"] | None = None,
+        timeout: float | None = None,
+    ) -> pd.DataFrame | pa.Table:
+        """Runs the pipeline on an ``.arrow`` (IPC file or stream) or ``.df.json`` file.
+
+        Args:
+            path: The input file.
+            data_format: What to return; by default pandas for JSON and Arrow for ``.arrow``.
+            timeout: As for :meth:`infer`.
+        """
+        table, natural = read_table_file(path)
+        result = self._infer_arrow(table, timeout, DEFAULT_BATCH_ROWS)
+        if (data_format or natural) == "pandas":
+            return self._to_pandas(result)
+        return result
+
+    def _infer_arrow(self, table: pa.Table, timeout: float | None, batch_rows: int) -> pa.Table:
+        if batch_rows < 1:
+            raise InvalidInputError(f"batch_rows must be at least 1, got {batch_rows}")
+        renames = self._steps[0].column_renames() if self._steps else {}
+        if renames:
+            table = table.rename_columns([renames.get(n, n) for n in table.column_names])
+        return self._router.infer_table(table, timeout=timeout, batch_rows=batch_rows)
+
+    def _to_pandas(self, table: pa.Table) -> pd.DataFrame:
+        df = table_to_pandas(table)
+        df.attrs.update(served_attrs(self._router.last_served))
+        return df
+
+    # --- rendering ----------------------------------------------------------------------------
+
+    def _refresh(self) -> control_pb2.Pipeline:
+        self._proto = self._session.control.get_pipeline(
+            control_pb2.GetPipelineRequest(workspace=self.workspace(), name=self.name())
+        )
+        return self._proto
+
+    def to_dict(self) -> dict[str, Any]:
+        """The pipeline as plain data (what ``hotswap pipeline ... --json`` prints)."""
+        p = self._proto
+        return {
+            "name": p.name,
+            "workspace": p.workspace,
+            "created": format_ms(p.created_ms),
+            "last_updated": format_ms(p.updated_ms),
+            "deployed": p.HasField("deployed"),
+            "deployed_version": p.deployed.number if p.HasField("deployed") else None,
+            "replicas": p.replicas,
+            "versions": p.version_count,
+            "steps": [m.name() for m in self._steps],
+        }
+
+    def _pairs(self) -> list[tuple[str, Any]]:
+        with contextlib.suppress(HotswapError):  # show what we last knew rather than fail
+            self._refresh()
+        d = self.to_dict()
+        return [
+            ("name", d["name"]),
+            ("version", self._proto.deployed.version_id if d["deployed"] else ""),
+            ("created", d["created"]),
+            ("last_updated", d["last_updated"]),
+            ("deployed", d["deployed"]),
+            ("deployed_version", d["deployed_version"]),
+            ("replicas", d["replicas"]),
+            ("versions", d["versions"]),
+            ("steps", ", ".join(d["steps"])),
+        ]
+
+    def __repr__(self) -> str:
+        return kv_text(self._pairs())
+
+    def _repr_html_(self) -> str:
+        return kv_html(self._pairs())
+
+
+class PipelineList(list[Pipeline]):
+    """A list of pipelines that renders as a table."""
+
+    _HEADERS = ("name", "created", "last_updated", "deployed", "versions", "steps")
+
+    def _rows(self) -> list[tuple[Any, ...]]:
+        rows = []
+        for p in self:
+            d = p.to_dict()
+            rows.append(
+                (
+                    d["name"],
+                    d["created"],
+                    d["last_updated"],
+                    d["deployed"],
+                    d["versions"],
+                    ", ".join(d["steps"]),
+                )
+            )
+        return rows
+
+    def __repr__(self) -> str:
+        return grid_text(self._HEADERS, self._rows())
+
+    def _repr_html_(self) -> str:
+        return grid_html(self._HEADERS, self._rows())

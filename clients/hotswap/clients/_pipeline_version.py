@@ -1,0 +1,96 @@
+"""Pipeline versions: immutable, ordered lists of model versions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from hotswap.clients._model import Model
+from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
+from hotswap.clients._session import Session
+from hotswap.v1 import types_pb2
+
+
+class PipelineVersion:
+    """One immutable version of a pipeline: its number, id and steps."""
+
+    def __init__(self, session: Session, proto: types_pb2.PipelineVersion) -> None:
+        self._session = session
+        self._proto = proto
+
+    def number(self) -> int:
+        """The version number: 1, 2, 3... per pipeline."""
+        return self._proto.number
+
+    def id(self) -> str:
+        """The version id (a UUID)."""
+        return self._proto.version_id
+
+    def pipeline(self) -> str:
+        """The pipeline's name."""
+        return self._proto.pipeline
+
+    def created(self) -> str:
+        """When the version was made (UTC)."""
+        return format_ms(self._proto.created_ms)
+
+    def steps(self) -> list[Model]:
+        """The version's steps, in order."""
+        return [Model(self._session, s) for s in self._proto.steps]
+
+    def step_keys(self) -> tuple[tuple[str, str], ...]:
+        """(model name, model version) per step: what makes two versions the same."""
+        return tuple((s.name, s.version) for s in self._proto.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The version as plain data."""
+        return {
+            "pipeline": self.pipeline(),
+            "version": self.number(),
+            "id": self.id(),
+            "created": self.created(),
+            "steps": [{"model": s.name, "version": s.version} for s in self._proto.steps],
+        }
+
+    def _pairs(self) -> list[tuple[str, Any]]:
+        return [
+            ("pipeline", self.pipeline()),
+            ("version", self.number()),
+            ("id", self.id()),
+            ("created", self.created()),
+            ("steps", ", ".join(s.name for s in self._proto.steps)),
+        ]
+
+    def __repr__(self) -> str:
+        return kv_text(self._pairs())
+
+    def _repr_html_(self) -> str:
+        return kv_html(self._pairs())
+
+
+class PipelineVersionList(list[PipelineVersion]):
+    """A pipeline's versions, oldest first, rendered as a table with the deployed one marked."""
+
+    _HEADERS = ("Version", "Id", "Created", "Steps", "Deployed")
+
+    def __init__(self, versions: Iterable[PipelineVersion] = (), deployed: int = 0) -> None:
+        super().__init__(versions)
+        self.deployed = deployed
+
+    def _rows(self) -> list[tuple[Any, ...]]:
+        return [
+            (
+                v.number(),
+                v.id(),
+                v.created(),
+                ", ".join(m for m, _ in v.step_keys()),
+                v.number() == self.deployed,
+            )
+            for v in self
+        ]
+
+    def __repr__(self) -> str:
+        return grid_text(self._HEADERS, self._rows())
+
+    def _repr_html_(self) -> str:
+        return grid_html(self._HEADERS, self._rows())

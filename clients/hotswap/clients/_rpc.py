@@ -1,0 +1,153 @@
+"""Typed, synchronous gRPC callables for the control plane and the engines.
+
+The generated ``*_pb2_grpc`` stubs are typed for ``grpc.aio`` only, while the SDK is synchronous
+(it must work in a plain script or a Jupyter cell without an event loop), so the few methods it
+needs are bound here by their full names, with the error mapping in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from hotswap.clients._errors import from_rpc_error
+from hotswap.v1 import control_pb2, engine_pb2, types_pb2
+
+_Req = TypeVar("_Req", bound=Message)
+_Resp = TypeVar("_Resp", bound=Message)
+
+# Arrow payloads can be large; batches are split well below this.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def open_channel(address: str) -> grpc.Channel:
+    """Opens an insecure channel to ``address`` (host:port) with the SDK's message limits."""
+    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+
+class Unary(Generic[_Req, _Resp]):
+    """One unary method; raises :class:`HotswapError` subclasses instead of ``RpcError``."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        method: str,
+        response: type[_Resp],
+        target: str,
+        timeout: float | None,
+    ) -> None:
+        self._call: grpc.UnaryUnaryMultiCallable[_Req, _Resp] = channel.unary_unary(
+            method,
+            request_serializer=_serialize,
+            response_deserializer=response.FromString,
+        )
+        self._target = target
+        self._timeout = timeout
+
+    def __call__(self, request: _Req, *, timeout: float | None = None) -> _Resp:
+        try:
+            return self._call(request, timeout=self._timeout if timeout is None else timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, target=self._target) from None
+
+
+class StreamUnary(Generic[_Req, _Resp]):
+    """One client-streaming method, with the same error mapping as :class:`Unary`."""
+
+    def __init__(
+        self, channel: grpc.Channel, method: str, response: type[_Resp], target: str
+    ) -> None:
+        self._call: grpc.StreamUnaryMultiCallable[_Req, _Resp] = channel.stream_unary(
+            method,
+            request_serializer=_serialize,
+            response_deserializer=response.FromString,
+        )
+        self._target = target
+
+    def __call__(self, requests: Iterator[_Req], *, timeout: float | None = None) -> _Resp:
+        try:
+            return self._call(requests, timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, target=self._target) from None
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+_CONTROL = "/hotswap.v1.ControlPlane/"
+# Metadata calls are quick; Deploy and uploads may legitimately take minutes.
+_CONTROL_TIMEOUT = 30.0
+
+
+class ControlStub:
+    """The control plane methods the SDK uses."""
+
+    def __init__(self, channel: grpc.Channel, address: str) -> None:
+        target = f"the control plane at {address} (is it running? `hotswap up` starts one)"
+
+        def unary(
+            name: str, resp: type[_Resp], timeout: float | None = _CONTROL_TIMEOUT
+        ) -> Unary[_Req, _Resp]:
+            return Unary(channel, _CONTROL + name, resp, target, timeout)
+
+        cp = control_pb2
+        self.create_workspace: Unary[cp.CreateWorkspaceRequest, cp.Workspace] = unary(
+            "CreateWorkspace", cp.Workspace
+        )
+        self.list_workspaces: Unary[cp.ListWorkspacesRequest, cp.ListWorkspacesResponse] = unary(
+            "ListWorkspaces", cp.ListWorkspacesResponse
+        )
+        self.upload_model: StreamUnary[cp.UploadModelRequest, types_pb2.ModelVersion] = StreamUnary(
+            channel, _CONTROL + "UploadModel", types_pb2.ModelVersion, target
+        )
+        self.list_models: Unary[cp.ListModelsRequest, cp.ListModelsResponse] = unary(
+            "ListModels", cp.ListModelsResponse
+        )
+        self.get_model: Unary[cp.GetModelRequest, cp.Model] = unary("GetModel", cp.Model)
+        self.create_pipeline: Unary[cp.CreatePipelineRequest, cp.Pipeline] = unary(
+            "CreatePipeline", cp.Pipeline
+        )
+        self.list_pipelines: Unary[cp.ListPipelinesRequest, cp.ListPipelinesResponse] = unary(
+            "ListPipelines", cp.ListPipelinesResponse
+        )
+        self.get_pipeline: Unary[cp.GetPipelineRequest, cp.Pipeline] = unary(
+            "GetPipeline", cp.Pipeline
+        )
+        self.create_pipeline_version: Unary[
+            cp.CreatePipelineVersionRequest, types_pb2.PipelineVersion
+        ] = unary("CreatePipelineVersion", types_pb2.PipelineVersion)
+        self.list_pipeline_versions: Unary[
+            cp.ListPipelineVersionsRequest, cp.ListPipelineVersionsResponse
+        ] = unary("ListPipelineVersions", cp.ListPipelineVersionsResponse)
+        self.deploy: Unary[cp.DeployRequest, cp.DeployResponse] = unary(
+            "Deploy", cp.DeployResponse, None
+        )
+        self.undeploy: Unary[cp.UndeployRequest, cp.UndeployResponse] = unary(
+            "Undeploy", cp.UndeployResponse, None
+        )
+        self.get_pipeline_status: Unary[cp.GetPipelineStatusRequest, cp.PipelineStatus] = unary(
+            "GetPipelineStatus", cp.PipelineStatus
+        )
+        self.get_pipeline_endpoints: Unary[cp.GetPipelineEndpointsRequest, cp.PipelineEndpoints] = (
+            unary("GetPipelineEndpoints", cp.PipelineEndpoints)
+        )
+        self.list_engines: Unary[cp.ListEnginesRequest, cp.ListEnginesResponse] = unary(
+            "ListEngines", cp.ListEnginesResponse
+        )
+
+
+def engine_infer(
+    channel: grpc.Channel, address: str
+) -> Unary[engine_pb2.InferRequest, engine_pb2.InferResponse]:
+    """``Engine.Infer`` on one engine; the caller passes the timeout on every call."""
+    return Unary(
+        channel, "/hotswap.v1.Engine/Infer", engine_pb2.InferResponse, f"engine {address}", None
+    )
