@@ -351,6 +351,11 @@ class Deployer:
             status = "Running"  # possibly degraded: `details` names the lost engines
         else:
             status = "Error"  # every assigned engine is lost: nothing serves
+        if status == "Running" and len(engines) < deployment.replicas:
+            details = (
+                f"{len(engines)} of {deployment.replicas} replicas: only {len(engines)} "
+                "engine(s) were connected; start more engines to add replicas"
+            )
         return PipelineStatus(workspace, pipeline, status, details, deployment, engines)
 
     def endpoints(self, workspace: str, pipeline: str) -> tuple[int, list[str]]:
