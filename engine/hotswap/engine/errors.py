@@ -5,6 +5,7 @@ them to gRPC status codes once, at the edge (``hotswap.engine._convert``).
     ├── InvalidInput          bad Arrow, wrong column/width/dtype, nulls   (INVALID_ARGUMENT)
     ├── PipelineNotServed     the engine does not serve that pipeline      (NOT_FOUND)
     ├── PipelineLoading       assigned, first version still loading       (UNAVAILABLE)
+    ├── RequestTooLarge       more rows than --max-rows                    (RESOURCE_EXHAUSTED)
     └── PrepareError          a version could not be fetched, built or warmed up
         └── BlobError         a blob could not be fetched or failed its sha256 check
 """
@@ -24,6 +25,10 @@ class PipelineNotServed(EngineError):
 
 class PipelineLoading(EngineError):
     """The pipeline is assigned to this engine but not loaded yet."""
+
+
+class RequestTooLarge(EngineError):
+    """The request has more rows than the engine accepts in one call."""
 
 
 class PrepareError(EngineError):

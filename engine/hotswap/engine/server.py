@@ -69,7 +69,8 @@ class EngineServer:
         self._identity.address = self.address
         self._identity.connected = self.link.connected.is_set
         engine_pb2_grpc.add_EngineServicer_to_server(
-            EngineServicer(self.host, self._executor, self._identity), self._server
+            EngineServicer(self.host, self._executor, self._identity, self.settings.max_rows),
+            self._server,
         )
         await self._server.start()
         self._link_task = asyncio.create_task(self.link.run_forever())

@@ -13,7 +13,12 @@ import grpc
 
 from hotswap._edge import StatusTable, status_for, unary_errors
 from hotswap.engine import _convert
-from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed
+from hotswap.engine.errors import (
+    InvalidInput,
+    PipelineLoading,
+    PipelineNotServed,
+    RequestTooLarge,
+)
 from hotswap.engine.host import EngineHost
 from hotswap.engine.runtime import LoadedPipeline, decode_ipc, encode_ipc
 from hotswap.v1 import engine_pb2, engine_pb2_grpc
@@ -22,6 +27,7 @@ STATUS: StatusTable = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     PipelineNotServed: grpc.StatusCode.NOT_FOUND,
     PipelineLoading: grpc.StatusCode.UNAVAILABLE,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 unary = unary_errors(STATUS)
 
@@ -30,15 +36,24 @@ Context = grpc.aio.ServicerContext[Any, Any]
 STREAM_WINDOW = 64
 
 
-def _run(loaded: LoadedPipeline, data: bytes) -> tuple[bytes, int]:
+def _run(loaded: LoadedPipeline, data: bytes, max_rows: int) -> tuple[bytes, int]:
     """Decode, infer, encode: one request, wholly on `loaded`, in a worker thread."""
     start = time.perf_counter_ns()
-    out = encode_ipc(loaded.infer(decode_ipc(data)))
+    table = decode_ipc(data)
+    if table.num_rows > max_rows:
+        raise RequestTooLarge(
+            f"the request has {table.num_rows} rows; this engine takes at most {max_rows} per "
+            "call (split it into batches, or raise --max-rows)"
+        )
+    out = encode_ipc(loaded.infer(table))
     return out, time.perf_counter_ns() - start
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
-    def __init__(self, host: EngineHost, executor: Executor, state: EngineIdentity) -> None:
+    def __init__(
+        self, host: EngineHost, executor: Executor, state: EngineIdentity, max_rows: int
+    ) -> None:
+        self._max_rows = max_rows
         self._host = host
         self._executor = executor
         self._identity = state
@@ -47,7 +62,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         # Looked up once: this request runs on this version even if a swap commits meanwhile.
         loaded = self._host.lookup(request.workspace, request.pipeline)
         loop = asyncio.get_running_loop()
-        arrow, elapsed_ns = await loop.run_in_executor(self._executor, _run, loaded, request.arrow)
+        arrow, elapsed_ns = await loop.run_in_executor(
+            self._executor, _run, loaded, request.arrow, self._max_rows
+        )
         spec = loaded.spec
         return engine_pb2.InferResponse(
             arrow=arrow,

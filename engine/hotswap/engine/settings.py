@@ -19,6 +19,7 @@ class Settings:
     cache_dir: Path | None = None  # default ~/.hotswap/engines/<name>
     threads: int = 1  # ONNX Runtime intra-op threads per session (0 = ORT default)
     workers: int = 4  # threads running inference
+    max_rows: int = 1_000_000  # rows accepted in one Infer call
     heartbeat_interval: float = 1.0
     retain_seconds: float = 300.0
     advertise: str = ""  # address to tell clients; default: the bound address
@@ -61,6 +62,12 @@ class Settings:
             help="threads running inference (default %(default)s)",
         )
         parser.add_argument(
+            "--max-rows",
+            type=int,
+            default=int(env("HOTSWAP_MAX_ROWS", str(d.max_rows))),
+            help="most rows accepted in one Infer call (default %(default)s)",
+        )
+        parser.add_argument(
             "--heartbeat-interval",
             type=float,
             default=float(env("HOTSWAP_HEARTBEAT_INTERVAL", str(d.heartbeat_interval))),
@@ -81,6 +88,7 @@ class Settings:
             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             threads=args.threads,
             workers=args.workers,
+            max_rows=args.max_rows,
             heartbeat_interval=args.heartbeat_interval,
             retain_seconds=args.retain_seconds,
             advertise=args.advertise,
