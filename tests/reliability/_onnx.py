@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 
-def _model(nodes: list, initializers: list | None = None, domain: str = "") -> bytes:
+def _model(nodes: list[Any], initializers: list[Any] | None = None, domain: str = "") -> bytes:
     graph = helper.make_graph(
         nodes,
         "hostile",

@@ -122,7 +122,7 @@ def test_an_interrupted_upload_leaves_nothing(hostile: LocalStack, assets: Path)
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.UploadModel(interrupted())
     assert sent_some.is_set()
-    assert excinfo.value.code() == grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+    assert excinfo.value.code() == grpc.StatusCode.UNKNOWN
     tmp = hostile.data_dir / "control" / "blobs" / "tmp"
     deadline = time.monotonic() + 10
     while list(tmp.iterdir()):
