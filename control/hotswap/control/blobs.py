@@ -40,9 +40,13 @@ class BlobWriter:
         return self._hash.hexdigest()
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        try:
+            if not self._file.closed:
+                self._file.close()  # may fail flushing to a full disk: the file goes anyway
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> BlobWriter:
         return self

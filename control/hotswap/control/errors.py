@@ -8,7 +8,8 @@ servicers map them to gRPC status codes once, at the edge (``hotswap.control._st
     ├── LimitExceeded         a size limit                                (RESOURCE_EXHAUSTED)
     ├── DeployFailed          swap aborted, or pipeline not deployed      (FAILED_PRECONDITION)
     ├── DeployConflict        expected_current_version did not match      (ABORTED)
-    └── NoEngines             no engine connected to serve a deployment   (UNAVAILABLE)
+    ├── NoEngines             no engine connected to serve a deployment   (UNAVAILABLE)
+    └── BlobCorrupt           a stored blob no longer matches its sha256  (DATA_LOSS)
 """
 
 
@@ -42,3 +43,7 @@ class DeployConflict(ControlError):
 
 class NoEngines(ControlError):
     """No engine is connected to serve the request."""
+
+
+class BlobCorrupt(ControlError):
+    """A stored blob's bytes no longer hash to its sha256 (disk corruption)."""

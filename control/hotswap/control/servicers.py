@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ from hotswap.control.blobs import BlobStore
 from hotswap.control.deployer import Deployer
 from hotswap.control.errors import (
     AlreadyExists,
+    BlobCorrupt,
     DeployConflict,
     DeployFailed,
     InvalidArgument,
@@ -38,6 +40,7 @@ STATUS: StatusTable = {
     DeployFailed: grpc.StatusCode.FAILED_PRECONDITION,
     DeployConflict: grpc.StatusCode.ABORTED,
     NoEngines: grpc.StatusCode.UNAVAILABLE,
+    BlobCorrupt: grpc.StatusCode.DATA_LOSS,
 }
 unary = unary_errors(STATUS)
 streaming = stream_errors(STATUS)
@@ -294,9 +297,19 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         total = path.stat().st_size
         if not 0 <= request.offset <= total:
             raise InvalidArgument(f"offset {request.offset} is outside the blob (0..{total})")
+        # A whole-blob read is verified as it streams: corruption on this disk is reported
+        # here, with what to do, rather than only as a mismatch on the engine.
+        digest = hashlib.sha256() if request.offset == 0 else None
         with path.open("rb") as f:
             f.seek(request.offset)
             offset = request.offset
             while data := f.read(BLOB_CHUNK):
+                if digest is not None:
+                    digest.update(data)
+                    if offset + len(data) == total and digest.hexdigest() != request.sha256:
+                        raise BlobCorrupt(
+                            f"blob {request.sha256} is corrupt on the control plane's disk: "
+                            "upload the model again"
+                        )
                 yield fleet_pb2.BlobChunk(offset=offset, data=data, total_size=total)
                 offset += len(data)

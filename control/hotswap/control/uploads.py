@@ -7,6 +7,7 @@ model version row is written only at the end, so a failed or interrupted upload 
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -49,6 +50,19 @@ class ModelUploads:
             raise self._too_big(header.size_bytes)
         # Fail fast on an unknown workspace, before receiving any bytes.
         self._store.list_models(header.workspace)
+        try:
+            return await self._receive(header, sha, chunks)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise LimitExceeded(
+                "the control plane's disk is full: free space under its --data-dir, then "
+                "upload again (nothing was stored)"
+            ) from None
+
+    async def _receive(
+        self, header: UploadHeader, sha: str, chunks: AsyncIterator[bytes]
+    ) -> ModelVersion:
         with self._blobs.writer() as writer:
             async for chunk in chunks:
                 writer.write(chunk)

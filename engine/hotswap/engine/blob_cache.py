@@ -68,6 +68,7 @@ class BlobCache:
             return path
 
     async def _download(self, sha256: str, path: Path) -> None:
+        log.info("fetching blob %s from the control plane", sha256)
         fd, name = tempfile.mkstemp(dir=self._tmp, suffix=".part")
         tmp = Path(name)
         digest = hashlib.sha256()

@@ -157,6 +157,11 @@ class EngineHost:
         log.info("swapped %s to version %d in %.1f us", key, loaded.spec.number, switch_us)
         return switch_us
 
+    def abort_all(self) -> None:
+        """Drops every prepared-but-uncommitted swap (their coordinator is gone)."""
+        self._preparing.clear()
+        self._prepared.clear()
+
     def abort(self, swap_id: str) -> None:
         self._preparing.discard(swap_id)
         self._prepared.pop(swap_id, None)

@@ -106,8 +106,10 @@ class ControlLink:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _session(self) -> None:
-        # A fresh outbox per stream: stale answers for a previous session mean nothing now.
+        # A fresh outbox per stream: stale answers for a previous session mean nothing now,
+        # and swaps prepared for a previous stream will never be committed.
         self._outbox = asyncio.Queue()
+        self._host.abort_all()
         call = self._stub.Connect(self._requests())
         beat = self._spawn(self._heartbeat_forever())
         try:
