@@ -44,6 +44,10 @@ $(MODELS): $(STAMP) examples/housing/make_models.py
 	$(PY) examples/housing/make_models.py --out examples/housing/models
 	touch $(MODELS)
 
+# Benchmarks write bench/results/<date>-<host>.{json,md}; QUICK=1 for the short run.
+bench: $(STAMP)
+	$(PY) bench/run.py $(if $(QUICK),--quick)
+
 demo: $(STAMP) $(MODELS)
 	$(VENV)/bin/hotswap demo --models examples/housing/models
 

@@ -61,10 +61,13 @@ async def test_swap_keeps_in_flight_requests_on_their_version_then_frees_it(
 
     assert host.lookup("ws", "p").spec.number == 2
     assert host.lookup("", "p").spec.number == 2  # workspace optional when unambiguous
-    assert in_flight.spec.number == 1
-    assert in_flight.infer(_batch()).num_rows == 1  # the old version still answers it
+    # (Plain locals: pytest's assertion rewriting would keep references to the pipeline.)
+    number, rows = in_flight.spec.number, in_flight.infer(_batch()).num_rows
+    assert (number, rows) == (1, 1)  # the old version still answers it
+    assert await host.reap() == 0, "freed while a request still held it"
     del in_flight
     gc.collect()
+    assert await host.reap() == 1
     assert old() is None, "the swapped-out version outlived its last request"
 
 
@@ -82,6 +85,11 @@ async def test_rollback_to_a_retained_version_is_a_pointer_flip(
     assert prepared.reused
     host.commit("s3")
     assert host.lookup("ws", "p") is first
+    # Only the one version just swapped out is kept per pipeline.
+    await host.prepare("s4", _ref(3, "gbr", shas["gbr"]))
+    host.commit("s4")
+    assert len(host.loaded_versions()) == 2  # v3 active, v1 retained
+    assert not (await host.prepare("s5", _ref(2, "gbr", shas["gbr"]))).reused
 
 
 async def test_abort_and_failures_leave_the_active_version(tmp_path: Path, assets: Path) -> None:

@@ -80,6 +80,8 @@ class DeployResult:
         commit_ms: The server's commit phase.
         total_ms: The whole Deploy call inside the control plane.
         engines: Per-engine timings.
+        request_id: The ``x-request-id`` the deploy was sent with: the services' log lines
+            about this swap carry it.
     """
 
     version: int
@@ -90,9 +92,12 @@ class DeployResult:
     commit_ms: float
     total_ms: float
     engines: tuple[EngineTiming, ...]
+    request_id: str = ""
 
     @classmethod
-    def from_proto(cls, resp: control_pb2.DeployResponse, wall_ms: float) -> DeployResult:
+    def from_proto(
+        cls, resp: control_pb2.DeployResponse, wall_ms: float, request_id: str = ""
+    ) -> DeployResult:
         return cls(
             version=resp.version.number,
             version_id=resp.version.version_id,
@@ -115,17 +120,26 @@ class DeployResult:
                 )
                 for e in resp.engines
             ),
+            request_id=request_id,
         )
 
 
 def status_dict(status: control_pb2.PipelineStatus) -> dict[str, Any]:
     """Shapes a ``PipelineStatus`` like the tutorial's ``pipeline.status()``."""
     pipeline = status.pipeline
-    return {
+    shaped: dict[str, Any] = {
         "status": status.status,
         "details": [status.details] if status.details else [],
         "engines": [_engine_dict(pipeline, e) for e in status.engines],
     }
+    if status.HasField("swap_in_progress"):
+        swap = status.swap_in_progress
+        shaped["swap_in_progress"] = {
+            "swap_id": swap.swap_id,
+            "target_version": swap.target_version,
+            "engines": {e.engine: e.stage for e in swap.engines},
+        }
+    return shaped
 
 
 def _engine_dict(pipeline: str, engine: control_pb2.EngineStatus) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -17,10 +19,12 @@ from hotswap.clients._convert import (
 )
 from hotswap.clients._deploy import DeploymentConfig, DeployResult, status_dict
 from hotswap.clients._errors import EntityNotFoundError, HotswapError, InvalidInputError
+from hotswap.clients._history import SwapList, export, fetch_logs, list_swaps, logs_result, select
 from hotswap.clients._infer import DEFAULT_BATCH_ROWS, Router, Served, served_attrs
 from hotswap.clients._model import Model
 from hotswap.clients._pipeline_version import PipelineVersion, PipelineVersionList
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
+from hotswap.clients._rpc import new_request_id
 from hotswap.clients._session import Session
 from hotswap.v1 import control_pb2
 
@@ -200,12 +204,13 @@ class Pipeline:
         )
         if expected_current_version is not None:
             request.expected_current_version = expected_current_version
+        request_id = new_request_id()
         try:
-            resp = self._session.control.deploy(request)
+            resp = self._session.control.deploy(request, request_id=request_id)
         finally:
             self._router.invalidate()
         wall_ms = (time.perf_counter() - start) * 1000
-        self._last_deploy = DeployResult.from_proto(resp, wall_ms)
+        self._last_deploy = DeployResult.from_proto(resp, wall_ms, request_id)
         deployed = PipelineVersion(self._session, resp.version)
         if deployed.step_keys() != tuple((m.name(), m.version()) for m in self._steps):
             self._steps = deployed.steps()  # else keep the staged Models and their configure()
@@ -317,6 +322,53 @@ class Pipeline:
         df = table_to_pandas(table)
         df.attrs.update(served_attrs(self._router.last_served))
         return df
+
+    # --- observability ------------------------------------------------------------------------
+
+    def logs(
+        self,
+        limit: int = 100,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        arrow: bool = False,
+        dataset: Sequence[str] | None = None,
+    ) -> pd.DataFrame | pa.Table:
+        """The pipeline's inference logs from every engine, newest row first.
+
+        Args:
+            limit: Most rows to return (after merging the engines' logs).
+            start: With ``end``: only rows inferred at or after this time.
+            end: With ``start``: only rows inferred before this time.
+            arrow: Return a ``pyarrow.Table`` instead of a pandas DataFrame.
+            dataset: Extra column groups: ``["metadata"]`` adds ``metadata.last_model``,
+                ``metadata.pipeline_version`` and ``metadata.elapsed`` (ns); ``["*"]`` keeps
+                every column (also ``metadata.models``, ``metadata.engine``, ...).
+
+        Raises:
+            ValueError: Only one of ``start`` and ``end``, or ``end`` not after ``start``.
+        """
+        table, _ = fetch_logs(self._session, self.workspace(), self.name(), limit, start, end)
+        return logs_result(select(table, dataset), arrow)
+
+    def export_logs(
+        self,
+        directory: str | Path,
+        limit: int = 100_000,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[Path]:
+        """Writes the logs (every column) as Arrow IPC files, one per pipeline version.
+
+        Returns:
+            The files written.
+        """
+        table, _ = fetch_logs(self._session, self.workspace(), self.name(), limit, start, end)
+        return export(table, directory, self.name())
+
+    def swaps(self, limit: int = 100) -> SwapList:
+        """The swap timeline, newest first: every deploy, rollback and undeploy with its
+        outcome, reason, who asked, and per-engine stages and timings (``.to_pandas()``)."""
+        return list_swaps(self._session, self.workspace(), self.name(), limit)
 
     # --- rendering ----------------------------------------------------------------------------
 

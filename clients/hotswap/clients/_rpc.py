@@ -7,6 +7,7 @@ needs are bound here by their full names, with the error mapping in one place.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -51,9 +52,17 @@ class Unary(Generic[_Req, _Resp]):
         self._target = target
         self._timeout = timeout
 
-    def __call__(self, request: _Req, *, timeout: float | None = None) -> _Resp:
+    def __call__(
+        self, request: _Req, *, timeout: float | None = None, request_id: str | None = None
+    ) -> _Resp:
+        """Calls the method; ``request_id`` (default: a new one) goes out as ``x-request-id``
+        so the services' logs of this call can be found."""
         try:
-            return self._call(request, timeout=self._timeout if timeout is None else timeout)
+            return self._call(
+                request,
+                timeout=self._timeout if timeout is None else timeout,
+                metadata=((REQUEST_ID_HEADER, request_id or new_request_id()),),
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err, target=self._target) from None
 
@@ -73,9 +82,19 @@ class StreamUnary(Generic[_Req, _Resp]):
 
     def __call__(self, requests: Iterator[_Req], *, timeout: float | None = None) -> _Resp:
         try:
-            return self._call(requests, timeout=timeout)
+            return self._call(
+                requests, timeout=timeout, metadata=((REQUEST_ID_HEADER, new_request_id()),)
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err, target=self._target) from None
+
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits)."""
+    return uuid.uuid4().hex
 
 
 def _serialize(message: Message) -> bytes:
@@ -141,6 +160,12 @@ class ControlStub:
         )
         self.list_engines: Unary[cp.ListEnginesRequest, cp.ListEnginesResponse] = unary(
             "ListEngines", cp.ListEnginesResponse
+        )
+        self.get_pipeline_logs: Unary[types_pb2.GetLogsRequest, types_pb2.LogsResponse] = unary(
+            "GetPipelineLogs", types_pb2.LogsResponse
+        )
+        self.list_swaps: Unary[cp.ListSwapsRequest, cp.ListSwapsResponse] = unary(
+            "ListSwaps", cp.ListSwapsResponse
         )
 
 

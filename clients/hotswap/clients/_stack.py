@@ -68,6 +68,10 @@ class LocalStack:
     def address_of(self, name: str) -> str:
         return self._addresses[name]
 
+    def metrics_address(self, name: str) -> str:
+        """host:port of the Prometheus endpoint of `name` ("control" or an engine)."""
+        return (self.data_dir / f"{name}.address.metrics").read_text().strip()
+
     # -- processes ------------------------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str]) -> None:
@@ -119,6 +123,8 @@ class LocalStack:
                 f"{self._host}:{port}",
                 "--data-dir",
                 str(self.data_dir / "control"),
+                "--metrics-port",
+                "0",
                 *self._control_args,
             ],
         )
@@ -142,6 +148,8 @@ class LocalStack:
                 str(self.data_dir / "engines" / name),
                 "--threads",
                 str(self._threads),
+                "--metrics-port",
+                "0",
                 *self._engine_args,
             ],
         )

@@ -13,12 +13,14 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hotswap.clients import _cli_commands as commands
+from hotswap.clients import _cli_observe
 
 # Subcommands that hand their arguments to another program's main(argv) untouched.
 _PASSTHROUGH = {
     "up": "run a control plane and N engines on this machine (hotswap up --help)",
     "control": "run the control plane (hotswap control --help)",
     "engine": "run an engine (hotswap engine --help)",
+    "loadtest": "drive load at a pipeline, optionally while swapping (hotswap loadtest --help)",
 }
 
 
@@ -27,6 +29,10 @@ def _run_passthrough(name: str, argv: list[str]) -> int:
         from hotswap.clients._stack import main_up
 
         return main_up(argv)
+    if name == "loadtest":
+        from hotswap.clients.loadtest import main as loadtest_main
+
+        return loadtest_main(argv)
     if name == "control":
         from hotswap.control.__main__ import main as control_main
 
@@ -141,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="result format (default: from --output's suffix, else table)",
     )
     p.add_argument("--timeout", type=float, help="seconds per request (default 15)")
+
+    _cli_observe.add_parsers(sub, common)
 
     p = add(sub, "demo", "run the hot-swap tutorial end to end", commands.demo)
     p.add_argument(

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from hotswap import _logs
 from hotswap.control.server import ControlPlaneServer
 from hotswap.control.settings import Settings
 
@@ -27,10 +28,7 @@ async def _run(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(sys.argv[1:] if argv is None else argv, os.environ)
-    logging.basicConfig(
-        level=os.environ.get("HOTSWAP_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s control %(name)s: %(message)s",
-    )
+    _logs.configure("control", settings.log_format, os.environ.get("HOTSWAP_LOG_LEVEL", "INFO"))
     asyncio.run(_run(settings))
     return 0
 

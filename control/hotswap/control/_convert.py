@@ -10,6 +10,7 @@ from hotswap.control.domain import (
     TensorSpec,
     Workspace,
 )
+from hotswap.control.timeline import EngineStage, Swap
 from hotswap.v1 import control_pb2, types_pb2
 
 
@@ -62,3 +63,48 @@ def pipeline(p: Pipeline) -> control_pb2.Pipeline:
 
 def deployment_version(deployment: Deployment | None) -> types_pb2.PipelineVersion | None:
     return None if deployment is None else pipeline_version(deployment.version)
+
+
+def engine_stage(stage: EngineStage) -> control_pb2.EngineSwapTiming:
+    return control_pb2.EngineSwapTiming(
+        engine=stage.engine,
+        address=stage.address,
+        prepare_ms=stage.prepare_ms,
+        fetch_ms=stage.fetch_ms,
+        load_ms=stage.load_ms,
+        warmup_ms=stage.warmup_ms,
+        commit_ms=stage.commit_ms,
+        switch_us=stage.switch_us,
+        reused=stage.reused,
+        stage=stage.stage,
+        error=stage.error,
+    )
+
+
+def swap_in_progress(swap: Swap) -> control_pb2.SwapInProgress:
+    return control_pb2.SwapInProgress(
+        swap_id=swap.swap_id,
+        target_version=swap.version_after,
+        started_ms=swap.started_ms,
+        engines=[engine_stage(e) for e in list(swap.engines.values())],
+    )
+
+
+def swap_record(swap: Swap) -> control_pb2.SwapRecord:
+    return control_pb2.SwapRecord(
+        swap_id=swap.swap_id,
+        workspace=swap.workspace,
+        pipeline=swap.pipeline,
+        kind=swap.kind,
+        version_before=swap.version_before,
+        version_after=swap.version_after,
+        started_ms=swap.started_ms,
+        ended_ms=swap.ended_ms,
+        outcome=swap.outcome,
+        reason=swap.reason,
+        requested_by=swap.requested_by,
+        request_id=swap.request_id,
+        engines=[engine_stage(e) for e in swap.engines.values()],
+        prepare_ms=swap.prepare_ms,
+        commit_ms=swap.commit_ms,
+    )

@@ -18,7 +18,9 @@ from hotswap.control import _convert
 from hotswap.control.domain import Deployment, PipelineVersion, pipeline_key
 from hotswap.control.errors import DeployConflict, DeployFailed, NoEngines
 from hotswap.control.fleet import EngineGone, EngineSession, Fleet
+from hotswap.control.metrics import ControlMetrics
 from hotswap.control.store import Store
+from hotswap.control.timeline import EngineStage, Swap, SwapTimeline, swap_kind
 from hotswap.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class PipelineStatus:
     details: str
     deployment: Deployment | None
     engines: tuple[EngineView, ...]
+    swap: Swap | None = None  # the swap running now, if any
 
 
 def _ms_since(start: float) -> float:
@@ -88,9 +91,15 @@ class Deployer:
         *,
         prepare_timeout: float,
         commit_timeout: float,
+        timeline: SwapTimeline | None = None,
+        metrics: ControlMetrics | None = None,
     ) -> None:
         self._store = store
         self._fleet = fleet
+        self._timeline = timeline
+        self._metrics = metrics or ControlMetrics()
+        # The swap running per pipeline key, for GetPipelineStatus.
+        self.running: dict[str, Swap] = {}
         self._prepare_timeout = prepare_timeout
         self._commit_timeout = commit_timeout
         # Deploys of one pipeline run one at a time; different pipelines swap concurrently.
@@ -161,53 +170,105 @@ class Deployer:
         number: int,
         replicas: int,
         expected_current: int | None,
+        *,
+        requested_by: str = "",
+        request_id: str = "",
     ) -> DeployResult:
         started = time.perf_counter()
         async with self._locks[pipeline_key(workspace, pipeline)]:
             version = self._store.pipeline_version(workspace, pipeline, number)
             current = self._store.get_pipeline(workspace, pipeline).deployment
             current_number = current.version.number if current else 0
-            if expected_current is not None and expected_current != current_number:
-                raise DeployConflict(
-                    f"pipeline {pipeline!r} is at version {current_number}, not "
-                    f"{expected_current}: someone else deployed first; reload and retry"
-                )
-            replicas = replicas or (current.replicas if current else 1)
-            engines = self._choose_engines(current, replicas)
-            swap_id = str(uuid.uuid4())
-            log.info(
-                "deploy %s v%d (swap %s) on %s",
-                version.key,
+            swap = Swap(
+                str(uuid.uuid4()),
+                workspace,
+                pipeline,
+                swap_kind(current_number, version.number),
+                current_number,
                 version.number,
-                swap_id,
-                ", ".join(e.name for e in engines),
+                requested_by,
+                request_id,
             )
+            try:
+                result = await self._swap(swap, version, current, replicas, expected_current)
+            except (DeployConflict, NoEngines) as exc:
+                self._finish(swap, started, "rejected", str(exc))
+                raise
+            except DeployFailed as exc:
+                self._finish(swap, started, "aborted", str(exc))
+                raise
+            except BaseException as exc:
+                self._finish(swap, started, "aborted", f"unexpected {type(exc).__name__}: {exc}")
+                raise
+            self._finish(swap, started, "ok")
+        return result
 
-            prepare_start = time.perf_counter()
-            prepared = await self._prepare_all(engines, swap_id, version, current)
-            prepare_ms = _ms_since(prepare_start)
+    def _finish(self, swap: Swap, started: float, outcome: str, reason: str = "") -> None:
+        swap.finish(outcome, reason)
+        self.running.pop(pipeline_key(swap.workspace, swap.pipeline), None)
+        if self._timeline is not None:
+            self._timeline.write(swap)
+        seconds = time.perf_counter() - started
+        self._metrics.deploys.labels(swap.kind, outcome).inc()
+        self._metrics.deploy_seconds.labels(outcome).observe(seconds)
 
-            # Commit point: from here the new version is what every engine must serve.
-            self._store.set_deployment(version, replicas, [e.name for e in engines])
-            commit_start = time.perf_counter()
-            committed = await self._commit_all(engines, swap_id)
-            commit_ms = _ms_since(commit_start)
-            dropped = set(current.engines if current else ()) - {e.name for e in engines}
-            self._bump(dropped | {e.name for e in engines})
+    async def _swap(
+        self,
+        swap: Swap,
+        version: PipelineVersion,
+        current: Deployment | None,
+        replicas: int,
+        expected_current: int | None,
+    ) -> DeployResult:
+        started = time.perf_counter()
+        current_number = current.version.number if current else 0
+        if expected_current is not None and expected_current != current_number:
+            raise DeployConflict(
+                f"pipeline {version.pipeline!r} is at version {current_number}, not "
+                f"{expected_current}: someone else deployed first; reload and retry"
+            )
+        replicas = replicas or (current.replicas if current else 1)
+        engines = self._choose_engines(current, replicas)
+        swap_id = swap.swap_id
+        swap.engines = {e.name: EngineStage(e.name, e.address) for e in engines}
+        self.running[version.key] = swap
+        if self._timeline is not None:
+            self._timeline.write(swap)
+        log.info(
+            "deploy %s v%d (swap %s) on %s",
+            version.key,
+            version.number,
+            swap_id,
+            ", ".join(e.name for e in engines),
+        )
+
+        prepare_start = time.perf_counter()
+        await self._prepare_all(engines, swap, version, current)
+        swap.prepare_ms = prepare_ms = _ms_since(prepare_start)
+        self._metrics.swap_phase_seconds.labels("prepare").observe(prepare_ms / 1000)
+
+        # Commit point: from here the new version is what every engine must serve.
+        self._store.set_deployment(version, replicas, [e.name for e in engines])
+        commit_start = time.perf_counter()
+        await self._commit_all(engines, swap)
+        swap.commit_ms = commit_ms = _ms_since(commit_start)
+        self._metrics.swap_phase_seconds.labels("commit").observe(commit_ms / 1000)
+        dropped = set(current.engines if current else ()) - {e.name for e in engines}
+        self._bump(dropped | {e.name for e in engines})
 
         timings = tuple(
             EngineTiming(
-                engine=e.name,
-                address=e.address,
-                prepare_ms=prepared[e.name][0],
-                fetch_ms=prepared[e.name][1].fetch_ms,
-                load_ms=prepared[e.name][1].load_ms,
-                warmup_ms=prepared[e.name][1].warmup_ms,
-                commit_ms=committed[e.name][0],
-                switch_us=committed[e.name][1],
-                reused=prepared[e.name][1].reused,
+                engine=st.engine,
+                address=st.address,
+                prepare_ms=st.prepare_ms,
+                fetch_ms=st.fetch_ms,
+                load_ms=st.load_ms,
+                warmup_ms=st.warmup_ms,
+                commit_ms=st.commit_ms,
+                switch_us=st.switch_us,
+                reused=st.reused,
             )
-            for e in engines
+            for st in swap.engines.values()
         )
         return DeployResult(
             version,
@@ -219,11 +280,35 @@ class Deployer:
         )
 
     async def _prepare_one(
-        self, engine: EngineSession, swap_id: str, version: PipelineVersion
+        self, engine: EngineSession, swap: Swap, version: PipelineVersion
+    ) -> None:
+        stage = swap.engines[engine.name]
+        try:
+            stage.prepare_ms, answer = await self._ask_prepare(engine, swap, version)
+        except DeployFailed as exc:
+            stage.stage, stage.error = "failed", str(exc)
+            raise
+        stage.stage = "prepared"
+        stage.fetch_ms, stage.load_ms = answer.fetch_ms, answer.load_ms
+        stage.warmup_ms, stage.reused = answer.warmup_ms, answer.reused
+        observe = self._metrics.engine_stage_seconds.labels
+        observe("prepare").observe(stage.prepare_ms / 1000)
+        if not answer.reused:
+            observe("fetch").observe(answer.fetch_ms / 1000)
+            observe("build").observe(answer.load_ms / 1000)
+            observe("warmup").observe(answer.warmup_ms / 1000)
+
+    async def _ask_prepare(
+        self, engine: EngineSession, swap: Swap, version: PipelineVersion
     ) -> tuple[float, fleet_pb2.PrepareResult]:
         start = time.perf_counter()
+        swap_id = swap.swap_id
         message = fleet_pb2.ControlMessage(
-            prepare=fleet_pb2.Prepare(swap_id=swap_id, version=_convert.pipeline_version(version))
+            prepare=fleet_pb2.Prepare(
+                swap_id=swap_id,
+                version=_convert.pipeline_version(version),
+                request_id=swap.request_id,
+            )
         )
         try:
             answer = await self._fleet.ask(
@@ -243,20 +328,22 @@ class Deployer:
     async def _prepare_all(
         self,
         engines: list[EngineSession],
-        swap_id: str,
+        swap: Swap,
         version: PipelineVersion,
         current: Deployment | None,
-    ) -> dict[str, tuple[float, fleet_pb2.PrepareResult]]:
-        tasks = [asyncio.ensure_future(self._prepare_one(e, swap_id, version)) for e in engines]
+    ) -> None:
+        tasks = [asyncio.ensure_future(self._prepare_one(e, swap, version)) for e in engines]
         # Wait for the first failure, not for every engine: a stalled one must not delay abort.
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failure = next((t.exception() for t in done if t.exception() is not None), None)
         if failure is None:
-            return {e.name: t.result() for e, t in zip(engines, tasks, strict=True)}
+            return
         for task in pending:
             task.cancel()
         abort = fleet_pb2.ControlMessage(
-            abort=fleet_pb2.Abort(swap_id=swap_id, reason=str(failure))
+            abort=fleet_pb2.Abort(
+                swap_id=swap.swap_id, reason=str(failure), request_id=swap.request_id
+            )
         )
         for engine in engines:
             if engine.connected:
@@ -267,9 +354,14 @@ class Deployer:
             f"deploy of {version.pipeline!r} version {version.number} aborted: {failure}; {kept}"
         )
 
-    async def _commit_one(self, engine: EngineSession, swap_id: str) -> tuple[float, float]:
+    async def _commit_one(self, engine: EngineSession, swap: Swap) -> None:
         start = time.perf_counter()
-        message = fleet_pb2.ControlMessage(commit=fleet_pb2.Commit(swap_id=swap_id))
+        stage = swap.engines[engine.name]
+        stage.stage = "committing"
+        swap_id = swap.swap_id
+        message = fleet_pb2.ControlMessage(
+            commit=fleet_pb2.Commit(swap_id=swap_id, request_id=swap.request_id)
+        )
         try:
             answer = await self._fleet.ask(
                 engine, message, ("commit", swap_id), self._commit_timeout
@@ -278,31 +370,72 @@ class Deployer:
             # Past the commit point the engine converges from its desired state on reconnect;
             # until then GetPipelineEndpoints leaves it out, so reads still see the new version.
             log.warning("engine %s did not confirm commit %s: %s", engine.name, swap_id, exc)
-            return -1.0, -1.0
-        return _ms_since(start), answer.committed.switch_us
+            stage.stage, stage.error = "failed", f"no commit confirmation: {exc or 'timeout'}"
+            stage.commit_ms = stage.switch_us = -1.0
+            return
+        stage.commit_ms, stage.switch_us = _ms_since(start), answer.committed.switch_us
+        if answer.committed.ok:
+            stage.stage = "committed"
+        else:
+            stage.stage, stage.error = "failed", answer.committed.error
+        self._metrics.engine_stage_seconds.labels("commit").observe(stage.commit_ms / 1000)
 
-    async def _commit_all(
-        self, engines: list[EngineSession], swap_id: str
-    ) -> dict[str, tuple[float, float]]:
-        results = await asyncio.gather(*(self._commit_one(e, swap_id) for e in engines))
-        return {e.name: r for e, r in zip(engines, results, strict=True)}
+    async def _commit_all(self, engines: list[EngineSession], swap: Swap) -> None:
+        await asyncio.gather(*(self._commit_one(e, swap) for e in engines))
 
     # -- undeploy -------------------------------------------------------------------------
 
-    async def undeploy(self, workspace: str, pipeline: str, timeout: float = 10.0) -> None:
+    async def undeploy(
+        self,
+        workspace: str,
+        pipeline: str,
+        timeout: float = 10.0,
+        *,
+        requested_by: str = "",
+        request_id: str = "",
+    ) -> None:
+        started = time.perf_counter()
         async with self._locks[pipeline_key(workspace, pipeline)]:
-            previous = self._store.delete_deployment(workspace, pipeline)
-            if previous is None:
-                raise DeployFailed(f"pipeline {pipeline!r} is not deployed")
-            key = previous.version.key
-            waits = []
-            for name in previous.engines:
-                session = self._fleet.sessions.get(name)
-                if session is not None and session.connected:
-                    waits.append(self._wait_released(session, key))
-            self._bump(set(previous.engines))
-            # Best effort: an engine that is away releases on reconnect (level-triggered).
-            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+            current = self._store.get_pipeline(workspace, pipeline).deployment
+            before = current.version.number if current else 0
+            swap = Swap(
+                str(uuid.uuid4()),
+                workspace,
+                pipeline,
+                "undeploy",
+                before,
+                0,
+                requested_by,
+                request_id,
+            )
+            try:
+                await self._undeploy(swap, timeout)
+            except DeployFailed as exc:
+                self._finish(swap, started, "rejected", str(exc))
+                raise
+            except TimeoutError:
+                self._finish(swap, started, "ok", "some engines did not confirm the release")
+                raise
+            self._finish(swap, started, "ok")
+
+    async def _undeploy(self, swap: Swap, timeout: float) -> None:
+        workspace, pipeline = swap.workspace, swap.pipeline
+        previous = self._store.delete_deployment(workspace, pipeline)
+        if previous is None:
+            raise DeployFailed(f"pipeline {pipeline!r} is not deployed")
+        for name in previous.engines:
+            session = self._fleet.sessions.get(name)
+            stage = EngineStage(name, session.address if session else "", "committed")
+            swap.engines[name] = stage
+        key = previous.version.key
+        waits = []
+        for name in previous.engines:
+            session = self._fleet.sessions.get(name)
+            if session is not None and session.connected:
+                waits.append(self._wait_released(session, key))
+        self._bump(set(previous.engines))
+        # Best effort: an engine that is away releases on reconnect (level-triggered).
+        await asyncio.wait_for(asyncio.gather(*waits), timeout)
 
     @staticmethod
     async def _wait_released(session: EngineSession, key: str) -> None:
@@ -337,8 +470,9 @@ class Deployer:
     def status(self, workspace: str, pipeline: str) -> PipelineStatus:
         deployment = self._store.get_pipeline(workspace, pipeline).deployment
         if deployment is None:
+            running = self.running.get(pipeline_key(workspace, pipeline))
             return PipelineStatus(
-                workspace, pipeline, "Undeployed", "pipeline is not deployed", None, ()
+                workspace, pipeline, "Undeployed", "pipeline is not deployed", None, (), running
             )
         engines = tuple(self._engine_view(n, deployment) for n in deployment.engines)
         states = [e.status for e in engines]
@@ -356,7 +490,8 @@ class Deployer:
                 f"{len(engines)} of {deployment.replicas} replicas: only {len(engines)} "
                 "engine(s) were connected; start more engines to add replicas"
             )
-        return PipelineStatus(workspace, pipeline, status, details, deployment, engines)
+        running = self.running.get(pipeline_key(workspace, pipeline))
+        return PipelineStatus(workspace, pipeline, status, details, deployment, engines, running)
 
     def endpoints(self, workspace: str, pipeline: str) -> tuple[int, list[str]]:
         """The deployed version and the engines serving exactly it now."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hotswap.control.metrics import ControlMetrics
 from hotswap.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,12 @@ class Fleet:
         self,
         desired_state: Callable[[str], fleet_pb2.DesiredState],
         lost_after: float,
+        metrics: ControlMetrics | None = None,
     ) -> None:
         self._desired_state = desired_state
         self.lost_after = lost_after
+        self._metrics = metrics or ControlMetrics()
+        self._metrics.watch_engines(lambda: len(self.live()))
         self.sessions: dict[str, EngineSession] = {}
         # Called with an engine's name right after it (re)connects, before its desired state
         # is sent: lets the deployer give a fresh engine a deployment that lacks replicas.
@@ -65,6 +69,9 @@ class Fleet:
 
     def connect(self, hello: fleet_pb2.Hello) -> EngineSession:
         old = self.sessions.get(hello.name)
+        self._metrics.engine_connects.inc()
+        if old is not None:
+            self._metrics.engine_reconnects.inc()
         if old is not None and old.connected:
             log.warning("engine %s reconnected; closing its previous stream", hello.name)
             self._close(old, "replaced by a new connection from the same engine")

@@ -9,12 +9,17 @@ import logging
 import grpc
 
 from hotswap._edge import server_options
+from hotswap._logs import RequestIdInterceptor
+from hotswap._metrics_http import MetricsEndpoint
 from hotswap.control.blobs import BlobStore
 from hotswap.control.deployer import Deployer
+from hotswap.control.engine_logs import LogGatherer
 from hotswap.control.fleet import Fleet
+from hotswap.control.metrics import ControlMetrics
 from hotswap.control.servicers import ControlPlaneServicer, FleetServicer
 from hotswap.control.settings import Settings
 from hotswap.control.store import Store
+from hotswap.control.timeline import SwapTimeline
 from hotswap.control.uploads import ModelUploads
 from hotswap.v1 import control_pb2_grpc, fleet_pb2_grpc
 
@@ -29,17 +34,35 @@ class ControlPlaneServer:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.data_dir / "hotswap.db")
         self.blobs = BlobStore(settings.data_dir / "blobs")
-        self.fleet = Fleet(lambda name: self.deployer.desired_state(name), settings.lost_after)
+        self.metrics = ControlMetrics()
+        self.timeline = SwapTimeline(settings.data_dir / "hotswap.db")
+        self.fleet = Fleet(
+            lambda name: self.deployer.desired_state(name), settings.lost_after, self.metrics
+        )
         self.deployer = Deployer(
             self.store,
             self.fleet,
             prepare_timeout=settings.prepare_timeout,
             commit_timeout=settings.commit_timeout,
+            timeline=self.timeline,
+            metrics=self.metrics,
         )
+        self.logs = LogGatherer(self.fleet)
+        self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         uploads = ModelUploads(self.store, self.blobs, settings.max_model_bytes)
-        self._server = grpc.aio.server(options=server_options())
+        self._server = grpc.aio.server(
+            options=server_options(), interceptors=[RequestIdInterceptor()]
+        )
         control_pb2_grpc.add_ControlPlaneServicer_to_server(
-            ControlPlaneServicer(self.store, uploads, self.deployer, self.fleet), self._server
+            ControlPlaneServicer(
+                self.store,
+                uploads,
+                self.deployer,
+                self.fleet,
+                timeline=self.timeline,
+                logs=self.logs,
+            ),
+            self._server,
         )
         fleet_pb2_grpc.add_FleetServicer_to_server(
             FleetServicer(self.fleet, self.blobs), self._server
@@ -58,6 +81,10 @@ class ControlPlaneServer:
             self.fleet.heartbeat_forever(self.settings.heartbeat_interval)
         )
         log.info("control plane serving on %s (data in %s)", self.address, self.settings.data_dir)
+        if self.settings.metrics_port >= 0:
+            self.metrics_endpoint.start(
+                host, self.settings.metrics_port, self.settings.address_file
+            )
         if self.settings.address_file is not None:
             tmp = self.settings.address_file.with_suffix(".tmp")
             tmp.write_text(self.address)
@@ -73,4 +100,7 @@ class ControlPlaneServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
         await self._server.stop(grace)
+        self.metrics_endpoint.stop()
+        await self.logs.close()
+        self.timeline.close()
         self.store.close()

@@ -11,10 +11,12 @@ from typing import Any
 
 import grpc
 
+from hotswap import _logs
 from hotswap._edge import StatusTable, stream_errors, unary_errors
 from hotswap.control import _convert
 from hotswap.control.blobs import BlobStore
 from hotswap.control.deployer import Deployer
+from hotswap.control.engine_logs import LogGatherer
 from hotswap.control.errors import (
     AlreadyExists,
     BlobCorrupt,
@@ -27,8 +29,9 @@ from hotswap.control.errors import (
 )
 from hotswap.control.fleet import Fleet
 from hotswap.control.store import Store
+from hotswap.control.timeline import SwapTimeline
 from hotswap.control.uploads import ModelUploads, UploadHeader
-from hotswap.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
+from hotswap.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +54,21 @@ BLOB_CHUNK = 1024 * 1024
 
 class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     def __init__(
-        self, store: Store, uploads: ModelUploads, deployer: Deployer, fleet: Fleet
+        self,
+        store: Store,
+        uploads: ModelUploads,
+        deployer: Deployer,
+        fleet: Fleet,
+        *,
+        timeline: SwapTimeline,
+        logs: LogGatherer,
     ) -> None:
         self._store = store
         self._uploads = uploads
         self._deployer = deployer
         self._fleet = fleet
+        self._timeline = timeline
+        self._logs = logs
 
     @unary
     async def CreateWorkspace(
@@ -164,7 +176,13 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
             else None
         )
         result = await self._deployer.deploy(
-            request.workspace, request.pipeline, request.version, request.replicas, expected
+            request.workspace,
+            request.pipeline,
+            request.version,
+            request.replicas,
+            expected,
+            requested_by=request.requested_by or context.peer(),
+            request_id=_logs.request_id.get(),
         )
         response = control_pb2.DeployResponse(
             version=_convert.pipeline_version(result.version),
@@ -194,7 +212,12 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     async def Undeploy(
         self, request: control_pb2.UndeployRequest, context: Context
     ) -> control_pb2.UndeployResponse:
-        await self._deployer.undeploy(request.workspace, request.pipeline)
+        await self._deployer.undeploy(
+            request.workspace,
+            request.pipeline,
+            requested_by=context.peer(),
+            request_id=_logs.request_id.get(),
+        )
         return control_pb2.UndeployResponse()
 
     @unary
@@ -228,6 +251,8 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         )
         if status.deployment is not None:
             message.deployed.CopyFrom(_convert.pipeline_version(status.deployment.version))
+        if status.swap is not None:
+            message.swap_in_progress.CopyFrom(_convert.swap_in_progress(status.swap))
         return message
 
     @unary
@@ -254,6 +279,23 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
                 for s in sorted(fleet.sessions.values(), key=lambda s: s.name)
             ]
         )
+
+    @unary
+    async def GetPipelineLogs(
+        self, request: types_pb2.GetLogsRequest, context: Context
+    ) -> types_pb2.LogsResponse:
+        self._store.get_pipeline(request.workspace, request.pipeline)  # NOT_FOUND when unknown
+        if request.limit < 0:
+            raise InvalidArgument("limit must be 0 (default 100) or more")
+        return await self._logs.gather(request)
+
+    @unary
+    async def ListSwaps(
+        self, request: control_pb2.ListSwapsRequest, context: Context
+    ) -> control_pb2.ListSwapsResponse:
+        self._store.get_pipeline(request.workspace, request.pipeline)  # NOT_FOUND when unknown
+        swaps = self._timeline.list(request.workspace, request.pipeline, request.limit)
+        return control_pb2.ListSwapsResponse(swaps=[_convert.swap_record(s) for s in swaps])
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):

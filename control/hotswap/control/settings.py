@@ -21,6 +21,9 @@ class Settings:
     lost_after: float = 5.0
     # When set, the bound address ("host:port") is written here once serving (for port 0).
     address_file: Path | None = None
+    # Prometheus endpoint port on the --listen host: 0 picks one, -1 turns it off.
+    metrics_port: int = -1
+    log_format: str = "text"  # text | json
 
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -68,6 +71,19 @@ class Settings:
             default=float(env("HOTSWAP_LOST_AFTER", str(_DEFAULTS.lost_after))),
             help="seconds without a heartbeat before an engine counts as lost",
         )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=int(env("HOTSWAP_METRICS_PORT", str(_DEFAULTS.metrics_port))),
+            help="serve Prometheus metrics on this port (0 = any free port, -1 = off; "
+            "default %(default)s)",
+        )
+        parser.add_argument(
+            "--log-format",
+            choices=("text", "json"),
+            default=env("HOTSWAP_LOG_FORMAT", _DEFAULTS.log_format),
+            help="service log lines: readable text or one JSON object per line (%(default)s)",
+        )
         parser.add_argument("--address-file", type=Path, default=None, help=argparse.SUPPRESS)
         args = parser.parse_args(list(argv))
         return cls(
@@ -79,6 +95,8 @@ class Settings:
             heartbeat_interval=args.heartbeat_interval,
             lost_after=args.lost_after,
             address_file=args.address_file,
+            metrics_port=args.metrics_port,
+            log_format=args.log_format,
         )
 
 

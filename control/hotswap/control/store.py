@@ -80,6 +80,28 @@ MIGRATIONS: tuple[str, ...] = (
         updated_ms INTEGER NOT NULL
     );
     """,
+    # 2: the swap timeline (hotswap.control.timeline). Names rather than ids, so a record
+    # reads on its own.
+    """
+    CREATE TABLE swaps (
+        id TEXT PRIMARY KEY,
+        workspace TEXT NOT NULL,
+        pipeline TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        version_before INTEGER NOT NULL,
+        version_after INTEGER NOT NULL,
+        started_ms INTEGER NOT NULL,
+        ended_ms INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        engines_json TEXT NOT NULL,
+        prepare_ms REAL NOT NULL,
+        commit_ms REAL NOT NULL
+    );
+    CREATE INDEX swaps_by_pipeline ON swaps (workspace, pipeline, started_ms);
+    """,
 )
 
 

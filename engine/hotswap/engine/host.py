@@ -9,8 +9,14 @@ lock is held across inference — and the old object is freed when its last requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
+import os
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from hotswap.engine.blob_cache import BlobCache
@@ -18,6 +24,28 @@ from hotswap.engine.errors import PipelineLoading, PipelineNotServed, PrepareErr
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, RuntimeOptions, StepSpec
 
 log = logging.getLogger(__name__)
+
+# Builds run at a lower CPU priority: on a small machine they compete with serving for cores,
+# and serving must win (a build only makes the next version ready a little later).
+BUILD_NICE = 10
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICE)
+
+
+def _free(holder: list[LoadedPipeline]) -> None:
+    """Drops the last references (sessions are freed here, off the event loop) and gives the
+    freed memory back to the OS."""
+    holder.clear()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    # Not glibc: the memory is still freed, only maybe not returned to the OS yet.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +99,12 @@ class EngineHost:
         self._preparing: set[str] = set()
         # Versions swapped out recently, by version id, with the monotonic time they expire.
         self._retained: dict[str, tuple[LoadedPipeline, float]] = {}
+        # Versions no longer held by the host, waiting for their last request to finish so
+        # they can be freed on a worker thread (freeing big sessions on the loop stalls it).
+        self._graveyard: list[LoadedPipeline] = []
+        self._builder = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="build", initializer=_lower_priority
+        )
         # Pipelines assigned by the desired state but not active yet: key -> Loading | error.
         self._pending: dict[str, str] = {}
         self._reconcile_lock = asyncio.Lock()
@@ -125,7 +159,9 @@ class EngineHost:
             ),
         )
         # Sessions are built from file paths in a worker thread: the event loop keeps serving.
-        loaded = await asyncio.to_thread(LoadedPipeline.build, spec, self._options)
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            self._builder, LoadedPipeline.build, spec, self._options
+        )
         return loaded, Prepared(fetch_ms, loaded.load_ms, loaded.warmup_ms, reused=False)
 
     async def prepare(self, swap_id: str, ref: VersionRef) -> Prepared:
@@ -160,14 +196,26 @@ class EngineHost:
     def abort_all(self) -> None:
         """Drops every prepared-but-uncommitted swap (their coordinator is gone)."""
         self._preparing.clear()
+        self._graveyard.extend(self._prepared.values())
         self._prepared.clear()
 
     def abort(self, swap_id: str) -> None:
         self._preparing.discard(swap_id)
-        self._prepared.pop(swap_id, None)
+        dropped = self._prepared.pop(swap_id, None)
+        if dropped is not None:
+            self._graveyard.append(dropped)
 
     def _retain(self, loaded: LoadedPipeline) -> None:
-        if self._retain_seconds > 0:
+        key = f"{loaded.spec.workspace}/{loaded.spec.pipeline}"
+        # Only the version just swapped out is kept per pipeline: rollback is instant, and a
+        # stream of swaps cannot pile up sessions.
+        for version_id, (older, _) in list(self._retained.items()):
+            if f"{older.spec.workspace}/{older.spec.pipeline}" == key:
+                del self._retained[version_id]
+                self._graveyard.append(older)
+        if self._retain_seconds <= 0:
+            self._graveyard.append(loaded)
+        else:
             expires = time.monotonic() + self._retain_seconds
             self._retained[loaded.spec.version_id] = (loaded, expires)
             # Without further swaps nothing else would call _expire: free it on time.
@@ -176,9 +224,10 @@ class EngineHost:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for version_id, (_, expires) in list(self._retained.items()):
+        for version_id, (loaded, expires) in list(self._retained.items()):
             if expires <= now:
                 del self._retained[version_id]
+                self._graveyard.append(loaded)
 
     # -- desired state (level-triggered) ------------------------------------------------
 
@@ -188,10 +237,12 @@ class EngineHost:
             wanted = {ref.key: ref for ref in desired}
             for key in [k for k in self._active if k not in wanted]:
                 released = self._active.pop(key)
+                self._graveyard.append(released)
                 log.info("released %s version %d", key, released.spec.number)
             for version_id, (loaded, _) in list(self._retained.items()):
                 if f"{loaded.spec.workspace}/{loaded.spec.pipeline}" not in wanted:
                     del self._retained[version_id]
+                    self._graveyard.append(loaded)
             for key in [k for k in self._pending if k not in wanted]:
                 del self._pending[key]
             for ref in desired:
@@ -210,6 +261,40 @@ class EngineHost:
                     swap_id = f"desired:{ref.version_id}"
                     self._prepared[swap_id] = loaded
                     self.commit(swap_id)
+
+    # -- release ----------------------------------------------------------------------------
+
+    async def reap(self) -> int:
+        """Frees, on a worker thread, every retired version no request holds any more.
+
+        Returns how many were freed.
+        """
+        holder: list[LoadedPipeline] = []
+        for i in range(len(self._graveyard) - 1, -1, -1):
+            # 2 = the graveyard's reference + getrefcount's argument: nobody else holds it.
+            if sys.getrefcount(self._graveyard[i]) == 2:
+                holder.append(self._graveyard.pop(i))
+        freed = len(holder)
+        if holder:
+            await asyncio.get_running_loop().run_in_executor(self._builder, _free, holder)
+        return freed
+
+    async def reap_forever(self, interval: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            freed = await self.reap()
+            if freed:
+                log.info("released %d retired pipeline version(s)", freed)
+
+    def close(self) -> None:
+        self._builder.shutdown(wait=False, cancel_futures=True)
+
+    def loaded_versions(self) -> list[LoadedPipeline]:
+        """Every version held in memory: active, prepared and retained (for metrics; safe to
+        call from another thread)."""
+        held = [*list(self._active.values()), *list(self._prepared.values())]
+        held += [loaded for loaded, _ in list(self._retained.values())]
+        return list({id(p): p for p in held}.values())
 
     def states(self) -> list[PipelineState]:
         keys = sorted(set(self._active) | set(self._pending))

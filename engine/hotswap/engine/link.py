@@ -9,15 +9,18 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import grpc
 
+from hotswap import _logs
 from hotswap._edge import channel_options
 from hotswap.engine import _convert
 from hotswap.engine.errors import BlobError, PrepareError
 from hotswap.engine.host import EngineHost
+from hotswap.engine.metrics import EngineMetrics
 from hotswap.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,9 @@ class ControlLink:
         name: str,
         address: str,
         heartbeat_interval: float,
+        metrics: EngineMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or EngineMetrics()
         self._host = host
         self._control = control
         self.name = name
@@ -141,10 +146,19 @@ class ControlLink:
         elif kind == "prepare":
             self._spawn(self._prepare(message.prepare))
         elif kind == "commit":
-            self._commit(message.commit)
+            token = _logs.request_id.set(message.commit.request_id)
+            try:
+                self._commit(message.commit)
+            finally:
+                _logs.request_id.reset(token)
         elif kind == "abort":
-            self._host.abort(message.abort.swap_id)
-            log.info("swap %s aborted: %s", message.abort.swap_id, message.abort.reason)
+            token = _logs.request_id.set(message.abort.request_id)
+            try:
+                self._host.abort(message.abort.swap_id)
+                self._metrics.swaps.labels("aborted").inc()
+                log.info("swap %s aborted: %s", message.abort.swap_id, message.abort.reason)
+            finally:
+                _logs.request_id.reset(token)
 
     async def _apply_desired(self, desired: fleet_pb2.DesiredState) -> None:
         self._report(desired.revision)  # shows "Loading" while it builds
@@ -153,20 +167,27 @@ class ControlLink:
 
     async def _prepare(self, prepare: fleet_pb2.Prepare) -> None:
         ref = _convert.version_ref(prepare.version)
+        # This runs in a task of its own: the context variables stay with this swap.
+        _logs.request_id.set(prepare.request_id)
+        _logs.pipeline.set(ref.key)
+        _logs.version.set(ref.number)
         try:
             done = await self._host.prepare(prepare.swap_id, ref)
         except PrepareError as exc:
+            self._metrics.swap_failed(str(exc), fetch=isinstance(exc, BlobError))
             log.error("prepare %s of %s v%d failed: %s", prepare.swap_id, ref.key, ref.number, exc)
             failed = fleet_pb2.PrepareResult(swap_id=prepare.swap_id, error=str(exc))
             self._send(fleet_pb2.EngineMessage(prepared=failed))
             return
         except Exception as exc:
+            self._metrics.swap_failures.labels("unexpected").inc()
             log.exception("prepare %s failed unexpectedly", prepare.swap_id)
             unexpected = fleet_pb2.PrepareResult(
                 swap_id=prepare.swap_id, error=f"unexpected {type(exc).__name__}: {exc}"
             )
             self._send(fleet_pb2.EngineMessage(prepared=unexpected))
             return
+        self._observe_prepared(done.fetch_ms, done.load_ms, done.warmup_ms, done.reused)
         log.info(
             "prepared %s v%d (swap %s): fetch %.1f ms, load %.1f ms, warm-up %.1f ms%s",
             ref.key,
@@ -187,13 +208,33 @@ class ControlLink:
         )
         self._send(fleet_pb2.EngineMessage(prepared=ready))
 
+    def _observe_prepared(
+        self, fetch_ms: float, load_ms: float, warmup_ms: float, reused: bool
+    ) -> None:
+        self._metrics.swaps.labels("reused" if reused else "prepared").inc()
+        if not reused:
+            stage = self._metrics.swap_stage_seconds.labels
+            stage("fetch").observe(fetch_ms / 1000)
+            stage("build").observe(load_ms / 1000)
+            stage("warmup").observe(warmup_ms / 1000)
+
     def _commit(self, commit: fleet_pb2.Commit) -> None:
+        before = {s.key: s.active for s in self._host.states() if s.active is not None}
         try:
             switch_us = self._host.commit(commit.swap_id)
         except PrepareError as exc:
+            self._metrics.swap_failures.labels("commit").inc()
             failed_commit = fleet_pb2.CommitResult(swap_id=commit.swap_id, error=str(exc))
             self._send(fleet_pb2.EngineMessage(committed=failed_commit))
             return
+        self._metrics.swaps.labels("committed").inc()
+        self._metrics.swap_stage_seconds.labels("commit").observe(switch_us / 1e6)
+        released = self._metrics.released_after(time.monotonic())
+        for state in self._host.states():
+            old = before.get(state.key)
+            if old is not None and state.active is not old:
+                # Fires when the last in-flight request (or the retention) lets go of it.
+                weakref.finalize(old, released)
         # The report goes first so the control plane knows what we serve by the time it sees
         # the commit answer (GetPipelineEndpoints after Deploy returns must include us).
         self._report()

@@ -12,9 +12,12 @@ from pathlib import Path
 import grpc
 
 from hotswap._edge import server_options
+from hotswap._metrics_http import MetricsEndpoint
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.host import EngineHost
+from hotswap.engine.inference_log import InferenceLog, LogSettings
 from hotswap.engine.link import ControlLink
+from hotswap.engine.metrics import EngineMetrics
 from hotswap.engine.runtime import RuntimeOptions
 from hotswap.engine.servicers import EngineIdentity, EngineServicer
 from hotswap.engine.settings import Settings
@@ -36,8 +39,13 @@ class EngineServer:
         self.link: ControlLink | None = None
         self.host: EngineHost | None = None
         self._link_task: asyncio.Task[None] | None = None
+        self._reap_task: asyncio.Task[None] | None = None
         self.address = ""
         self.name = ""
+        self.metrics = EngineMetrics()
+        self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
+        self.inference_log: InferenceLog | None = None
+        self._log_task: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
         port = self._server.add_insecure_port(self.settings.listen)
@@ -63,17 +71,49 @@ class EngineServer:
             self.name,
             self.address,
             self.settings.heartbeat_interval,
+            self.metrics,
         )
         link_ref.append(self.link)
+        self.metrics.watch(self.host.loaded_versions, lambda: _dir_bytes(cache_dir / "blobs"))
+        if self.settings.inference_log:
+            self.inference_log = InferenceLog(
+                LogSettings(
+                    self.settings.log_dir or cache_dir / "inference-logs",
+                    memory_bytes=self.settings.log_memory_bytes,
+                    disk_bytes=self.settings.log_disk_bytes,
+                ),
+                self.name,
+            )
+            stats = self.inference_log.stats
+            self.metrics.watch_log(
+                lambda: stats.appended_rows,
+                lambda: stats.dropped_rows,
+                lambda: stats.pending_bytes,
+                lambda: stats.disk_bytes,
+            )
         self._identity.name = self.name
         self._identity.address = self.address
         self._identity.connected = self.link.connected.is_set
         engine_pb2_grpc.add_EngineServicer_to_server(
-            EngineServicer(self.host, self._executor, self._identity, self.settings.max_rows),
+            EngineServicer(
+                self.host,
+                self._executor,
+                self._identity,
+                self.settings.max_rows,
+                metrics=self.metrics,
+                inference_log=self.inference_log,
+            ),
             self._server,
         )
         await self._server.start()
         self._link_task = asyncio.create_task(self.link.run_forever())
+        self._reap_task = asyncio.create_task(self.host.reap_forever())
+        if self.inference_log is not None:
+            self._log_task = asyncio.create_task(self.inference_log.run_forever())
+        if self.settings.metrics_port >= 0:
+            self.metrics_endpoint.start(
+                host_part, self.settings.metrics_port, self.settings.address_file
+            )
         log.info(
             "engine %s serving on %s, control plane %s, cache %s",
             self.name,
@@ -95,4 +135,21 @@ class EngineServer:
         if self.link is not None:
             await self.link.close()
         await self._server.stop(grace)
+        if self._log_task is not None:
+            self._log_task.cancel()  # flushes what is left
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._log_task
+        if self._reap_task is not None:
+            self._reap_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reap_task
+        if self.host is not None:
+            self.host.close()
+        self.metrics_endpoint.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _dir_bytes(directory: Path) -> float:
+    if not directory.is_dir():
+        return 0.0
+    return float(sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()))

@@ -10,6 +10,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 import grpc
+import pyarrow as pa
 
 from hotswap._edge import StatusTable, status_for, unary_errors
 from hotswap.engine import _convert
@@ -20,8 +21,10 @@ from hotswap.engine.errors import (
     RequestTooLarge,
 )
 from hotswap.engine.host import EngineHost
+from hotswap.engine.inference_log import InferenceLog, encode
+from hotswap.engine.metrics import Bound, EngineMetrics
 from hotswap.engine.runtime import LoadedPipeline, decode_ipc, encode_ipc
-from hotswap.v1 import engine_pb2, engine_pb2_grpc
+from hotswap.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 
 STATUS: StatusTable = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -36,7 +39,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 STREAM_WINDOW = 64
 
 
-def _run(loaded: LoadedPipeline, data: bytes, max_rows: int) -> tuple[bytes, int]:
+def _run(loaded: LoadedPipeline, data: bytes, max_rows: int) -> tuple[bytes, pa.Table, int]:
     """Decode, infer, encode: one request, wholly on `loaded`, in a worker thread."""
     start = time.perf_counter_ns()
     table = decode_ipc(data)
@@ -45,26 +48,57 @@ def _run(loaded: LoadedPipeline, data: bytes, max_rows: int) -> tuple[bytes, int
             f"the request has {table.num_rows} rows; this engine takes at most {max_rows} per "
             "call (split it into batches, or raise --max-rows)"
         )
-    out = encode_ipc(loaded.infer(table))
-    return out, time.perf_counter_ns() - start
+    result = loaded.infer(table)
+    out = encode_ipc(result)
+    return out, result, time.perf_counter_ns() - start
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
     def __init__(
-        self, host: EngineHost, executor: Executor, state: EngineIdentity, max_rows: int
+        self,
+        host: EngineHost,
+        executor: Executor,
+        state: EngineIdentity,
+        max_rows: int,
+        *,
+        metrics: EngineMetrics | None = None,
+        inference_log: InferenceLog | None = None,
     ) -> None:
+        self._metrics = metrics or EngineMetrics()
+        self._log = inference_log
         self._max_rows = max_rows
         self._host = host
         self._executor = executor
         self._identity = state
 
     async def _infer(self, request: engine_pb2.InferRequest) -> engine_pb2.InferResponse:
-        # Looked up once: this request runs on this version even if a swap commits meanwhile.
-        loaded = self._host.lookup(request.workspace, request.pipeline)
-        loop = asyncio.get_running_loop()
-        arrow, elapsed_ns = await loop.run_in_executor(
-            self._executor, _run, loaded, request.arrow, self._max_rows
-        )
+        started = time.perf_counter()
+        bound: Bound | None = None
+        metrics = self._metrics
+        metrics.in_flight.inc()
+        try:
+            # Looked up once: this request runs on this version even if a swap commits meanwhile.
+            loaded = self._host.lookup(request.workspace, request.pipeline)
+            bound = metrics.bind(loaded)
+            loop = asyncio.get_running_loop()
+            arrow, table, elapsed_ns = await loop.run_in_executor(
+                self._executor, _run, loaded, request.arrow, self._max_rows
+            )
+        except Exception as exc:
+            code = status_for(STATUS, exc)
+            metrics.failed(bound, code.name if code is not None else "UNKNOWN")
+            raise
+        except asyncio.CancelledError:
+            metrics.failed(bound, "CANCELLED")
+            raise
+        finally:
+            metrics.in_flight.dec()
+        bound.ok.inc()
+        bound.latency.observe(time.perf_counter() - started)
+        bound.rows.inc(table.num_rows)
+        if self._log is not None:
+            # A reference to the finished table: the log copies nothing on this path.
+            self._log.append(loaded, table, elapsed_ns, len(arrow))
         spec = loaded.spec
         return engine_pb2.InferResponse(
             arrow=arrow,
@@ -123,6 +157,25 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+    @unary
+    async def GetLogs(
+        self, request: types_pb2.GetLogsRequest, context: Context
+    ) -> types_pb2.LogsResponse:
+        if self._log is None:
+            return types_pb2.LogsResponse()
+        if request.limit < 0:
+            raise InvalidInput("limit must be 0 (default 100) or more")
+        table = await asyncio.to_thread(
+            self._log.query,
+            request.workspace,
+            request.pipeline,
+            request.limit or 100,
+            request.start_ms,
+            request.end_ms,
+        )
+        arrow = await asyncio.to_thread(encode, table)
+        return types_pb2.LogsResponse(arrow=arrow, dropped_rows=self._log.stats.dropped_rows)
 
     async def GetStatus(
         self, request: engine_pb2.GetEngineStatusRequest, context: Context

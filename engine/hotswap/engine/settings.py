@@ -24,6 +24,14 @@ class Settings:
     retain_seconds: float = 300.0
     advertise: str = ""  # address to tell clients; default: the bound address
     address_file: Path | None = None
+    # Inference log (docs/observability.md): on by default, under <cache-dir>/inference-logs.
+    inference_log: bool = True
+    log_dir: Path | None = None
+    log_memory_bytes: int = 64 * 1024**2  # rows waiting to be written, at most
+    log_disk_bytes: int = 1024**3  # log files on disk, at most (oldest dropped first)
+    # Prometheus endpoint port on the --listen host: 0 picks one, -1 turns it off.
+    metrics_port: int = -1
+    log_format: str = "text"  # service logs: text | json
 
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -79,6 +87,43 @@ class Settings:
             help="keep a swapped-out version loaded this long for instant rollback",
         )
         parser.add_argument("--advertise", default=env("HOTSWAP_ADVERTISE", d.advertise))
+        parser.add_argument(
+            "--inference-log",
+            action=argparse.BooleanOptionalAction,
+            default=env("HOTSWAP_INFERENCE_LOG", "1").lower() not in ("0", "false", "no", "off"),
+            help="record every inference for pipeline.logs() (default on)",
+        )
+        parser.add_argument(
+            "--log-dir",
+            type=Path,
+            default=env("HOTSWAP_LOG_DIR"),
+            help="where inference log files go (default CACHE_DIR/inference-logs)",
+        )
+        parser.add_argument(
+            "--log-memory-bytes",
+            type=int,
+            default=int(env("HOTSWAP_LOG_MEMORY_BYTES", str(d.log_memory_bytes))),
+            help="inference log rows held in memory before the oldest are dropped (%(default)s)",
+        )
+        parser.add_argument(
+            "--log-disk-bytes",
+            type=int,
+            default=int(env("HOTSWAP_LOG_DISK_BYTES", str(d.log_disk_bytes))),
+            help="inference log files kept on disk, oldest dropped first (%(default)s)",
+        )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=int(env("HOTSWAP_METRICS_PORT", str(d.metrics_port))),
+            help="serve Prometheus metrics on this port (0 = any free port, -1 = off; "
+            "default %(default)s)",
+        )
+        parser.add_argument(
+            "--log-format",
+            choices=("text", "json"),
+            default=env("HOTSWAP_LOG_FORMAT", d.log_format),
+            help="service log lines: readable text or one JSON object per line (%(default)s)",
+        )
         parser.add_argument("--address-file", type=Path, default=None, help=argparse.SUPPRESS)
         args = parser.parse_args(list(argv))
         return cls(
@@ -93,6 +138,12 @@ class Settings:
             retain_seconds=args.retain_seconds,
             advertise=args.advertise,
             address_file=args.address_file,
+            inference_log=args.inference_log,
+            log_dir=Path(args.log_dir) if args.log_dir else None,
+            log_memory_bytes=args.log_memory_bytes,
+            log_disk_bytes=args.log_disk_bytes,
+            metrics_port=args.metrics_port,
+            log_format=args.log_format,
         )
 
     def engine_name(self, port: int) -> str:

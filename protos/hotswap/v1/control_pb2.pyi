@@ -524,6 +524,7 @@ class DeployRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     EXPECTED_CURRENT_VERSION_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     version: _builtins.int
@@ -534,6 +535,10 @@ class DeployRequest(_message.Message):
     """When set, deploy only if the currently deployed version number equals this (0 = not
     deployed); otherwise fail with ABORTED. Makes concurrent deploys a compare-and-set.
     """
+    requested_by: _builtins.str
+    """Who asks, recorded in the swap timeline (e.g. "alice" or "ci/deploy-job"); empty means
+    the caller's network address (the gRPC peer).
+    """
     def __init__(
         self,
         *,
@@ -542,10 +547,11 @@ class DeployRequest(_message.Message):
         version: _builtins.int = ...,
         replicas: _builtins.int = ...,
         expected_current_version: _builtins.int | None = ...,
+        requested_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_current_version", b"_expected_current_version", "expected_current_version", b"expected_current_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_current_version", b"_expected_current_version", "expected_current_version", b"expected_current_version", "pipeline", b"pipeline", "replicas", b"replicas", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_current_version", b"_expected_current_version", "expected_current_version", b"expected_current_version", "pipeline", b"pipeline", "replicas", b"replicas", "requested_by", b"requested_by", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_current_version: _TypeAlias = _typing.Literal["expected_current_version"]  # noqa: Y015
     _WhichOneofArgType__expected_current_version: _TypeAlias = _typing.Literal["_expected_current_version", b"_expected_current_version"]  # noqa: Y015
@@ -568,6 +574,8 @@ class EngineSwapTiming(_message.Message):
     COMMIT_MS_FIELD_NUMBER: _builtins.int
     SWITCH_US_FIELD_NUMBER: _builtins.int
     REUSED_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
     """Engine name."""
     address: _builtins.str
@@ -586,6 +594,12 @@ class EngineSwapTiming(_message.Message):
     """The reference swap itself inside the engine, microseconds."""
     reused: _builtins.bool
     """True when the version was still loaded from earlier (a rollback), so nothing was built."""
+    stage: _builtins.str
+    """Where the engine is in the swap: "preparing", "prepared", "committing", "committed",
+    "failed" or "cancelled" (the swap aborted before this engine answered).
+    """
+    error: _builtins.str
+    """Why the stage is "failed", for a person."""
     def __init__(
         self,
         *,
@@ -598,10 +612,12 @@ class EngineSwapTiming(_message.Message):
         commit_ms: _builtins.float = ...,
         switch_us: _builtins.float = ...,
         reused: _builtins.bool = ...,
+        stage: _builtins.str = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commit_ms", b"commit_ms", "engine", b"engine", "fetch_ms", b"fetch_ms", "load_ms", b"load_ms", "prepare_ms", b"prepare_ms", "reused", b"reused", "switch_us", b"switch_us", "warmup_ms", b"warmup_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commit_ms", b"commit_ms", "engine", b"engine", "error", b"error", "fetch_ms", b"fetch_ms", "load_ms", b"load_ms", "prepare_ms", b"prepare_ms", "reused", b"reused", "stage", b"stage", "switch_us", b"switch_us", "warmup_ms", b"warmup_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -804,6 +820,7 @@ class PipelineStatus(_message.Message):
     DEPLOYED_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
+    SWAP_IN_PROGRESS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     status: _builtins.str
@@ -822,6 +839,10 @@ class PipelineStatus(_message.Message):
     def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineStatus]:
         """One entry per assigned engine."""
 
+    @_builtins.property
+    def swap_in_progress(self) -> Global___SwapInProgress:
+        """The deploy running now, if any, with each engine's stage."""
+
     def __init__(
         self,
         *,
@@ -832,14 +853,51 @@ class PipelineStatus(_message.Message):
         deployed: _types_pb2.PipelineVersion | None = ...,
         replicas: _builtins.int = ...,
         engines: _abc.Iterable[Global___EngineStatus] | None = ...,
+        swap_in_progress: Global___SwapInProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "swap_in_progress", b"swap_in_progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "details", b"details", "engines", b"engines", "pipeline", b"pipeline", "replicas", b"replicas", "status", b"status", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "details", b"details", "engines", b"engines", "pipeline", b"pipeline", "replicas", b"replicas", "status", b"status", "swap_in_progress", b"swap_in_progress", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PipelineStatus: _TypeAlias = PipelineStatus  # noqa: Y015
+
+@_typing.final
+class SwapInProgress(_message.Message):
+    """A deploy that has started and not finished."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SWAP_ID_FIELD_NUMBER: _builtins.int
+    TARGET_VERSION_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
+    swap_id: _builtins.str
+    """Swap id (UUID)."""
+    target_version: _builtins.int
+    """The version number being deployed."""
+    started_ms: _builtins.int
+    """When the swap started, milliseconds since the Unix epoch."""
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineSwapTiming]:
+        """Each engine's stage and the timings known so far."""
+
+    def __init__(
+        self,
+        *,
+        swap_id: _builtins.str = ...,
+        target_version: _builtins.int = ...,
+        started_ms: _builtins.int = ...,
+        engines: _abc.Iterable[Global___EngineSwapTiming] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engines", b"engines", "started_ms", b"started_ms", "swap_id", b"swap_id", "target_version", b"target_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwapInProgress: _TypeAlias = SwapInProgress  # noqa: Y015
 
 @_typing.final
 class GetPipelineEndpointsRequest(_message.Message):
@@ -960,3 +1018,134 @@ class ListEnginesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEnginesResponse: _TypeAlias = ListEnginesResponse  # noqa: Y015
+
+@_typing.final
+class ListSwapsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    """Workspace of the pipeline."""
+    pipeline: _builtins.str
+    """Pipeline name."""
+    limit: _builtins.int
+    """Most records to return, newest first; 0 means 100."""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "pipeline", b"pipeline", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSwapsRequest: _TypeAlias = ListSwapsRequest  # noqa: Y015
+
+@_typing.final
+class SwapRecord(_message.Message):
+    """One entry of the swap timeline."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SWAP_ID_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VERSION_BEFORE_FIELD_NUMBER: _builtins.int
+    VERSION_AFTER_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    ENDED_MS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
+    PREPARE_MS_FIELD_NUMBER: _builtins.int
+    COMMIT_MS_FIELD_NUMBER: _builtins.int
+    swap_id: _builtins.str
+    """Swap id (UUID); the engines' logs mention it."""
+    workspace: _builtins.str
+    pipeline: _builtins.str
+    kind: _builtins.str
+    """"deploy" (a newer version or a first deployment), "rollback" (an older version),
+    "redeploy" (the same version, e.g. a replica change) or "undeploy".
+    """
+    version_before: _builtins.int
+    """Version number deployed before (0 = none)."""
+    version_after: _builtins.int
+    """Version number asked for (0 for an undeploy)."""
+    started_ms: _builtins.int
+    """Start and end, milliseconds since the Unix epoch; ended_ms is 0 while running."""
+    ended_ms: _builtins.int
+    outcome: _builtins.str
+    """"ok", "aborted" (nothing that serves changed), "rejected" (refused before any engine was
+    asked: a compare-and-set conflict or no engine), "running", or "interrupted" (the control
+    plane stopped mid-swap).
+    """
+    reason: _builtins.str
+    """Why the outcome is not "ok", for a person."""
+    requested_by: _builtins.str
+    """DeployRequest.requested_by, else the caller's address."""
+    request_id: _builtins.str
+    """The caller's x-request-id, for finding the swap in the services' logs."""
+    prepare_ms: _builtins.float
+    """Whole prepare and commit phases, milliseconds (0 when not reached)."""
+    commit_ms: _builtins.float
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineSwapTiming]:
+        """Per-engine stage and timings."""
+
+    def __init__(
+        self,
+        *,
+        swap_id: _builtins.str = ...,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        version_before: _builtins.int = ...,
+        version_after: _builtins.int = ...,
+        started_ms: _builtins.int = ...,
+        ended_ms: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        engines: _abc.Iterable[Global___EngineSwapTiming] | None = ...,
+        prepare_ms: _builtins.float = ...,
+        commit_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ms", b"commit_ms", "ended_ms", b"ended_ms", "engines", b"engines", "kind", b"kind", "outcome", b"outcome", "pipeline", b"pipeline", "prepare_ms", b"prepare_ms", "reason", b"reason", "request_id", b"request_id", "requested_by", b"requested_by", "started_ms", b"started_ms", "swap_id", b"swap_id", "version_after", b"version_after", "version_before", b"version_before", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwapRecord: _TypeAlias = SwapRecord  # noqa: Y015
+
+@_typing.final
+class ListSwapsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SWAPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def swaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___SwapRecord]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        swaps: _abc.Iterable[Global___SwapRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["swaps", b"swaps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSwapsResponse: _TypeAlias = ListSwapsResponse  # noqa: Y015

@@ -110,6 +110,16 @@ class ControlPlaneStub:
                 request_serializer=hotswap_dot_v1_dot_control__pb2.ListEnginesRequest.SerializeToString,
                 response_deserializer=hotswap_dot_v1_dot_control__pb2.ListEnginesResponse.FromString,
                 _registered_method=True)
+        self.GetPipelineLogs = channel.unary_unary(
+                '/hotswap.v1.ControlPlane/GetPipelineLogs',
+                request_serializer=hotswap_dot_v1_dot_types__pb2.GetLogsRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_types__pb2.LogsResponse.FromString,
+                _registered_method=True)
+        self.ListSwaps = channel.unary_unary(
+                '/hotswap.v1.ControlPlane/ListSwaps',
+                request_serializer=hotswap_dot_v1_dot_control__pb2.ListSwapsRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_control__pb2.ListSwapsResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -225,6 +235,22 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPipelineLogs(self, request, context):
+        """The inference logs of a pipeline, gathered from every connected engine in parallel and
+        merged by time, newest row first; `limit` applies after the merge. Engines that do not
+        answer in time are listed in `unreachable` rather than failing the call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSwaps(self, request, context):
+        """The swap timeline of a pipeline: every deploy, rollback and undeploy, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -302,6 +328,16 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.ListEngines,
                     request_deserializer=hotswap_dot_v1_dot_control__pb2.ListEnginesRequest.FromString,
                     response_serializer=hotswap_dot_v1_dot_control__pb2.ListEnginesResponse.SerializeToString,
+            ),
+            'GetPipelineLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPipelineLogs,
+                    request_deserializer=hotswap_dot_v1_dot_types__pb2.GetLogsRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_types__pb2.LogsResponse.SerializeToString,
+            ),
+            'ListSwaps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSwaps,
+                    request_deserializer=hotswap_dot_v1_dot_control__pb2.ListSwapsRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_control__pb2.ListSwapsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -709,6 +745,60 @@ class ControlPlane:
             '/hotswap.v1.ControlPlane/ListEngines',
             hotswap_dot_v1_dot_control__pb2.ListEnginesRequest.SerializeToString,
             hotswap_dot_v1_dot_control__pb2.ListEnginesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPipelineLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotswap.v1.ControlPlane/GetPipelineLogs',
+            hotswap_dot_v1_dot_types__pb2.GetLogsRequest.SerializeToString,
+            hotswap_dot_v1_dot_types__pb2.LogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSwaps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotswap.v1.ControlPlane/ListSwaps',
+            hotswap_dot_v1_dot_control__pb2.ListSwapsRequest.SerializeToString,
+            hotswap_dot_v1_dot_control__pb2.ListSwapsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,13 @@ class ControlPlaneStub:
     """The engine addresses that serve a pipeline's deployed version right now."""
     ListEngines: _aio.UnaryUnaryMultiCallable[_control_pb2.ListEnginesRequest, _control_pb2.ListEnginesResponse]
     """Every engine connected to (or lost by) the control plane."""
+    GetPipelineLogs: _aio.UnaryUnaryMultiCallable[_types_pb2.GetLogsRequest, _types_pb2.LogsResponse]
+    """The inference logs of a pipeline, gathered from every connected engine in parallel and
+    merged by time, newest row first; `limit` applies after the merge. Engines that do not
+    answer in time are listed in `unreachable` rather than failing the call.
+    """
+    ListSwaps: _aio.UnaryUnaryMultiCallable[_control_pb2.ListSwapsRequest, _control_pb2.ListSwapsResponse]
+    """The swap timeline of a pipeline: every deploy, rollback and undeploy, newest first."""
 
 class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -184,5 +191,24 @@ class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_control_pb2.ListEnginesRequest, _abc.Awaitable[_control_pb2.ListEnginesResponse]],
     ) -> _abc.Awaitable[_control_pb2.ListEnginesResponse]:
         """Every engine connected to (or lost by) the control plane."""
+
+    @_abc_1.abstractmethod
+    def GetPipelineLogs(
+        self,
+        request: _types_pb2.GetLogsRequest,
+        context: _aio.ServicerContext[_types_pb2.GetLogsRequest, _abc.Awaitable[_types_pb2.LogsResponse]],
+    ) -> _abc.Awaitable[_types_pb2.LogsResponse]:
+        """The inference logs of a pipeline, gathered from every connected engine in parallel and
+        merged by time, newest row first; `limit` applies after the merge. Engines that do not
+        answer in time are listed in `unreachable` rather than failing the call.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSwaps(
+        self,
+        request: _control_pb2.ListSwapsRequest,
+        context: _aio.ServicerContext[_control_pb2.ListSwapsRequest, _abc.Awaitable[_control_pb2.ListSwapsResponse]],
+    ) -> _abc.Awaitable[_control_pb2.ListSwapsResponse]:
+        """The swap timeline of a pipeline: every deploy, rollback and undeploy, newest first."""
 
 def add_ControlPlaneServicer_to_server(servicer: ControlPlaneServicer, server: _aio.Server) -> None: ...

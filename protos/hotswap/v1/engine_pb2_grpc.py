@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from hotswap.v1 import engine_pb2 as hotswap_dot_v1_dot_engine__pb2
+from hotswap.v1 import types_pb2 as hotswap_dot_v1_dot_types__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -49,6 +50,11 @@ class EngineStub:
                 request_serializer=hotswap_dot_v1_dot_engine__pb2.GetEngineStatusRequest.SerializeToString,
                 response_deserializer=hotswap_dot_v1_dot_engine__pb2.EngineState.FromString,
                 _registered_method=True)
+        self.GetLogs = channel.unary_unary(
+                '/hotswap.v1.Engine/GetLogs',
+                request_serializer=hotswap_dot_v1_dot_types__pb2.GetLogsRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_types__pb2.LogsResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -77,6 +83,13 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLogs(self, request, context):
+        """This engine's inference log for one pipeline, newest row first (memory and disk).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=hotswap_dot_v1_dot_engine__pb2.GetEngineStatusRequest.FromString,
                     response_serializer=hotswap_dot_v1_dot_engine__pb2.EngineState.SerializeToString,
+            ),
+            'GetLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLogs,
+                    request_deserializer=hotswap_dot_v1_dot_types__pb2.GetLogsRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_types__pb2.LogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +195,33 @@ class Engine:
             '/hotswap.v1.Engine/GetStatus',
             hotswap_dot_v1_dot_engine__pb2.GetEngineStatusRequest.SerializeToString,
             hotswap_dot_v1_dot_engine__pb2.EngineState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotswap.v1.Engine/GetLogs',
+            hotswap_dot_v1_dot_types__pb2.GetLogsRequest.SerializeToString,
+            hotswap_dot_v1_dot_types__pb2.LogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ request is always served entirely by one pipeline version, even during a hot swa
 from collections import abc as _abc
 from grpc import aio as _aio
 from hotswap.v1 import engine_pb2 as _engine_pb2
+from hotswap.v1 import types_pb2 as _types_pb2
 import abc as _abc_1
 
 
@@ -27,6 +28,8 @@ class EngineStub:
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_engine_pb2.GetEngineStatusRequest, _engine_pb2.EngineState]
     """What this engine serves."""
+    GetLogs: _aio.UnaryUnaryMultiCallable[_types_pb2.GetLogsRequest, _types_pb2.LogsResponse]
+    """This engine's inference log for one pipeline, newest row first (memory and disk)."""
 
 class EngineServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -56,5 +59,13 @@ class EngineServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_engine_pb2.GetEngineStatusRequest, _abc.Awaitable[_engine_pb2.EngineState]],
     ) -> _abc.Awaitable[_engine_pb2.EngineState]:
         """What this engine serves."""
+
+    @_abc_1.abstractmethod
+    def GetLogs(
+        self,
+        request: _types_pb2.GetLogsRequest,
+        context: _aio.ServicerContext[_types_pb2.GetLogsRequest, _abc.Awaitable[_types_pb2.LogsResponse]],
+    ) -> _abc.Awaitable[_types_pb2.LogsResponse]:
+        """This engine's inference log for one pipeline, newest row first (memory and disk)."""
 
 def add_EngineServicer_to_server(servicer: EngineServicer, server: _aio.Server) -> None: ...

@@ -338,7 +338,10 @@ class Prepare(_message.Message):
 
     SWAP_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
+    request_id: _builtins.str
+    """The x-request-id of the Deploy call that started this swap (for correlating logs)."""
     @_builtins.property
     def version(self) -> _types_pb2.PipelineVersion: ...
     def __init__(
@@ -346,10 +349,11 @@ class Prepare(_message.Message):
         *,
         swap_id: _builtins.str = ...,
         version: _types_pb2.PipelineVersion | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["swap_id", b"swap_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "swap_id", b"swap_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -362,15 +366,19 @@ class Commit(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SWAP_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
+    request_id: _builtins.str
+    """The x-request-id of the Deploy call that started this swap."""
     def __init__(
         self,
         *,
         swap_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["swap_id", b"swap_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "swap_id", b"swap_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,17 +392,21 @@ class Abort(_message.Message):
 
     SWAP_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
     reason: _builtins.str
+    request_id: _builtins.str
+    """The x-request-id of the Deploy call that started this swap."""
     def __init__(
         self,
         *,
         swap_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "swap_id", b"swap_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "swap_id", b"swap_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -183,3 +183,78 @@ class ServedModel(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServedModel: _TypeAlias = ServedModel  # noqa: Y015
+
+@_typing.final
+class GetLogsRequest(_message.Message):
+    """A query for inference logs (Engine.GetLogs, ControlPlane.GetPipelineLogs)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    START_MS_FIELD_NUMBER: _builtins.int
+    END_MS_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    """Workspace of the pipeline."""
+    pipeline: _builtins.str
+    """Pipeline name."""
+    limit: _builtins.int
+    """Most rows to return, newest first; 0 means 100."""
+    start_ms: _builtins.int
+    """Only rows whose `time` is at or after this, milliseconds since the Unix epoch; 0 = no bound."""
+    end_ms: _builtins.int
+    """Only rows whose `time` is before this, milliseconds since the Unix epoch; 0 = no bound."""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        start_ms: _builtins.int = ...,
+        end_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_ms", b"end_ms", "limit", b"limit", "pipeline", b"pipeline", "start_ms", b"start_ms", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLogsRequest: _TypeAlias = GetLogsRequest  # noqa: Y015
+
+@_typing.final
+class LogsResponse(_message.Message):
+    """Inference log rows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARROW_FIELD_NUMBER: _builtins.int
+    DROPPED_ROWS_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_FIELD_NUMBER: _builtins.int
+    arrow: _builtins.bytes
+    """Arrow IPC stream of one table, newest row first: `time`, `in.<col>`, `out.<name>`,
+    `check_failures`, then `metadata.pipeline_version` (int64), `metadata.pipeline_version_id`,
+    `metadata.last_model` (JSON {"model_name","model_version","model_sha"} of the last step),
+    `metadata.models` (JSON list of every step's model), `metadata.elapsed` (engine ns) and
+    `metadata.engine`. Empty bytes when there are no rows.
+    """
+    dropped_rows: _builtins.int
+    """Rows the answering engine(s) dropped since they started (memory ring or disk cap full)."""
+    @_builtins.property
+    def unreachable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Engines that could not be asked (ControlPlane.GetPipelineLogs only), "name: reason"."""
+
+    def __init__(
+        self,
+        *,
+        arrow: _builtins.bytes = ...,
+        dropped_rows: _builtins.int = ...,
+        unreachable: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "dropped_rows", b"dropped_rows", "unreachable", b"unreachable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogsResponse: _TypeAlias = LogsResponse  # noqa: Y015

@@ -1,0 +1,258 @@
+"""The readable summary: every figure, its ratio to the reference, the target, pass/miss."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    import grpc
+    import onnxruntime
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "host": platform.node(),
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "grpcio": grpc.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _pick(cells: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
+    return next(c for c in cells if all(c[k] == v for k, v in match.items()))
+
+
+def _bare(cells: list[dict[str, Any]], key: str = "requests_s", **match: Any) -> dict[str, Any]:
+    """The better bare variant (thread pool or inline) for one cell."""
+    found = [c for c in cells if all(c[k] == v for k, v in match.items())]
+    return min(found, key=lambda c: c[key]) if key == "p50_ms" else max(found, key=lambda c: c[key])
+
+
+def _best(cells: list[dict[str, Any]], key: str, rows: int) -> dict[str, Any]:
+    return max((c for c in cells if c["rows"] == rows), key=lambda c: c[key])
+
+
+def _where(c: dict[str, Any]) -> str:
+    inline = " inline" if c.get("inline") else ""
+    return f"threads={c['threads']}{inline} c={c['concurrency']} P={c['processes']}"
+
+
+def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(what, measured, target, met) for each target of issue 4."""
+    bare, svc = r["bare"], r["service"]
+    out: list[tuple[str, str, str, bool]] = []
+    b, s = _best(bare, "rows_s", 1000), _best(svc, "rows_s", 1000)
+    ratio = s["rows_s"] / b["rows_s"]
+    out.append(
+        (
+            "1,000-row rows/s vs bare (best cells)",
+            f"{s['rows_s']:,.0f} vs {b['rows_s']:,.0f} = {ratio:.2f}x",
+            ">= 0.95x",
+            ratio >= 0.95,
+        )
+    )
+    b1 = _bare(bare, "p50_ms", threads=1, rows=1, concurrency=1, processes=1)
+    s1 = _pick(svc, threads=1, rows=1, concurrency=1, processes=1)
+    delta = s1["p50_ms"] - b1["p50_ms"]
+    out.append(
+        (
+            "1-row p50, one client (threads=1)",
+            f"{s1['p50_ms']:.3f} vs {b1['p50_ms']:.3f} ms (+{delta:.3f})",
+            "<= bare + 0.1 ms",
+            delta <= 0.1,
+        )
+    )
+    b, s = _best(bare, "requests_s", 1), _best(svc, "requests_s", 1)
+    ratio = s["requests_s"] / b["requests_s"]
+    out.append(
+        (
+            "best 1-row req/s vs bare",
+            f"{s['requests_s']:,.0f} ({_where(s)}) vs {b['requests_s']:,.0f} ({_where(b)})"
+            f" = {ratio:.2f}x",
+            ">= 0.9x",
+            ratio >= 0.9,
+        )
+    )
+    sw = r["swap"]
+    failed = sum(sw["errors"].values()) + sum(1 for x in sw["swaps"] if x["error"])
+    out.append(
+        (
+            f"failed requests/swaps during {len(sw['swaps'])} swaps",
+            f"{failed} of {sw['requests']} requests",
+            "0",
+            failed == 0,
+        )
+    )
+    steady = (sw["steady_latency_ms"] or {}).get("p99") or float("nan")
+    worst = max(x["window"]["p99_ms"] for x in sw["swaps"])
+    over = sum(1 for x in sw["swaps"] if x["window"]["p99_ms"] > 1.5 * steady)
+    out.append(
+        (
+            "swap-window p99 vs steady p99 (worst window)",
+            f"{worst:.2f} vs {steady:.2f} ms = {worst / steady:.2f}x; {over} windows over",
+            "<= 1.5x",
+            worst <= 1.5 * steady,
+        )
+    )
+    cached = [x for x in sw["swaps"] if x["index"] >= 3 and not x["error"]]
+    deploy = statistics.median(x["deploy_ms"] for x in cached)
+    out.append(("deploy() p50, blobs cached", f"{deploy:.1f} ms", "<= 20 ms", deploy <= 20))
+    commit = statistics.median(x["commit_ms"] for x in cached)
+    worst_commit = max(x["commit_ms"] for x in cached)
+    out.append(
+        (
+            "commit (server, p50 / max)",
+            f"{commit:.2f} / {worst_commit:.2f} ms",
+            "<= 1 ms",
+            commit <= 1,
+        )
+    )
+    cost = r["cost"]
+    small, big = cost[0], cost[-1]
+    ratio = big["pause_ms"] / small["pause_ms"]
+    out.append(
+        (
+            f"serving pause {big['megabytes']} MB vs {small['megabytes']} MB",
+            f"{big['pause_ms']:.2f} vs {small['pause_ms']:.2f} ms = {ratio:.2f}x",
+            "not growing (<= 1.5x)",
+            ratio <= 1.5,
+        )
+    )
+    soak = r["soak"]
+    out.append(
+        (
+            f"soak RSS end vs after 10% ({soak['swaps']} swaps)",
+            f"{soak['rss_end_mb']:.0f} vs {soak['rss_after_10pct_mb']:.0f} MB"
+            f" = {soak['rss_ratio']:.3f}x",
+            "<= 1.05x",
+            soak["rss_ratio"] <= 1.05,
+        )
+    )
+    return out
+
+
+def _serving_table(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "| threads | rows | conc | procs | bare req/s (best of pool/inline) | hotswap req/s "
+        "| ratio | bare rows/s "
+        "| hotswap rows/s | bare p50 ms | hotswap p50 ms | hotswap p99 ms | errors "
+        "| client CPU % |",
+        "|" + "---|" * 14,
+    ]
+    for s in r["service"]:
+        key = {k: s[k] for k in ("threads", "rows", "concurrency", "processes")}
+        b = _bare(r["bare"], **key)
+        lines.append(
+            f"| {s['threads']} | {s['rows']} | {s['concurrency']} | {s['processes']} "
+            f"| {b['requests_s']:,.0f}{' (inline)' if b['inline'] else ''} "
+            f"| {s['requests_s']:,.0f} "
+            f"| {s['requests_s'] / b['requests_s']:.2f} | {b['rows_s']:,.0f} | {s['rows_s']:,.0f} "
+            f"| {b['p50_ms']:.3f} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['errors']} "
+            f"| {s['harness_cpu_pct']:.0f} |"
+        )
+    return lines
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"# hotswap bench{' (--quick)' if r['quick'] else ''}",
+        "",
+        f"Machine: {m['cores']} cores, {m['cpu']}; Python {m['python']}, onnxruntime "
+        f"{m['onnxruntime']}, grpcio {m['grpcio']}; {m['platform']}. "
+        f"Client and servers share the cores. Run took {r.get('elapsed_s', 0):.0f} s.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | goal | |",
+        "|---|---|---|---|",
+    ]
+    for what, got, goal, ok in targets(r):
+        lines.append(f"| {what} | {got} | {goal} | {'pass' if ok else '**miss**'} |")
+    lines += [
+        "",
+        "## Floor: in-process ONNX Runtime (rf)",
+        "",
+        "| threads | rows | p50 ms | req/s | rows/s |",
+        "|---|---|---|---|---|",
+    ]
+    for f in r["floor"]:
+        lines.append(
+            f"| {f['threads']} | {f['rows']} | {f['p50_ms']:.4f} | {f['requests_s']:,.0f} "
+            f"| {f['rows_s']:,.0f} |"
+        )
+    best_floor = max(f["rows_s"] for f in r["floor"] if f["rows"] == 1000)
+    best_svc = _best(r["service"], "rows_s", 1000)["rows_s"]
+    floor_p50 = _pick(r["floor"], threads=1, rows=1)["p50_ms"]
+    svc_p50 = _pick(r["service"], threads=1, rows=1, concurrency=1, processes=1)["p50_ms"]
+    lines += [
+        "",
+        f"hotswap vs floor: 1,000-row rows/s {best_svc / best_floor:.2f}x of in-process; "
+        f"1-row p50 {svc_p50:.3f} ms vs {floor_p50:.4f} ms in-process.",
+        "",
+        "## Bare reference vs hotswap (closed loop, same client, same batches)",
+        "",
+        *_serving_table(r),
+    ]
+    sw = r["swap"]
+    good = [x for x in sw["swaps"] if not x["error"]]
+    deploys = sorted(x["deploy_ms"] for x in good)
+    steady = sw["steady_latency_ms"] or {}
+    lines += [
+        "",
+        f"## Swap under load ({len(sw['swaps'])} swaps, open loop 400 req/s, 1 row)",
+        "",
+        f"requests {sw['requests']}, errors {sw['errors'] or 0}; steady p99 "
+        f"{steady.get('p99', 0):.3f} ms, max {steady.get('max', 0):.3f} ms; deploy() ms p50 "
+        f"{statistics.median(deploys):.1f} / p90 {deploys[int(0.9 * (len(deploys) - 1))]:.1f}"
+        f" / max {deploys[-1]:.1f}; prepare p50 "
+        f"{statistics.median(x['prepare_ms'] for x in good):.1f} ms; commit p50 "
+        f"{statistics.median(x['commit_ms'] for x in good):.2f} ms; switch p50 "
+        f"{statistics.median(x['switch_us'] for x in good):.1f} µs; window p99 ms p50 "
+        f"{statistics.median(x['window']['p99_ms'] for x in good):.3f} / max "
+        f"{max(x['window']['p99_ms'] for x in good):.3f}; window max ms p50 "
+        f"{statistics.median(x['window']['max_ms'] for x in good):.3f} / max "
+        f"{max(x['window']['max_ms'] for x in good):.3f}.",
+    ]
+    soak = r["soak"]
+    lines += [
+        "",
+        f"## Soak ({soak['swaps']} swaps, {soak['failed_swaps']} failed; "
+        f"{soak['requests']} requests, errors {soak['errors'] or 0})",
+        "",
+        f"engine RSS: start {soak['rss_start_mb']:.0f} MB, after 10% "
+        f"{soak['rss_after_10pct_mb']:.0f} MB, end {soak['rss_end_mb']:.0f} MB "
+        f"({soak['rss_ratio']:.3f}x); deploy() p50 {soak['deploy_ms_p50']:.1f} ms.",
+        "",
+        "## Cost growth (random tree ensembles; open loop 200 req/s)",
+        "",
+        "| model MB | deploy ms (cached p50) | prepare ms | load ms | commit ms "
+        "| pause ms (max in window) | window p99 ms | steady p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in r["cost"]:
+        s = c["swaps"]
+        lines.append(
+            f"| {c['megabytes']} | {c['deploy_ms_cached']:.1f} "
+            f"| {statistics.median(x['prepare_ms'] for x in s):.1f} "
+            f"| {statistics.median(x['load_ms'] for x in s):.1f} "
+            f"| {statistics.median(x['commit_ms'] for x in s):.2f} | {c['pause_ms']:.2f} "
+            f"| {max(x['window_p99_ms'] for x in s):.2f} | {c['steady_p99_ms'] or 0:.2f} "
+            f"| {c['errors'] or 0} |"
+        )
+    return "\n".join(lines) + "\n"

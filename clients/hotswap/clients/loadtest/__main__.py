@@ -1,0 +1,109 @@
+"""Command line of ``hotswap loadtest`` (also ``python -m hotswap.clients.loadtest``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hotswap.clients.loadtest import _input
+from hotswap.clients.loadtest._report import plot, text
+from hotswap.clients.loadtest._run import run_load
+from hotswap.clients.loadtest._runner import LoadSpec, Target
+from hotswap.clients.loadtest._swap import SwapPlan, endpoints
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hotswap loadtest",
+        description="Load a deployed pipeline (optionally swapping its model) and report "
+        "throughput, latency percentiles, errors and per-swap figures.",
+    )
+    p.add_argument("--address", default="127.0.0.1:50051", help="control plane host:port")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--pipeline", required=True)
+    p.add_argument("--engine", action="append", help="engine host:port (default: ask control)")
+    load = p.add_argument_group("load")
+    load.add_argument("--concurrency", type=int, default=1, help="closed loop: calls in flight")
+    load.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s in total")
+    load.add_argument("--duration", type=float, help="seconds")
+    load.add_argument("--requests", type=int, help="total requests")
+    load.add_argument("--processes", type=int, default=1, help="client processes")
+    load.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
+    data = p.add_argument_group("input")
+    data.add_argument("--input", type=Path, help=".arrow (IPC file/stream) or .df.json")
+    data.add_argument("--width", type=int, default=18, help="generated row width")
+    data.add_argument("--batch-rows", type=int, help="rows per request (default: 1 / the file)")
+    swap = p.add_argument_group("swaps")
+    swap.add_argument("--swap-every", type=float, help="seconds between swaps")
+    swap.add_argument("--models", help="comma-separated uploaded models to cycle through")
+    swap.add_argument("--swaps", type=int, help="stop after this many swaps")
+    out = p.add_argument_group("output")
+    out.add_argument("--window-ms", type=float, default=250.0, help="± around each swap")
+    out.add_argument("--slice-ms", type=float, default=50.0, help="timeline resolution")
+    out.add_argument("--json", type=Path, help="write the whole report here")
+    out.add_argument("--plot", type=Path, help="PNG of latency over time (needs matplotlib)")
+    out.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    swapping = args.swap_every is not None
+    if swapping and not args.models:
+        parser.error("--swap-every needs --models a,b,c")
+    if args.duration is None and args.requests is None and not (swapping and args.swaps):
+        parser.error("bound the run with --duration and/or --requests (or --swaps)")
+    if args.concurrency < 1 or args.processes < 1:
+        parser.error("--concurrency and --processes must be ≥ 1")
+    try:
+        if args.input:
+            table = _input.batch(_input.read_table(args.input), args.batch_rows)
+        else:
+            table = _input.generated(args.width, args.batch_rows or 1)
+        addresses = args.engine or endpoints(args.address, args.workspace, args.pipeline)[0]
+    except Exception as exc:  # any failure to set up is reported, not traced back
+        print(f"hotswap loadtest: {exc}", file=sys.stderr)
+        return 2
+    if not addresses:
+        print("hotswap loadtest: the pipeline is not served by any engine", file=sys.stderr)
+        return 2
+    spec = LoadSpec(
+        target=Target(tuple(addresses), args.workspace, args.pipeline),
+        body=_input.ipc_stream(table),
+        rows=table.num_rows,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        duration=args.duration,
+        requests=args.requests,
+        processes=args.processes,
+        slice_s=args.slice_ms / 1e3,
+        timeout=args.timeout,
+    )
+    plan = None
+    if swapping:
+        plan = SwapPlan(
+            control=args.address,
+            workspace=args.workspace,
+            pipeline=args.pipeline,
+            models=[m.strip() for m in args.models.split(",") if m.strip()],
+            every=args.swap_every,
+            count=args.swaps,
+            stop_load_after=args.duration is None and args.requests is None,
+        )
+    report = run_load(
+        spec, plan, window_s=args.window_ms / 1e3, progress=None if not args.quiet else False
+    )
+    print(text(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(report, args.plot)
+    failed_swaps = any(s["error"] for s in report["swaps"])
+    return 1 if report["errors"] or failed_swaps else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

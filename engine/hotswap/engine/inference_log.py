@@ -1,0 +1,359 @@
+"""The engine's inference log: every answered request, as Arrow rows, in memory then on disk.
+
+The request path only appends a reference to the result table it has already built (plus the
+version it ran on and its elapsed time) to a byte-bounded ring: O(1), no copies, no per-row
+Python. A background thread (`flush`, driven by `run_forever`) adds the metadata columns,
+concatenates, and appends record batches to per-pipeline Arrow IPC stream files that rotate
+at `segment_bytes`. Past `disk_bytes` in total, the oldest file goes first; past
+`memory_bytes` of unwritten rows, the oldest entry goes first. Both drops are counted.
+
+Log table: ``time``, ``in.<col>``, ``out.<name>``, ``check_failures`` (as the response), then
+``metadata.pipeline_version``, ``metadata.pipeline_version_id``, ``metadata.last_model``
+(JSON of the last step's model), ``metadata.models`` (JSON of every step's model),
+``metadata.elapsed`` (engine nanoseconds for the whole request) and ``metadata.engine``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+from hotswap.engine.runtime import LoadedPipeline
+
+log = logging.getLogger(__name__)
+
+_TIME = pa.timestamp("ms")
+_SUFFIX = ".arrow"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    directory: Path
+    memory_bytes: int = 64 * 1024**2
+    disk_bytes: int = 1024**3
+    segment_bytes: int = 16 * 1024**2
+    flush_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    """A version's metadata values, built once per version (not per request)."""
+
+    key: str
+    number: int
+    version_id: str
+    last_model: str
+    models: str
+
+
+class _Entry(NamedTuple):
+    # A tuple, not a dataclass: building one is the whole cost of logging a request.
+    version: _Version
+    table: pa.Table
+    elapsed_ns: int
+    nbytes: int
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    key: str
+    bytes: int = 0
+    rows: int = -1  # unknown for files found at start
+
+
+@dataclass(slots=True)
+class _Writer:
+    segment: _Segment
+    sink: pa.NativeFile
+    writer: ipc.RecordBatchStreamWriter
+    schema: pa.Schema
+
+
+@dataclass(slots=True)
+class _Stats:
+    appended_rows: int = 0
+    dropped_rows: int = 0
+    pending_bytes: int = 0
+    disk_bytes: int = 0
+
+
+def _key(workspace: str, pipeline: str) -> str:
+    return f"{workspace}/{pipeline}"
+
+
+class InferenceLog:
+    def __init__(self, settings: LogSettings, engine: str) -> None:
+        self.settings = settings
+        self._engine = engine
+        self._pending: deque[_Entry] = deque()
+        self._lock = threading.Lock()  # guards _pending and the byte counts
+        self._io = threading.Lock()  # one flush or query at a time
+        self._versions: dict[str, _Version] = {}
+        self._segments: list[_Segment] = []  # oldest first
+        self._writers: dict[str, _Writer] = {}
+        self._seq = itertools.count(int(time.time() * 1000) * 1000)
+        self.stats = _Stats()
+        self._scan()
+
+    # -- request path (event loop thread) -----------------------------------------------------
+
+    def append(self, loaded: LoadedPipeline, table: pa.Table, elapsed_ns: int, nbytes: int) -> None:
+        """Records one answered request. `nbytes` estimates its size (the response's bytes)."""
+        version = self._versions.get(loaded.spec.version_id)
+        if version is None:
+            version = self._version(loaded)
+        with self._lock:
+            self._pending.append(_Entry(version, table, elapsed_ns, nbytes))
+            stats = self.stats
+            stats.pending_bytes += nbytes
+            stats.appended_rows += table.num_rows
+            while stats.pending_bytes > self.settings.memory_bytes and len(self._pending) > 1:
+                dropped = self._pending.popleft()
+                stats.pending_bytes -= dropped.nbytes
+                stats.dropped_rows += dropped.table.num_rows
+
+    def _version(self, loaded: LoadedPipeline) -> _Version:
+        spec = loaded.spec
+        models = [
+            {"model_name": s.model_name, "model_version": s.model_version, "model_sha": s.sha256}
+            for s in spec.steps
+        ]
+        version = _Version(
+            f"{spec.workspace}/{spec.pipeline}",
+            spec.number,
+            spec.version_id,
+            json.dumps(models[-1]),
+            json.dumps(models),
+        )
+        self._versions[spec.version_id] = version
+        return version
+
+    # -- background --------------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        """Flushes every `flush_interval` seconds; flushes once more when cancelled."""
+        try:
+            while True:
+                await asyncio.sleep(self.settings.flush_interval)
+                await asyncio.to_thread(self.flush)
+        finally:
+            with contextlib.suppress(Exception):
+                self.flush()
+            self.close()
+
+    def flush(self) -> None:
+        """Writes every pending entry to disk, then enforces the disk cap."""
+        with self._io:
+            with self._lock:
+                entries = list(self._pending)
+                self._pending.clear()
+                self.stats.pending_bytes = 0
+            if not entries:
+                return
+            by_key: dict[str, list[_Entry]] = {}
+            for entry in entries:
+                by_key.setdefault(entry.version.key, []).append(entry)
+            for key, group in by_key.items():
+                for table in self._tables(group):
+                    self._write(key, table)
+            self._enforce_cap()
+
+    def _tables(self, entries: list[_Entry]) -> Iterator[pa.Table]:
+        """Log tables of `entries`, one per run of entries of one version and one schema."""
+        run: list[_Entry] = []
+        for entry in entries:
+            if run and (
+                entry.version is not run[0].version
+                or not entry.table.schema.equals(run[0].table.schema)
+            ):
+                yield self._log_table(run)
+                run = []
+            run.append(entry)
+        if run:
+            yield self._log_table(run)
+
+    def _log_table(self, run: list[_Entry]) -> pa.Table:
+        """One table of entries sharing a version and a schema, metadata columns added."""
+        table = pa.concat_tables([e.table for e in run]).replace_schema_metadata(None)
+        table = table.combine_chunks()  # one record batch, not one per request
+        rows = np.fromiter((e.table.num_rows for e in run), np.int64, len(run))
+        elapsed = np.repeat(np.fromiter((e.elapsed_ns for e in run), np.int64, len(run)), rows)
+        v = run[0].version
+        n = table.num_rows
+        columns = {
+            "metadata.pipeline_version": pa.repeat(pa.scalar(v.number, pa.int64()), n),
+            "metadata.pipeline_version_id": pa.repeat(pa.scalar(v.version_id), n),
+            "metadata.last_model": pa.repeat(pa.scalar(v.last_model), n),
+            "metadata.models": pa.repeat(pa.scalar(v.models), n),
+            "metadata.elapsed": pa.array(elapsed),
+            "metadata.engine": pa.repeat(pa.scalar(self._engine), n),
+        }
+        for name, column in columns.items():
+            table = table.append_column(name, column)
+        return table
+
+    def _write(self, key: str, table: pa.Table) -> None:
+        writer = self._writers.get(key)
+        too_big = writer is not None and writer.segment.bytes >= self.settings.segment_bytes
+        if writer is not None and (too_big or not writer.schema.equals(table.schema)):
+            self._close_writer(key)
+            writer = None
+        if writer is None:
+            directory = self.settings.directory / key
+            directory.mkdir(parents=True, exist_ok=True)
+            segment = _Segment(directory / f"{next(self._seq):020d}{_SUFFIX}", key, 0, 0)
+            sink = pa.OSFile(str(segment.path), "wb")
+            writer = _Writer(segment, sink, ipc.new_stream(sink, table.schema), table.schema)
+            self._writers[key] = writer
+            self._segments.append(segment)
+        writer.writer.write_table(table)
+        writer.sink.flush()
+        size = writer.sink.tell()
+        self.stats.disk_bytes += size - writer.segment.bytes
+        writer.segment.bytes = size
+        writer.segment.rows += table.num_rows
+
+    def _close_writer(self, key: str) -> None:
+        writer = self._writers.pop(key, None)
+        if writer is not None:
+            writer.writer.close()  # writes the end-of-stream marker
+            size = writer.sink.tell()
+            writer.sink.close()
+            self.stats.disk_bytes += size - writer.segment.bytes
+            writer.segment.bytes = size
+
+    def _enforce_cap(self) -> None:
+        stats = self.stats
+        while stats.disk_bytes > self.settings.disk_bytes and self._segments:
+            oldest = self._segments.pop(0)
+            writer = self._writers.get(oldest.key)
+            if writer is not None and writer.segment is oldest:
+                self._close_writer(oldest.key)
+            rows = oldest.rows if oldest.rows >= 0 else _count_rows(oldest.path)
+            oldest.path.unlink(missing_ok=True)
+            stats.disk_bytes -= oldest.bytes
+            stats.dropped_rows += rows
+            log.info("inference log over its size cap: dropped %s (%d rows)", oldest.path, rows)
+
+    def _scan(self) -> None:
+        """Indexes log files left by an earlier run (oldest first, by their sequence names)."""
+        root = self.settings.directory
+        if not root.is_dir():
+            return
+        found = sorted(root.glob(f"*/*/*{_SUFFIX}"), key=lambda p: p.name)
+        for path in found:
+            key = f"{path.parent.parent.name}/{path.parent.name}"
+            size = path.stat().st_size
+            self._segments.append(_Segment(path, key, size, -1))
+            self.stats.disk_bytes += size
+
+    def close(self) -> None:
+        with self._io:
+            for key in list(self._writers):
+                self._close_writer(key)
+
+    # -- queries (a worker thread) -------------------------------------------------------------
+
+    def query(
+        self, workspace: str, pipeline: str, limit: int, start_ms: int = 0, end_ms: int = 0
+    ) -> pa.Table | None:
+        """The newest `limit` rows of a pipeline within [start_ms, end_ms), newest first.
+
+        An empty `workspace` matches the pipeline name in any workspace.
+        """
+
+        def wanted(key: str) -> bool:
+            return key == _key(workspace, pipeline) or (
+                not workspace and key.split("/", 1)[1] == pipeline
+            )
+
+        parts: list[pa.Table] = []
+        rows = 0
+        with self._io:
+            with self._lock:
+                pending = [e for e in self._pending if wanted(e.version.key)]
+            # Newest first: the pending runs (the newest last), then the files, newest first.
+            files = (_read(seg.path) for seg in reversed(self._segments) if wanted(seg.key))
+            for table in itertools.chain(reversed(list(self._tables(pending))), files):
+                if rows >= limit:
+                    break
+                selected = _select(table, start_ms, end_ms)
+                if selected.num_rows:
+                    parts.append(selected)
+                    rows += selected.num_rows
+        if not parts:
+            return None
+        return concat_logs(parts).slice(0, limit)
+
+
+def _read(path: Path) -> pa.Table:
+    try:
+        with pa.OSFile(str(path), "rb") as source:
+            return ipc.open_stream(source).read_all()
+    except (OSError, pa.ArrowInvalid) as exc:
+        log.warning("unreadable inference log file %s: %s", path, exc)
+        return pa.table({"time": pa.array([], _TIME)})
+
+
+def _count_rows(path: Path) -> int:
+    return _read(path).num_rows if path.exists() else 0
+
+
+def _select(table: pa.Table, start_ms: int, end_ms: int) -> pa.Table:
+    """Rows in [start_ms, end_ms) (0 = unbounded), newest (last appended) first."""
+    if start_ms or end_ms:
+        times = table.column("time")
+        mask = None
+        if start_ms:
+            mask = pc.greater_equal(times, pa.scalar(start_ms, _TIME))
+        if end_ms:
+            before = pc.less(times, pa.scalar(end_ms, _TIME))
+            mask = before if mask is None else pc.and_(mask, before)
+        table = table.filter(mask)
+    n = table.num_rows
+    return table.take(pa.array(range(n - 1, -1, -1), pa.int64())) if n > 1 else table
+
+
+def concat_logs(tables: list[pa.Table]) -> pa.Table:
+    """Concatenates log tables of different versions (missing columns become nulls)."""
+    if len(tables) == 1:
+        return tables[0]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # fixed_size_list and list columns of the same values do not unify: widen the fixed.
+        return pa.concat_tables([_widen(t) for t in tables], promote_options="permissive")
+
+
+def _widen(table: pa.Table) -> pa.Table:
+    fields = [
+        pa.field(f.name, pa.list_(f.type.value_type)) if pa.types.is_fixed_size_list(f.type) else f
+        for f in table.schema
+    ]
+    return table.cast(pa.schema(fields))
+
+
+def encode(table: pa.Table | None) -> bytes:
+    """A log table as Arrow IPC stream bytes (empty for no rows)."""
+    if table is None:
+        return b""
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())

@@ -1,0 +1,137 @@
+"""The load-test harness: histogram accuracy and merging, and short live runs on a real stack."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hotswap.clients._stack import LocalStack
+from hotswap.clients.loadtest import Histogram, main
+from hotswap.clients.loadtest._histogram import SUB
+from hotswap.v1 import control_pb2 as c
+from tests.e2e import _api
+
+PRECISION = 1.0 / SUB  # a bucket's width relative to its value
+
+
+def _filled(values: np.ndarray) -> Histogram:
+    hist = Histogram()
+    for v in values:
+        hist.record(int(v))
+    return hist
+
+
+def test_percentiles_match_numpy_within_bucket_precision() -> None:
+    rng = np.random.default_rng(7)
+    # An odd count keeps every rank off exact boundaries, where float rounding decides.
+    values = rng.lognormal(mean=7, sigma=1.5, size=20_001).astype(np.int64) + 1
+    hist = _filled(values)
+    for q in (50, 90, 99, 99.9):
+        exact = float(np.percentile(values, q, method="inverted_cdf"))
+        assert hist.percentile(q) == pytest.approx(exact, rel=PRECISION, abs=1)
+    assert hist.max == values.max()
+    assert hist.min == values.min()
+    assert hist.total == len(values)
+    assert len(hist.counts) < 2_000  # bounded by buckets, not samples
+
+
+def test_merge_equals_one_histogram_of_both() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(1, 10**6, 5_000), rng.integers(50, 10**4, 3_000)
+    merged = _filled(a).merge(Histogram.from_dict(_filled(b).to_dict()))
+    both = _filled(np.concatenate([a, b]))
+    assert merged.counts == both.counts
+    assert (merged.total, merged.max, merged.min, merged.sum) == (
+        both.total,
+        both.max,
+        both.min,
+        both.sum,
+    )
+    assert merged.percentile(99) == both.percentile(99)
+
+
+@pytest.fixture
+def served(tmp_path: Path, assets: Path) -> Iterator[LocalStack]:
+    """A stack serving `housing` with rf; gbr and xgb uploaded too."""
+    with LocalStack(tmp_path / "stack", engines=1) as stack:
+        stub = _api.control(stack.control_address)
+        stub.CreateWorkspace(c.CreateWorkspaceRequest(name=_api.WS))
+        for m in ("rf", "gbr", "xgb"):
+            _api.upload(stub, m, (assets / "models" / f"{m}_model.onnx").read_bytes())
+        stub.CreatePipeline(c.CreatePipelineRequest(workspace=_api.WS, name="housing"))
+        _api.deploy(stub, "housing", _api.new_version(stub, "housing", "rf").number)
+        yield stack
+
+
+def _run(stack: LocalStack, tmp_path: Path, *extra: str) -> dict[str, object]:
+    out = tmp_path / "report.json"
+    code = main(
+        [
+            "--address",
+            stack.control_address,
+            "--workspace",
+            _api.WS,
+            "--pipeline",
+            "housing",
+            "--json",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
+    report: dict[str, object] = json.loads(out.read_text())
+    assert code == 0, report["errors"]
+    return report
+
+
+def test_live_run_and_swaps(served: LocalStack, tmp_path: Path, assets: Path) -> None:
+    report = _run(
+        served,
+        tmp_path,
+        "--concurrency",
+        "4",
+        "--requests",
+        "400",
+        "--input",
+        str(assets / "data" / "xtest-1k.arrow"),
+        "--batch-rows",
+        "10",
+    )
+    assert report["errors"] == {}
+    assert report["ok"] == report["requests"] == 400
+    latency = report["latency_ms"]
+    assert isinstance(latency, dict)
+    assert set(latency) >= {"p50", "p90", "p99", "p99.9", "max"}
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    throughput = report["throughput"]
+    assert isinstance(throughput, dict)
+    assert throughput["rows_s"] == pytest.approx(10 * throughput["requests_s"])
+    assert sum(report["versions"].values()) == 400  # type: ignore[attr-defined]
+    assert {"harness", "timeline", "histogram_us", "swaps"} <= set(report)
+
+    # Requests keep flowing while swaps happen; the run ends after the last swap's window.
+    swapped = _run(
+        served,
+        tmp_path,
+        "--concurrency",
+        "2",
+        "--swap-every",
+        "0.3",
+        "--models",
+        "gbr,xgb",
+        "--swaps",
+        "2",
+    )
+    swaps = swapped["swaps"]
+    assert isinstance(swaps, list) and len(swaps) == 2
+    assert all(not s["error"] and s["deploy_ms"] > 0 for s in swaps)
+    assert [s["model"] for s in swaps] == ["gbr", "xgb"]
+    versions: dict[str, int] = swapped["versions"]  # type: ignore[assignment]
+    assert {str(s["version"]) for s in swaps} <= set(versions)
+    assert sum(versions.values()) == swapped["ok"] == swapped["requests"]
+    assert all(s["served"] == versions[str(s["version"])] for s in swaps)
+    assert all(s["window"]["count"] > 0 for s in swaps)
