@@ -137,7 +137,8 @@ class Router:
 
     def _pick(self, addresses: list[str]) -> str:
         if not addresses:
-            raise self._not_serving()
+            # Also reached while handling an engine's error: the answer replaces it.
+            raise self._not_serving() from None
         return addresses[next(self._counter) % len(addresses)]
 
     def _send(
@@ -153,7 +154,9 @@ class Router:
                 "with deploy(deployment_config=DeploymentConfigBuilder().replica_count(2).build())."
             ) from None
         except (UnavailableError, EntityNotFoundError) as err:
-            raise type(err)(f"engine {address}: {err.message}") from None
+            # Name the engine, once (a connect failure already names it).
+            message = err.message if address in err.message else f"engine {address}: {err.message}"
+            raise type(err)(message) from None
 
     def _not_serving(self) -> Exception:
         pipeline = self._session.control.get_pipeline(

@@ -76,6 +76,10 @@ _ELEMENT_TYPES: dict[str, np.dtype[Any]] = {
 }
 
 
+# Timed 1-row inferences after the first (allocating) one, to learn a request's real cost.
+WARM_RUNS = 3
+
+
 @dataclass(frozen=True, slots=True)
 class StepSpec:
     """One step of a pipeline version: a model version and its local, sha-verified ONNX file."""
@@ -157,6 +161,7 @@ class LoadedPipeline:
         "_schema_cache",
         "_steps",
         "load_ms",
+        "row_ms",
         "spec",
         "warmup_ms",
     )
@@ -164,12 +169,14 @@ class LoadedPipeline:
     spec: PipelineSpec
     load_ms: float
     warmup_ms: float
+    row_ms: float  # steady-state time of a 1-row inference, measured at warm-up
 
     def __init__(self, spec: PipelineSpec, sessions: Sequence[Any], load_ms: float) -> None:
         """Plan a pipeline over already-built sessions; use `build` instead."""
         self.spec = spec
         self.load_ms = load_ms
         self.warmup_ms = 0.0
+        self.row_ms = math.inf
         labels = [f"step {i} (model {s.model_name!r})" for i, s in enumerate(spec.steps)]
         self._inputs = _plan_inputs(spec.steps[0].model_name, labels[0], sessions[0])
         self._steps = _plan_steps(labels, sessions)
@@ -279,8 +286,14 @@ class LoadedPipeline:
             dims = (1,) if plan.row is None else tuple(d or 1 for d in plan.row)
             zeros = np.zeros((plan.batch or 1, *dims), dtype=plan.dtype)
             columns[plan.columns[0]] = ndarray_to_arrow(zeros)
+        table = pa.table(columns)
         try:
-            self.infer(pa.table(columns))
+            self.infer(table)
+            # The first call allocates; later ones show what a small request really costs.
+            for _ in range(WARM_RUNS):
+                started = time.perf_counter()
+                self.infer(table)
+                self.row_ms = min(self.row_ms, (time.perf_counter() - started) * 1000)
         except (EngineError, RuntimeError, ValueError) as exc:
             raise PrepareError(f"warm-up inference on a zero-filled row failed: {exc}") from exc
 

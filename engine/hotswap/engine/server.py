@@ -100,6 +100,7 @@ class EngineServer:
                 self._executor,
                 self._identity,
                 self.settings.max_rows,
+                inline_bytes=self.settings.inline_bytes,
                 metrics=self.metrics,
                 inference_log=self.inference_log,
             ),

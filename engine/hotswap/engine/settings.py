@@ -20,6 +20,8 @@ class Settings:
     threads: int = 1  # ONNX Runtime intra-op threads per session (0 = ORT default)
     workers: int = 4  # threads running inference
     max_rows: int = 1_000_000  # rows accepted in one Infer call
+    # Requests up to this many bytes run on the event loop (fast models only); 0 = never.
+    inline_bytes: int = 8192
     heartbeat_interval: float = 1.0
     retain_seconds: float = 300.0
     advertise: str = ""  # address to tell clients; default: the bound address
@@ -74,6 +76,13 @@ class Settings:
             type=int,
             default=int(env("HOTSWAP_MAX_ROWS", str(d.max_rows))),
             help="most rows accepted in one Infer call (default %(default)s)",
+        )
+        parser.add_argument(
+            "--inline-bytes",
+            type=int,
+            default=int(env("HOTSWAP_INLINE_BYTES", str(d.inline_bytes))),
+            help="run requests up to this size on the event loop instead of a worker thread "
+            "when the model is fast (1-row inference < 0.5 ms); 0 = never (default %(default)s)",
         )
         parser.add_argument(
             "--heartbeat-interval",
@@ -134,6 +143,7 @@ class Settings:
             threads=args.threads,
             workers=args.workers,
             max_rows=args.max_rows,
+            inline_bytes=args.inline_bytes,
             heartbeat_interval=args.heartbeat_interval,
             retain_seconds=args.retain_seconds,
             advertise=args.advertise,
