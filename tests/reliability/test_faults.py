@@ -222,10 +222,12 @@ def test_abandoned_streams_and_cancelled_calls_do_not_block_others(
             for i in range(2000)
         )
         abandoned = engine.InferStream(requests)
-        # Clients that give up mid-request.
+        # Clients that give up mid-request (a 5,000-row request takes milliseconds).
+        big = _api.ipc_stream(_api.tensor_table(np.ones((5000, 18), np.float32)))
         for _ in range(50):
-            with pytest.raises(grpc.RpcError):
-                _api.infer(engine, "housing", body, timeout=0.0005)
+            with pytest.raises(grpc.RpcError) as gave_up:
+                _api.infer(engine, "housing", big, timeout=0.0005)
+            assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # Everyone else is served promptly.
         for _ in range(20):
             assert _api.infer(engine, "housing", body, timeout=5).version == 1
