@@ -14,6 +14,7 @@ from hotswap.clients._model import Framework, Model, ModelList
 from hotswap.clients._pipeline import Pipeline, PipelineList
 from hotswap.clients._pipeline_version import PipelineVersion
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
+from hotswap.clients._rpc import Security
 from hotswap.clients._session import Session
 from hotswap.v1 import control_pb2, types_pb2
 
@@ -103,11 +104,26 @@ class Client:
     Args:
         address: The control plane's ``host:port``; defaults to ``$HOTSWAP_ADDRESS``, then
             ``localhost:50051``.
+        token: Bearer token for a control plane run with ``--tokens-file``; defaults to
+            ``$HOTSWAP_TOKEN``.
+        tls_ca: PEM file of the CA that signed the servers' certificates (turns TLS on);
+            defaults to ``$HOTSWAP_TLS_CA``.
+        tls_cert: This client's PEM certificate, for mutual TLS (``$HOTSWAP_TLS_CERT``).
+        tls_key: Its private key (``$HOTSWAP_TLS_KEY``).
     """
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+    ) -> None:
         self._address = address or os.environ.get("HOTSWAP_ADDRESS") or DEFAULT_ADDRESS
-        self._session = Session(self._address)
+        security = Security.resolve(os.environ, token, tls_ca, tls_cert, tls_key)
+        self._session = Session(self._address, security)
         self._workspace: Workspace | None = None
 
     @property

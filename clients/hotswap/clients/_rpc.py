@@ -8,8 +8,10 @@ needs are bound here by their full names, with the error mapping in one place.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from typing import Generic, TypeVar
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -28,9 +30,78 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """Opens an insecure channel to ``address`` (host:port) with the SDK's message limits."""
-    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+@dataclass(frozen=True, slots=True)
+class Security:
+    """How the SDK authenticates: a bearer token and/or TLS (PEM bytes). Empty = plaintext."""
+
+    token: str | None = None
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        environ: Mapping[str, str],
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+    ) -> Security:
+        """Arguments first, then ``HOTSWAP_TOKEN`` / ``HOTSWAP_TLS_CA`` / ``_CERT`` / ``_KEY``."""
+
+        def pem(given: str | Path | None, variable: str) -> bytes | None:
+            path = given or environ.get(variable)
+            return Path(path).read_bytes() if path else None
+
+        return cls(
+            token=token or environ.get("HOTSWAP_TOKEN") or None,
+            ca=pem(tls_ca, "HOTSWAP_TLS_CA"),
+            cert=pem(tls_cert, "HOTSWAP_TLS_CERT"),
+            key=pem(tls_key, "HOTSWAP_TLS_KEY"),
+        )
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call on a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+
+def open_channel(address: str, security: Security | None = None) -> grpc.Channel:
+    """Opens a channel to ``address`` (host:port) with the SDK's message limits: TLS when a
+    CA is configured, and the bearer token on every call when one is."""
+    security = security or Security()
+    if security.ca is None:
+        channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    else:
+        credentials = grpc.ssl_channel_credentials(security.ca, security.key, security.cert)
+        channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+    if security.token:
+        channel = grpc.intercept_channel(channel, _BearerToken(security.token))
+    return channel
 
 
 class Unary(Generic[_Req, _Resp]):

@@ -6,16 +6,17 @@ import threading
 
 import grpc
 
-from hotswap.clients._rpc import ControlStub, Unary, engine_infer, open_channel
+from hotswap.clients._rpc import ControlStub, Security, Unary, engine_infer, open_channel
 from hotswap.v1 import engine_pb2
 
 
 class Session:
     """One channel to the control plane plus one per engine address, opened on first use."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, security: Security | None = None) -> None:
         self.address = address
-        self._channel = open_channel(address)
+        self._security = security or Security()
+        self._channel = open_channel(address, self._security)
         self.control = ControlStub(self._channel, address)
         self._lock = threading.Lock()
         self._engines: dict[
@@ -27,7 +28,7 @@ class Session:
         with self._lock:
             entry = self._engines.get(address)
             if entry is None:
-                channel = open_channel(address)
+                channel = open_channel(address, self._security)
                 entry = (channel, engine_infer(channel, address))
                 self._engines[address] = entry
             return entry[1]

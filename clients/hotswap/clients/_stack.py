@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from hotswap.clients._rpc import Security, open_channel
 from hotswap.v1 import control_pb2, control_pb2_grpc
 
 POLL_INTERVAL = 0.02
@@ -39,6 +40,7 @@ class LocalStack:
         host: str = "127.0.0.1",
         control_args: tuple[str, ...] = (),
         engine_args: tuple[str, ...] = (),
+        security: Security | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self._port = port
@@ -47,6 +49,8 @@ class LocalStack:
         self._host = host
         self._control_args = control_args
         self._engine_args = engine_args
+        # How this stack's own calls (readiness checks) reach a secured control plane.
+        self._security = security
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._addresses: dict[str, str] = {}
         self._logs = self.data_dir / "logs"
@@ -130,7 +134,10 @@ class LocalStack:
         )
         return self._wait_address("control", time.monotonic() + timeout)
 
-    def start_engine(self, name: str, timeout: float = 30.0) -> str:
+    def start_engine(
+        self, name: str, timeout: float = 30.0, engine_args: tuple[str, ...] | None = None
+    ) -> str:
+        """Starts (or restarts) engine `name`; `engine_args` replaces the stack's for it."""
         # Restarts reuse the same name, port and cache, like a restarted pod with a volume.
         port = self._addresses[name].rsplit(":", 1)[1] if name in self._addresses else "0"
         self._spawn(
@@ -150,7 +157,7 @@ class LocalStack:
                 str(self._threads),
                 "--metrics-port",
                 "0",
-                *self._engine_args,
+                *(self._engine_args if engine_args is None else engine_args),
             ],
         )
         return self._wait_address(name, time.monotonic() + timeout)
@@ -169,7 +176,7 @@ class LocalStack:
     def wait_engines_connected(self, names: list[str], timeout: float = 30.0) -> None:
         """Polls the control plane until every engine in `names` is connected."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.control_address) as channel:
+        with open_channel(self.control_address, self._security) as channel:
             # The generated type stubs are async-only; this is the sync API.
             stub: Any = control_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[arg-type]
             while time.monotonic() < deadline:

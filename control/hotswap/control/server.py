@@ -8,9 +8,11 @@ import logging
 
 import grpc
 
-from hotswap._edge import server_options
+from hotswap._edge import bind, server_credentials, server_options
 from hotswap._logs import RequestIdInterceptor
 from hotswap._metrics_http import MetricsEndpoint
+from hotswap.control._auth_interceptor import AuthInterceptor
+from hotswap.control.auth import TokenBook
 from hotswap.control.blobs import BlobStore
 from hotswap.control.deployer import Deployer
 from hotswap.control.engine_logs import LogGatherer
@@ -50,9 +52,10 @@ class ControlPlaneServer:
         self.logs = LogGatherer(self.fleet)
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         uploads = ModelUploads(self.store, self.blobs, settings.max_model_bytes)
-        self._server = grpc.aio.server(
-            options=server_options(), interceptors=[RequestIdInterceptor()]
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
+        if settings.tokens_file is not None:
+            interceptors.append(AuthInterceptor(TokenBook.load(settings.tokens_file)))
+        self._server = grpc.aio.server(options=server_options(), interceptors=interceptors)
         control_pb2_grpc.add_ControlPlaneServicer_to_server(
             ControlPlaneServicer(
                 self.store,
@@ -72,7 +75,10 @@ class ControlPlaneServer:
 
     async def start(self) -> str:
         host = self.settings.listen.rsplit(":", 1)[0]
-        port = self._server.add_insecure_port(self.settings.listen)
+        credentials = server_credentials(
+            self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
+        )
+        port = bind(self._server, self.settings.listen, credentials)
         if port == 0:
             raise OSError(f"could not listen on {self.settings.listen}")
         await self._server.start()
@@ -80,7 +86,18 @@ class ControlPlaneServer:
         self._heartbeat = asyncio.create_task(
             self.fleet.heartbeat_forever(self.settings.heartbeat_interval)
         )
-        log.info("control plane serving on %s (data in %s)", self.address, self.settings.data_dir)
+        log.info(
+            "control plane serving on %s with %s (data in %s)",
+            self.address,
+            "mutual TLS" if self.settings.tls_client_ca else "TLS" if credentials else "plaintext",
+            self.settings.data_dir,
+        )
+        if self.settings.tokens_file is None:
+            log.warning(
+                "no --tokens-file: the API and the fleet stream are open to anyone who can "
+                "reach %s (fine on loopback for local work, not in production)",
+                self.address,
+            )
         if self.settings.metrics_port >= 0:
             self.metrics_endpoint.start(
                 host, self.settings.metrics_port, self.settings.address_file

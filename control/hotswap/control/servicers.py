@@ -13,7 +13,7 @@ import grpc
 
 from hotswap import _logs
 from hotswap._edge import StatusTable, stream_errors, unary_errors
-from hotswap.control import _convert
+from hotswap.control import _convert, auth
 from hotswap.control.blobs import BlobStore
 from hotswap.control.deployer import Deployer
 from hotswap.control.engine_logs import LogGatherer
@@ -44,6 +44,8 @@ STATUS: StatusTable = {
     DeployConflict: grpc.StatusCode.ABORTED,
     NoEngines: grpc.StatusCode.UNAVAILABLE,
     BlobCorrupt: grpc.StatusCode.DATA_LOSS,
+    auth.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    auth.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 unary = unary_errors(STATUS)
 streaming = stream_errors(STATUS)
@@ -74,6 +76,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     async def CreateWorkspace(
         self, request: control_pb2.CreateWorkspaceRequest, context: Context
     ) -> control_pb2.Workspace:
+        auth.require_workspace(request.name)
         return _convert.workspace(self._store.create_workspace(request.name))
 
     @unary
@@ -81,7 +84,9 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         self, request: control_pb2.ListWorkspacesRequest, context: Context
     ) -> control_pb2.ListWorkspacesResponse:
         return control_pb2.ListWorkspacesResponse(
-            workspaces=[_convert.workspace(w) for w in self._store.list_workspaces()]
+            workspaces=[
+                _convert.workspace(w) for w in self._store.list_workspaces() if auth.may_see(w.name)
+            ]
         )
 
     @unary
@@ -93,6 +98,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
             raise InvalidArgument("an upload must start with a message carrying `header`")
         h = first.header
         header = UploadHeader(h.workspace, h.name, h.sha256, h.size_bytes)
+        auth.require_workspace(h.workspace)
 
         async def chunks() -> AsyncIterator[bytes]:
             async for message in request_iterator:

@@ -24,6 +24,12 @@ class Settings:
     # Prometheus endpoint port on the --listen host: 0 picks one, -1 turns it off.
     metrics_port: int = -1
     log_format: str = "text"  # text | json
+    # TLS: server certificate and key (PEM); with tls_client_ca, clients need certificates too.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Bearer tokens for the API and for engines (see hotswap.control.auth); None = open.
+    tokens_file: Path | None = None
 
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -85,6 +91,14 @@ class Settings:
             help="service log lines: readable text or one JSON object per line (%(default)s)",
         )
         parser.add_argument("--address-file", type=Path, default=None, help=argparse.SUPPRESS)
+        for flag, variable, text in (
+            ("--tls-cert", "HOTSWAP_TLS_CERT", "PEM certificate to serve TLS with"),
+            ("--tls-key", "HOTSWAP_TLS_KEY", "PEM private key of --tls-cert"),
+            ("--tls-client-ca", "HOTSWAP_TLS_CLIENT_CA", "require client certificates of this CA"),
+            ("--tokens-file", "HOTSWAP_TOKENS_FILE", "JSON bearer tokens (hotswap.control.auth)"),
+        ):
+            found = env(variable)
+            parser.add_argument(flag, type=Path, default=Path(found) if found else None, help=text)
         args = parser.parse_args(list(argv))
         return cls(
             data_dir=args.data_dir,
@@ -95,6 +109,10 @@ class Settings:
             heartbeat_interval=args.heartbeat_interval,
             lost_after=args.lost_after,
             address_file=args.address_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            tokens_file=args.tokens_file,
             metrics_port=args.metrics_port,
             log_format=args.log_format,
         )

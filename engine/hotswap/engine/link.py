@@ -38,14 +38,19 @@ class ControlLink:
         address: str,
         heartbeat_interval: float,
         metrics: EngineMetrics | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        token: str = "",
     ) -> None:
         self._metrics = metrics or EngineMetrics()
+        # The engine credential, sent on every Fleet call (never logged).
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self._host = host
         self._control = control
         self.name = name
         self.address = address
         self._heartbeat_interval = heartbeat_interval
-        self._channel = grpc.aio.insecure_channel(control, options=channel_options())
+        self._channel = channel or grpc.aio.insecure_channel(control, options=channel_options())
         self._stub = fleet_pb2_grpc.FleetStub(self._channel)
         self.connected = asyncio.Event()
         self._outbox: asyncio.Queue[fleet_pb2.EngineMessage] = asyncio.Queue()
@@ -57,7 +62,7 @@ class ControlLink:
         """The blob fetcher the engine's BlobCache uses (resumable by offset)."""
         try:
             async for chunk in self._stub.FetchBlob(
-                fleet_pb2.FetchBlobRequest(sha256=sha256, offset=offset)
+                fleet_pb2.FetchBlobRequest(sha256=sha256, offset=offset), metadata=self._auth
             ):
                 yield chunk.data
         except grpc.aio.AioRpcError as exc:
@@ -115,7 +120,7 @@ class ControlLink:
         # and swaps prepared for a previous stream will never be committed.
         self._outbox = asyncio.Queue()
         self._host.abort_all()
-        call = self._stub.Connect(self._requests())
+        call = self._stub.Connect(self._requests(), metadata=self._auth)
         beat = self._spawn(self._heartbeat_forever())
         try:
             async for message in call:

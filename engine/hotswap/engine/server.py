@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from hotswap._edge import server_options
+from hotswap._edge import bind, client_channel, server_credentials, server_options
 from hotswap._metrics_http import MetricsEndpoint
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.host import EngineHost
@@ -48,7 +48,11 @@ class EngineServer:
         self._log_task: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
-        port = self._server.add_insecure_port(self.settings.listen)
+        port = bind(
+            self._server,
+            self.settings.listen,
+            server_credentials(self.settings.tls_cert, self.settings.tls_key, None),
+        )
         if port == 0:
             raise OSError(f"could not listen on {self.settings.listen}")
         host_part = self.settings.listen.rsplit(":", 1)[0]
@@ -72,6 +76,13 @@ class EngineServer:
             self.address,
             self.settings.heartbeat_interval,
             self.metrics,
+            channel=client_channel(
+                self.settings.control,
+                ca=self.settings.control_ca,
+                cert=self.settings.control_cert,
+                key=self.settings.control_key,
+            ),
+            token=self.settings.control_token,
         )
         link_ref.append(self.link)
         self.metrics.watch(self.host.loaded_versions, lambda: _dir_bytes(cache_dir / "blobs"))

@@ -25,6 +25,15 @@ class Settings:
     heartbeat_interval: float = 1.0
     retain_seconds: float = 300.0
     advertise: str = ""  # address to tell clients; default: the bound address
+    # TLS for this engine's own server (Infer), PEM files.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # TLS to the control plane: the CA to trust, and this engine's certificate for mutual TLS.
+    control_ca: Path | None = None
+    control_cert: Path | None = None
+    control_key: Path | None = None
+    # The engine credential for Fleet.Connect (from --control-token-file or env).
+    control_token: str = ""
     address_file: Path | None = None
     # Inference log (docs/observability.md): on by default, under <cache-dir>/inference-logs.
     inference_log: bool = True
@@ -134,7 +143,20 @@ class Settings:
             help="service log lines: readable text or one JSON object per line (%(default)s)",
         )
         parser.add_argument("--address-file", type=Path, default=None, help=argparse.SUPPRESS)
+        for flag, variable, text in (
+            ("--tls-cert", "HOTSWAP_TLS_CERT", "PEM certificate to serve Infer over TLS"),
+            ("--tls-key", "HOTSWAP_TLS_KEY", "PEM private key of --tls-cert"),
+            ("--control-ca", "HOTSWAP_CONTROL_CA", "CA that signed the control plane's cert"),
+            ("--control-cert", "HOTSWAP_CONTROL_CERT", "client certificate for mutual TLS"),
+            ("--control-key", "HOTSWAP_CONTROL_KEY", "private key of --control-cert"),
+            ("--control-token-file", "HOTSWAP_CONTROL_TOKEN_FILE", "file with the engine token"),
+        ):
+            found = env(variable)
+            parser.add_argument(flag, type=Path, default=Path(found) if found else None, help=text)
         args = parser.parse_args(list(argv))
+        token = env("HOTSWAP_ENGINE_TOKEN", "")
+        if args.control_token_file is not None:
+            token = args.control_token_file.read_text().strip()
         return cls(
             control=args.control,
             listen=args.listen,
@@ -148,6 +170,12 @@ class Settings:
             retain_seconds=args.retain_seconds,
             advertise=args.advertise,
             address_file=args.address_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            control_ca=args.control_ca,
+            control_cert=args.control_cert,
+            control_key=args.control_key,
+            control_token=token,
             inference_log=args.inference_log,
             log_dir=Path(args.log_dir) if args.log_dir else None,
             log_memory_bytes=args.log_memory_bytes,
