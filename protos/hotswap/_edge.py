@@ -19,6 +19,7 @@ StatusTable = Mapping[type[Exception], grpc.StatusCode]
 
 # gRPC's 4 MiB default is too small for large Arrow batches.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_CONCURRENT_STREAMS = 1024
 
 
 def status_for(table: StatusTable, exc: Exception) -> grpc.StatusCode | None:
@@ -94,6 +95,8 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # Bounds what one connection can make the server hold at once.
+        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
         # Let clients keep idle connections open with keepalive pings.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
