@@ -6,10 +6,13 @@ use it and neither should import the other. Domain code never imports this modul
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -154,3 +157,23 @@ def client_channel(
         certificate_chain=cert.read_bytes() if cert else None,
     )
     return grpc.aio.secure_channel(address, credentials, options=channel_options())
+
+
+class Service(Protocol):
+    async def start(self) -> str: ...
+
+    async def stop(self, grace: float = ...) -> None: ...
+
+
+async def serve_until_signalled(make: Callable[[], Service], name: str) -> None:
+    """Builds the service inside the running loop, serves until SIGINT/SIGTERM, then stops
+    it gracefully (in-flight requests finish)."""
+    service = make()
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(name).info("shutting down")
+    await service.stop()

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 from hotswap import _logs
+from hotswap._edge import serve_until_signalled
 from hotswap.engine.server import EngineServer
 from hotswap.engine.settings import Settings
-
-
-async def _run(settings: Settings) -> None:
-    server = EngineServer(settings)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logging.getLogger(__name__).info("shutting down")
-    await server.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(sys.argv[1:] if argv is None else argv, os.environ)
     _logs.configure("engine", settings.log_format, os.environ.get("HOTSWAP_LOG_LEVEL", "INFO"))
-    asyncio.run(_run(settings))
+    asyncio.run(serve_until_signalled(lambda: EngineServer(settings), __name__))
     return 0
 
 
