@@ -1,4 +1,4 @@
-"""The swap coordinator: two-phase deploys across engines, undeploys, and the live status.
+"""The swap coordinator: two-phase deploys across engines, and undeploys.
 
 Deploy = prepare on every assigned engine (old version keeps serving), then — only if all
 prepared — record the new version as desired (the commit point, in SQLite) and commit on every
@@ -47,36 +47,6 @@ class DeployResult:
     prepare_ms: float
     commit_ms: float
     total_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class ModelState:
-    name: str
-    version: str
-    sha256: str
-    status: str
-
-
-@dataclass(frozen=True, slots=True)
-class EngineView:
-    name: str
-    address: str
-    status: str  # Running | Starting | Lost | Error
-    reason: str
-    serving_version: int
-    models: tuple[ModelState, ...]
-    last_seen_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class PipelineStatus:
-    workspace: str
-    pipeline: str
-    status: str  # Running | Starting | Error | Undeployed
-    details: str
-    deployment: Deployment | None
-    engines: tuple[EngineView, ...]
-    swap: Swap | None = None  # the swap running now, if any
 
 
 def _ms_since(start: float) -> float:
@@ -441,66 +411,3 @@ class Deployer:
     async def _wait_released(session: EngineSession, key: str) -> None:
         while session.connected and key in session.serving:
             await session.reported.wait()
-
-    # -- status ---------------------------------------------------------------------------
-
-    def _engine_view(self, name: str, deployment: Deployment) -> EngineView:
-        session = self._fleet.sessions.get(name)
-        if session is None:
-            return EngineView(name, "", "Lost", "engine has not connected", 0, (), 0)
-        serving = session.serving.get(deployment.version.key)
-        number = serving.number if serving else 0
-        models = tuple(
-            ModelState(m.name, m.version, m.sha256, "Running")
-            for m in (serving.models if serving else ())
-        )
-        if session.lost(self._fleet.lost_after):
-            status, reason = "Lost", "no heartbeat from the engine"
-        elif serving is not None and serving.state == "Error":
-            status, reason = "Error", serving.error
-        elif serving is not None and serving.version_id == deployment.version.version_id:
-            status, reason = "Running", ""
-        else:
-            status = "Starting"
-            reason = f"loading version {deployment.version.number}"
-        return EngineView(
-            name, session.address, status, reason, number, models, session.last_seen_ms
-        )
-
-    def status(self, workspace: str, pipeline: str) -> PipelineStatus:
-        deployment = self._store.get_pipeline(workspace, pipeline).deployment
-        if deployment is None:
-            running = self.running.get(pipeline_key(workspace, pipeline))
-            return PipelineStatus(
-                workspace, pipeline, "Undeployed", "pipeline is not deployed", None, (), running
-            )
-        engines = tuple(self._engine_view(n, deployment) for n in deployment.engines)
-        states = [e.status for e in engines]
-        details = "; ".join(f"{e.name}: {e.reason}" for e in engines if e.status != "Running")
-        if "Error" in states or not engines:
-            status = "Error"
-        elif "Starting" in states:
-            status = "Starting"
-        elif "Running" in states:
-            status = "Running"  # possibly degraded: `details` names the lost engines
-        else:
-            status = "Error"  # every assigned engine is lost: nothing serves
-        if status == "Running" and len(engines) < deployment.replicas:
-            details = (
-                f"{len(engines)} of {deployment.replicas} replicas: only {len(engines)} "
-                "engine(s) were connected; start more engines to add replicas"
-            )
-        running = self.running.get(pipeline_key(workspace, pipeline))
-        return PipelineStatus(workspace, pipeline, status, details, deployment, engines, running)
-
-    def endpoints(self, workspace: str, pipeline: str) -> tuple[int, list[str]]:
-        """The deployed version and the engines serving exactly it now."""
-        deployment = self._store.get_pipeline(workspace, pipeline).deployment
-        if deployment is None:
-            raise DeployFailed(f"pipeline {pipeline!r} is not deployed: deploy it first")
-        addresses = [
-            view.address
-            for view in (self._engine_view(n, deployment) for n in deployment.engines)
-            if view.status == "Running"
-        ]
-        return deployment.version.number, addresses

@@ -28,6 +28,7 @@ from hotswap.control.errors import (
     NotFound,
 )
 from hotswap.control.fleet import Fleet
+from hotswap.control.status import StatusBoard
 from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
 from hotswap.control.uploads import ModelUploads, UploadHeader
@@ -65,6 +66,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         timeline: SwapTimeline,
         logs: LogGatherer,
     ) -> None:
+        self._status = StatusBoard(store, fleet, deployer.running)
         self._store = store
         self._uploads = uploads
         self._deployer = deployer
@@ -230,7 +232,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     async def GetPipelineStatus(
         self, request: control_pb2.GetPipelineStatusRequest, context: Context
     ) -> control_pb2.PipelineStatus:
-        status = self._deployer.status(request.workspace, request.pipeline)
+        status = self._status.status(request.workspace, request.pipeline)
         message = control_pb2.PipelineStatus(
             workspace=status.workspace,
             pipeline=status.pipeline,
@@ -265,7 +267,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     async def GetPipelineEndpoints(
         self, request: control_pb2.GetPipelineEndpointsRequest, context: Context
     ) -> control_pb2.PipelineEndpoints:
-        number, addresses = self._deployer.endpoints(request.workspace, request.pipeline)
+        number, addresses = self._status.endpoints(request.workspace, request.pipeline)
         return control_pb2.PipelineEndpoints(version=number, addresses=addresses)
 
     @unary
