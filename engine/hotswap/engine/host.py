@@ -14,6 +14,7 @@ import ctypes
 import logging
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -98,6 +99,12 @@ class EngineHost:
         # Pipelines assigned by the desired state but not active yet: key -> Loading | error.
         self._pending: dict[str, str] = {}
         self._reconcile_lock = asyncio.Lock()
+        # Whether a desired state from the control plane has been applied: until then the
+        # engine cannot know what it is meant to serve (health checks answer NOT_SERVING).
+        self.synced = False
+        # Called (on the loop) whenever what is active or assigned changes; health checks
+        # hang off it.
+        self.on_change: Callable[[], None] = lambda: None
 
     # -- request path -----------------------------------------------------------------------
 
@@ -181,6 +188,7 @@ class EngineHost:
         if old is not None and old is not loaded:
             self._retain(old)
         log.info("swapped %s to version %d in %.1f us", key, loaded.spec.number, switch_us)
+        self.on_change()
         return switch_us
 
     def abort_all(self) -> None:
@@ -235,6 +243,14 @@ class EngineHost:
                     self._graveyard.append(loaded)
             for key in [k for k in self._pending if k not in wanted]:
                 del self._pending[key]
+            # Everything still to load is marked first, so readiness never sees a moment
+            # where one pipeline is done and the next not yet marked.
+            for ref in desired:
+                active = self._active.get(ref.key)
+                if active is None or active.spec.version_id != ref.version_id:
+                    self._pending.setdefault(ref.key, "Loading")
+            self.synced = True
+            self.on_change()
             for ref in desired:
                 active = self._active.get(ref.key)
                 if active is not None and active.spec.version_id == ref.version_id:
@@ -246,6 +262,7 @@ class EngineHost:
                 except PrepareError as exc:
                     log.error("could not load %s version %d: %s", ref.key, ref.number, exc)
                     self._pending[ref.key] = str(exc)
+                    self.on_change()
                     continue
                 if ref.key in self._pending:  # not released while loading
                     swap_id = f"desired:{ref.version_id}"

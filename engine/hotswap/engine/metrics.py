@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -38,6 +38,11 @@ LATENCY_BUCKETS = (
 SWAP_BUCKETS = (1e-6, 1e-5, 1e-4, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
+# Series kept per pipeline: a version's label children go once this many newer ones have
+# served, so a long run of swaps cannot grow the registry (or the scrape) without bound.
+KEEP_VERSIONS = 8
+
+
 @dataclass(frozen=True, slots=True)
 class Bound:
     """The label children of one pipeline version: what a request touches."""
@@ -46,6 +51,7 @@ class Bound:
     latency: Histogram
     rows: Counter
     labels: tuple[str, str, str]  # workspace, pipeline, version
+    codes: set[str] = field(default_factory=set)  # error codes counted for this version
 
 
 class EngineMetrics:
@@ -120,11 +126,23 @@ class EngineMetrics:
                 labels,
             )
             self._bound[spec.version_id] = found
+            self._forget_old(labels[:2])
         return found
+
+    def _forget_old(self, pipeline: tuple[str, str]) -> None:
+        versions = [k for k, b in self._bound.items() if b.labels[:2] == pipeline]
+        for version_id in versions[:-KEEP_VERSIONS]:
+            old = self._bound.pop(version_id)
+            for code in {"OK", *old.codes}:
+                self.requests.remove(*old.labels, code)
+            self.latency.remove(*old.labels)
+            self.rows.remove(*old.labels)
 
     def failed(self, bound: Bound | None, code: str) -> None:
         """Counts a failed request (`bound` is None when no version was found for it)."""
         labels = bound.labels if bound is not None else ("", "", "")
+        if bound is not None:
+            bound.codes.add(code)
         self.requests.labels(*labels, code).inc()
 
     def watch(

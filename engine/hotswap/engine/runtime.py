@@ -45,6 +45,7 @@ __all__ = [
     "PipelineSpec",
     "RuntimeOptions",
     "StepSpec",
+    "TensorInfo",
     "decode_ipc",
     "encode_ipc",
 ]
@@ -115,6 +116,15 @@ class RuntimeOptions:
     def __post_init__(self) -> None:
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError("thread counts must be >= 0 (0 = ONNX Runtime's default)")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """An ONNX input or output as ONNX Runtime reports it."""
+
+    name: str
+    type: str  # e.g. "tensor(float)"
+    shape: tuple[int, ...]  # -1 for a dynamic dim; () when the rank is unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +235,15 @@ class LoadedPipeline:
     def input_columns(self) -> list[str]:
         """The columns the first step reads, e.g. `["tensor"]`."""
         return [plan.columns[0] for plan in self._inputs]
+
+    def input_specs(self) -> list[TensorInfo]:
+        """The first step's ONNX inputs, in order: the pipeline's inputs."""
+        return [_tensor_info(arg) for arg in self._steps[0].session.get_inputs()]
+
+    def output_specs(self) -> list[TensorInfo]:
+        """The last step's ONNX outputs, in order: the `out.<name>` columns of a result."""
+        by_name = {arg.name: arg for arg in self._steps[-1].session.get_outputs()}
+        return [_tensor_info(by_name[name]) for name in self._out_names]
 
     def infer(self, table: pa.Table) -> pa.Table:
         """Run every step on the table's rows and return the output table (design.md).
@@ -414,6 +433,11 @@ def _dims(arg: Any) -> Dims | None:
     if not shape:
         return None
     return tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
+
+
+def _tensor_info(arg: Any) -> TensorInfo:
+    dims = _dims(arg) or ()
+    return TensorInfo(arg.name, arg.type, tuple(-1 if d is None else d for d in dims))
 
 
 def _static(dims: Dims) -> tuple[int, ...] | None:

@@ -13,17 +13,27 @@ import grpc
 
 from hotswap._edge import bind, client_channel, server_credentials, server_options
 from hotswap._metrics_http import MetricsEndpoint
+from hotswap._probes import Health, add_probes
 from hotswap.engine.blob_cache import BlobCache
+from hotswap.engine.health import EngineHealth
 from hotswap.engine.host import EngineHost
 from hotswap.engine.inference_log import InferenceLog, LogSettings
 from hotswap.engine.link import ControlLink
 from hotswap.engine.metrics import EngineMetrics
+from hotswap.engine.oip import InferenceServicer
 from hotswap.engine.runtime import RuntimeOptions
 from hotswap.engine.servicers import EngineIdentity, EngineServicer
 from hotswap.engine.settings import Settings
-from hotswap.v1 import engine_pb2_grpc
+from hotswap.oip import grpc_service_pb2, grpc_service_pb2_grpc
+from hotswap.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# The services health checks and reflection name (besides Health and reflection themselves).
+SERVICES = (
+    engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+)
 
 
 class EngineServer:
@@ -46,6 +56,8 @@ class EngineServer:
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         self.inference_log: InferenceLog | None = None
         self._log_task: asyncio.Task[None] | None = None
+        self._health: Health | None = None
+        self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
         port = bind(
@@ -117,6 +129,14 @@ class EngineServer:
             ),
             self._server,
         )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.host, self._executor, self.settings.max_rows, self.metrics),
+            self._server,
+        )
+        self._health = await add_probes(self._server, SERVICES)
+        self._health_task = asyncio.create_task(
+            EngineHealth(self.host, self._health, SERVICES).run_forever()
+        )
         await self._server.start()
         self._link_task = asyncio.create_task(self.link.run_forever())
         self._reap_task = asyncio.create_task(self.host.reap_forever())
@@ -140,6 +160,8 @@ class EngineServer:
         return self.address
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._health is not None:
+            await self._health.shutdown()  # probes see NOT_SERVING while requests drain
         if self._link_task is not None:
             self._link_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -151,10 +173,11 @@ class EngineServer:
             self._log_task.cancel()  # flushes what is left
             with contextlib.suppress(asyncio.CancelledError):
                 await self._log_task
-        if self._reap_task is not None:
-            self._reap_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reap_task
+        for task in (self._reap_task, self._health_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.host is not None:
             self.host.close()
         self.metrics_endpoint.stop()

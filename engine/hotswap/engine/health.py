@@ -1,0 +1,64 @@
+"""The engine's readiness, as gRPC health statuses and for the Open Inference Protocol.
+
+Ready (SERVING) means: the engine has applied a desired state from the control plane, so it
+knows what it is meant to serve, and every pipeline assigned to it has a version active. A
+pipeline that is loading or failed to load keeps the engine NOT_SERVING, so a load balancer
+or a Kubernetes readiness probe only sends traffic to an engine that can answer it all. An
+engine assigned nothing is ready (like Triton with an empty repository): it would otherwise
+never become ready, and rollouts would stall.
+
+Each pipeline also gets its own status, under ``hotswap.pipeline/<workspace>/<pipeline>``:
+SERVING while a version of it is active here, NOT_SERVING while assigned but not loaded (or
+after it was released); unknown before it was ever assigned here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from hotswap._probes import Health
+from hotswap.engine.host import EngineHost
+
+PIPELINE_PREFIX = "hotswap.pipeline/"
+
+
+def pipeline_service(key: str) -> str:
+    """The health service name of pipeline `key` ("<workspace>/<pipeline>")."""
+    return PIPELINE_PREFIX + key
+
+
+def readiness(host: EngineHost) -> tuple[bool, dict[str, bool]]:
+    """Whether the engine is ready, and whether each assigned pipeline is, by key."""
+    pipelines = {state.key: state.active is not None for state in host.states()}
+    return host.synced and all(pipelines.values()), pipelines
+
+
+class EngineHealth:
+    """Keeps the health statuses in step with the host. Level-triggered: every change to the
+    host wakes one task that re-reads the whole state, so bursts of changes coalesce and a
+    missed one cannot leave a stale status."""
+
+    def __init__(self, host: EngineHost, health: Health, services: Sequence[str]) -> None:
+        self._host = host
+        self._health = health
+        self._services = ("", *services)
+        self._changed = asyncio.Event()
+        self._known: set[str] = set()
+        host.on_change = self._changed.set
+
+    async def run_forever(self) -> None:
+        while True:
+            self._changed.clear()
+            await self._apply()
+            await self._changed.wait()
+
+    async def _apply(self) -> None:
+        ready, pipelines = readiness(self._host)
+        for name in self._services:
+            await self._health.set(name, ready)
+        statuses = {pipeline_service(key): up for key, up in pipelines.items()}
+        statuses.update({name: False for name in self._known - statuses.keys()})
+        for name, up in statuses.items():
+            await self._health.set(name, up)
+        self._known.update(statuses)

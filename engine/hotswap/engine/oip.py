@@ -1,0 +1,432 @@
+"""The Open Inference Protocol (KServe v2) on the engine: ``inference.GRPCInferenceService``.
+
+A deployed pipeline is a model: its name is the pipeline name, its version the pipeline version
+number, its inputs the first step's ONNX inputs and its outputs the last step's. A ModelInfer
+takes the same path as ``hotswap.v1.Engine/Infer``: one look-up of the active version (so the
+request is served wholly by it, even during a hot swap), then `LoadedPipeline.infer` on a
+table built from the request's tensors, in the inference executor; the answer says which
+version served it. A single-input pipeline takes the request's one tensor whatever its name;
+a multi-input one takes tensors named after its ONNX inputs.
+
+Tensors arrive as typed `contents` or `raw_input_contents` and leave as `raw_output_contents`
+(what tritonclient reads). Raw tensors reach ONNX Runtime without a copy for float types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from importlib import metadata
+from typing import Any
+
+import grpc
+import numpy as np
+import pyarrow as pa
+
+from hotswap._edge import status_for, unary_errors
+from hotswap.engine.arrow_io import Array, column_to_ndarray, ndarray_to_arrow
+from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed, RequestTooLarge
+from hotswap.engine.health import readiness
+from hotswap.engine.host import EngineHost
+from hotswap.engine.metrics import Bound, EngineMetrics
+from hotswap.engine.runtime import LoadedPipeline, TensorInfo
+from hotswap.engine.servicers import STATUS
+from hotswap.oip import grpc_service_pb2 as oip
+from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
+
+unary = unary_errors(STATUS)
+Context = grpc.aio.ServicerContext[Any, Any]
+
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ("model_repository",)
+
+# The protocol's datatypes, from ONNX Runtime's element types and numpy's dtypes.
+_FROM_ONNX = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_BY_KIND = {(dtype.kind, dtype.itemsize): name for name, dtype in _DTYPES.items()}
+# Which typed field carries each datatype; narrow integers travel widened.
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+_FIELD_DTYPES = {
+    "bool_contents": np.dtype(np.bool_),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
+# Host states of a pipeline without an active version, as the repository index shows them.
+_REPOSITORY_STATES = {"Running": "READY", "Loading": "LOADING", "Error": "UNAVAILABLE"}
+
+# -- protocol messages <-> tensors (no grpc, no ONNX Runtime) ---------------------------------
+
+
+def parameter_value(parameter: oip.InferParameter) -> bool | int | float | str | None:
+    """The value of any InferParameter kind (None when none is set)."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(parameter, kind)
+
+
+def input_tensors(request: oip.ModelInferRequest) -> list[tuple[str, Array]]:
+    """The request's tensors as numpy arrays shaped as declared, in request order.
+
+    Raises:
+        InvalidInput: unknown datatype, data that does not match the shape, or a mix of raw
+            and typed contents.
+    """
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} input(s): "
+            "send one per input, in order"
+        )
+    tensors = []
+    for index, tensor in enumerate(request.inputs):
+        what = f"input {tensor.name!r}"
+        dtype = _DTYPES.get(tensor.datatype)
+        if dtype is None:
+            known = ", ".join(_DTYPES)
+            raise InvalidInput(f"{what} has datatype {tensor.datatype!r}; send one of {known}")
+        shape = tuple(tensor.shape)
+        if not shape or min(shape) < 0:
+            raise InvalidInput(
+                f"{what} has shape {list(shape)}: give every dim, the first being the rows"
+            )
+        count = math.prod(shape)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"{what} has contents and raw_input_contents: send one")
+            data = raw[index]
+            if len(data) != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"{what} is {tensor.datatype} {list(shape)}: {count * dtype.itemsize} raw "
+                    f"bytes expected, got {len(data)}"
+                )
+            values = np.frombuffer(data, dtype=dtype)
+        else:
+            values = _typed_values(tensor, dtype, count, what)
+        tensors.append((tensor.name, values.reshape(shape)))
+    return tensors
+
+
+def _typed_values(
+    tensor: oip.ModelInferRequest.InferInputTensor, dtype: np.dtype[Any], count: int, what: str
+) -> Array:
+    field = _CONTENTS.get(tensor.datatype)
+    if field is None:
+        raise InvalidInput(f"{what}: {tensor.datatype} has no typed contents; send it raw")
+    used = [f.name for f, _ in tensor.contents.ListFields()]
+    if used and used != [field]:
+        raise InvalidInput(f"{what} is {tensor.datatype}: its data goes in contents.{field}")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidInput(
+            f"{what} is {tensor.datatype} {list(tensor.shape)}: {count} values expected, "
+            f"got {len(values)} in contents.{field}"
+        )
+    wide = np.asarray(values, dtype=_FIELD_DTYPES[field])
+    if dtype.kind in "iu" and dtype.itemsize < wide.dtype.itemsize and wide.size:
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidInput(f"{what} has values outside {tensor.datatype}'s range")
+    return wide.astype(dtype, copy=False)
+
+
+def input_table(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) -> pa.Table:
+    """The table `loaded.infer` reads: a single-input pipeline's one tensor becomes the
+    `tensor` column whatever its name; otherwise each tensor is a column by its own name.
+
+    Raises:
+        InvalidInput: the wrong number or names of tensors, or tensors with different rows.
+    """
+    columns = loaded.input_columns()
+    name = loaded.spec.pipeline
+    if len(columns) == 1:
+        if len(tensors) != 1:
+            raise InvalidInput(f"model {name!r} takes one input tensor; got {len(tensors)}")
+        named = [(columns[0], tensors[0][1])]
+    else:
+        given = [n for n, _ in tensors]
+        if sorted(given) != sorted(columns):
+            raise InvalidInput(f"model {name!r} takes inputs {columns}; got {given}")
+        named = list(tensors)
+    rows = {values.shape[0] for _, values in named}
+    if len(rows) > 1:
+        raise InvalidInput(f"the input tensors have different first dims {sorted(rows)}")
+    return pa.table({column: _fixed_lists(values) for column, values in named})
+
+
+def _fixed_lists(values: Array) -> pa.Array:
+    """[N, a, b] -> fixed_size_list<fixed_size_list<dtype>[b]>[a]: zero-copy, no offsets."""
+    array = ndarray_to_arrow(values.reshape(-1))
+    for width in reversed(values.shape[1:]):
+        array = pa.FixedSizeListArray.from_arrays(array, int(width))
+    return array
+
+
+def output_tensors(
+    result: pa.Table, loaded: LoadedPipeline, wanted: Sequence[str]
+) -> tuple[list[oip.ModelInferResponse.InferOutputTensor], list[bytes]]:
+    """The `out.<name>` columns of `result` as output tensors and their raw bytes.
+
+    Raises:
+        InvalidInput: a requested output the model does not have.
+    """
+    names = [spec.name for spec in loaded.output_specs()]
+    for name in wanted:
+        if name not in names:
+            raise InvalidInput(f"model {loaded.spec.pipeline!r} has no output {name!r} ({names})")
+    tensors, raws = [], []
+    for name in wanted or names:
+        column = result.column("out." + name)
+        if pa.types.is_string(_leaf_type(column.type)):
+            datatype, shape, raw = "BYTES", *_bytes_column(column)
+        else:
+            values, row = column_to_ndarray(column, name)
+            datatype = _BY_KIND[(values.dtype.kind, values.dtype.itemsize)]
+            shape = [result.num_rows, *row]
+            raw = values.astype(_DTYPES[datatype], copy=False).tobytes()
+        tensors.append(
+            oip.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=shape)
+        )
+        raws.append(raw)
+    return tensors, raws
+
+
+def _leaf_type(kind: pa.DataType) -> pa.DataType:
+    while pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
+        kind = kind.value_type
+    return kind
+
+
+def _bytes_column(column: pa.ChunkedArray) -> tuple[list[int], bytes]:
+    """A (nested) list of strings, as the protocol's BYTES: each element's length as a 4-byte
+    little-endian integer, then its bytes."""
+    array: Any = column.combine_chunks()
+    shape = [len(array)]
+    while not pa.types.is_string(array.type):
+        shape.append(len(array.flatten()) // max(len(array), 1))
+        array = array.flatten()
+    parts = []
+    for item in array.to_pylist():
+        data = item.encode()
+        parts += [len(data).to_bytes(4, "little"), data]
+    return shape, b"".join(parts)
+
+
+def tensor_metadata(spec: TensorInfo) -> oip.ModelMetadataResponse.TensorMetadata:
+    return oip.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=_FROM_ONNX.get(spec.type, spec.type), shape=spec.shape
+    )
+
+
+# -- the request path ------------------------------------------------------------------------
+
+
+def _infer(
+    loaded: LoadedPipeline, request: oip.ModelInferRequest, max_rows: int
+) -> tuple[oip.ModelInferResponse, int]:
+    """Decode, infer, encode one request, wholly on `loaded`, in a worker thread."""
+    started = time.perf_counter_ns()
+    table = input_table(loaded, input_tensors(request))
+    if table.num_rows > max_rows:
+        raise RequestTooLarge(
+            f"the request has {table.num_rows} rows; this engine takes at most {max_rows} per "
+            "call (split it into batches, or raise --max-rows)"
+        )
+    result = loaded.infer(table)
+    outputs, raws = output_tensors(result, loaded, [o.name for o in request.outputs])
+    spec = loaded.spec
+    models = [
+        {"name": s.model_name, "version": s.model_version, "sha256": s.sha256} for s in spec.steps
+    ]
+    response = oip.ModelInferResponse(
+        model_name=spec.pipeline,
+        model_version=str(spec.number),
+        id=request.id,
+        parameters={
+            "workspace": oip.InferParameter(string_param=spec.workspace),
+            "pipeline_version_id": oip.InferParameter(string_param=spec.version_id),
+            "models": oip.InferParameter(string_param=json.dumps(models)),
+            "elapsed_ns": oip.InferParameter(int64_param=time.perf_counter_ns() - started),
+        },
+        outputs=outputs,
+        raw_output_contents=raws,
+    )
+    return response, table.num_rows
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """Decode, call the host and the loaded pipeline, encode: nothing else."""
+
+    def __init__(
+        self,
+        host: EngineHost,
+        executor: Executor,
+        max_rows: int,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self._host = host
+        self._executor = executor
+        self._max_rows = max_rows
+        self._metrics = metrics or EngineMetrics()
+
+    def _lookup(self, name: str, version: str, workspace: str = "") -> LoadedPipeline:
+        loaded = self._host.lookup(workspace, name)
+        if version and version != str(loaded.spec.number):
+            raise PipelineNotServed(
+                f"model {name!r} version {version} is not served by this engine (it serves "
+                f"version {loaded.spec.number}); omit the version to use the serving one"
+            )
+        return loaded
+
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: Context
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: Context
+    ) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=readiness(self._host)[0])
+
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: Context
+    ) -> oip.ModelReadyResponse:
+        try:
+            self._lookup(request.name, request.version)
+        except (PipelineNotServed, PipelineLoading):
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: Context
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name="hotswap", version=_version(), extensions=EXTENSIONS)
+
+    @unary
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: Context
+    ) -> oip.ModelMetadataResponse:
+        loaded = self._lookup(request.name, request.version)
+        return oip.ModelMetadataResponse(
+            name=loaded.spec.pipeline,
+            versions=[str(loaded.spec.number)],
+            platform=PLATFORM,
+            inputs=[tensor_metadata(s) for s in loaded.input_specs()],
+            outputs=[tensor_metadata(s) for s in loaded.output_specs()],
+        )
+
+    @unary
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: Context
+    ) -> oip.ModelInferResponse:
+        started = time.perf_counter()
+        metrics, bound = self._metrics, None
+        metrics.in_flight.inc()
+        try:
+            workspace = _workspace(request)
+            # Looked up once: this request runs on this version even if a swap commits meanwhile.
+            loaded = self._lookup(request.model_name, request.model_version, workspace)
+            bound = metrics.bind(loaded)
+            response, rows = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _infer, loaded, request, self._max_rows
+            )
+        except BaseException as exc:
+            _count_failure(metrics, bound, exc)
+            raise
+        finally:
+            metrics.in_flight.dec()
+        _count_success(bound, started, rows)
+        return response
+
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: Context
+    ) -> oip.RepositoryIndexResponse:
+        models = [
+            oip.RepositoryIndexResponse.ModelIndex(
+                name=state.key.split("/", 1)[1],
+                version=str(state.active.spec.number) if state.active else "",
+                state=_REPOSITORY_STATES[state.state] if state.active is None else "READY",
+                reason=state.error,
+            )
+            for state in self._host.states()
+            if state.active is not None or not request.ready
+        ]
+        return oip.RepositoryIndexResponse(models=models)
+
+
+def _workspace(request: oip.ModelInferRequest) -> str:
+    """The optional `workspace` request parameter: which workspace's pipeline, when several
+    workspaces deploy pipelines of the same name to this engine."""
+    if "workspace" not in request.parameters:
+        return ""
+    value = parameter_value(request.parameters["workspace"])
+    if not isinstance(value, str):
+        raise InvalidInput("the 'workspace' parameter must be a string")
+    return value
+
+
+def _count_failure(metrics: EngineMetrics, bound: Bound | None, exc: BaseException) -> None:
+    if isinstance(exc, asyncio.CancelledError):
+        metrics.failed(bound, "CANCELLED")
+    elif isinstance(exc, Exception):
+        code = status_for(STATUS, exc)
+        metrics.failed(bound, code.name if code is not None else "UNKNOWN")
+
+
+def _count_success(bound: Bound | None, started: float, rows: int) -> None:
+    if bound is not None:
+        bound.ok.inc()
+        bound.latency.observe(time.perf_counter() - started)
+        bound.rows.inc(rows)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("hotswap")
+    except metadata.PackageNotFoundError:
+        return "unknown"
