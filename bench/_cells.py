@@ -118,15 +118,20 @@ def deploy(stub: Any, model: str) -> Any:
 
 
 @contextmanager
-def service_address(tmp: Path, threads: int, models: dict[str, Path]) -> Iterator[str]:
-    with service(tmp, threads, models) as (_, engine):
+def service_address(
+    tmp: Path, threads: int, models: dict[str, Path], engine_args: tuple[str, ...] = ()
+) -> Iterator[str]:
+    with service(tmp, threads, models, engine_args) as (_, engine):
         yield engine
 
 
 @contextmanager
-def service(tmp: Path, threads: int, models: dict[str, Path]) -> Iterator[tuple[LocalStack, str]]:
+def service(
+    tmp: Path, threads: int, models: dict[str, Path], engine_args: tuple[str, ...] = ()
+) -> Iterator[tuple[LocalStack, str]]:
     """A one-engine stack serving PIPELINE with the first of `models`; yields (stack, engine)."""
-    with LocalStack(tmp / f"stack-{threads}", engines=1, threads=threads) as stack:
+    name = f"stack-{threads}{'-'.join(('', *engine_args)).replace('--', '')}"
+    with LocalStack(tmp / name, engines=1, threads=threads, engine_args=engine_args) as stack:
         stub = control(stack)
         stub.CreateWorkspace(c.CreateWorkspaceRequest(name=WS))
         for name, path in models.items():

@@ -184,6 +184,19 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     for what, got, goal, ok in targets(r):
         lines.append(f"| {what} | {got} | {goal} | {'pass' if ok else '**miss**'} |")
+    if r.get("logging"):
+        lines += [
+            "",
+            "## Inference log on vs off (1 engine, concurrency 4)",
+            "",
+            "| rows | log | req/s | p50 ms | p99 ms |",
+            "|---|---|---|---|---|",
+        ]
+        for g in r["logging"]:
+            lines.append(
+                f"| {g['rows']} | {g['log']} | {g['requests_s']:,.0f} | {g['p50_ms']:.3f} "
+                f"| {g['p99_ms']:.3f} |"
+            )
     lines += [
         "",
         "## Floor: in-process ONNX Runtime (rf)",

@@ -101,6 +101,23 @@ def serving_phases(
                     results[kind].append({"threads": threads, "inline": is_inline, **got})
 
 
+def logging_phase(
+    results: dict[str, Any], models: dict[str, Path], tmp: Path, seconds: float
+) -> None:
+    """The cost of the inference log: the same cells with it on and off, back to back."""
+    rf = {"rf": models["rf"]}
+    results["logging"] = []
+    with (
+        _cells.service_address(tmp, 1, rf) as on,
+        _cells.service_address(tmp, 1, rf, ("--no-inference-log",)) as off,
+    ):
+        for rows in (1, 1000):
+            log(f"inference log on/off, rows={rows} concurrency=4")
+            for state, address in (("on", on), ("off", off)):
+                got = _cells.cell(address, False, rows_table(rows), 4, seconds)
+                results["logging"].append({"log": state, **got})
+
+
 def swap_phase(results: dict[str, Any], stack: Any, engine: str, swaps: int) -> None:
     log(f"swap under load: {swaps} swaps across {', '.join(TRIO)}")
     plan = SwapPlan("", "", "", models=["gbr", "xgb", "rf"], every=0.6, count=swaps)
@@ -197,6 +214,7 @@ def main(argv: list[str]) -> int:
         models = tutorial_models(tmp)
         results["models"] = {m: str(p) for m, p in models.items()}
         serving_phases(results, models, tmp, seconds)
+        logging_phase(results, models, tmp, seconds)
         with _cells.service(tmp / "swaps", 1, models) as (stack, engine):
             swap_phase(results, stack, engine, 50)
             soak_phase(results, stack, engine, 200 if args.quick else 1000)
