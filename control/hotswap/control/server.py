@@ -11,6 +11,7 @@ import grpc
 from hotswap._edge import bind, server_credentials, server_options
 from hotswap._logs import RequestIdInterceptor
 from hotswap._metrics_http import MetricsEndpoint
+from hotswap._probes import Health, add_probes
 from hotswap.control._auth_interceptor import AuthInterceptor
 from hotswap.control.auth import TokenBook
 from hotswap.control.blobs import BlobStore
@@ -23,9 +24,15 @@ from hotswap.control.settings import Settings
 from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
 from hotswap.control.uploads import ModelUploads
-from hotswap.v1 import control_pb2_grpc, fleet_pb2_grpc
+from hotswap.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# The services health checks and reflection name (besides Health and reflection themselves).
+SERVICES = (
+    control_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name,
+    fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].full_name,
+)
 
 
 class ControlPlaneServer:
@@ -72,6 +79,7 @@ class ControlPlaneServer:
         )
         self.address = ""
         self._heartbeat: asyncio.Task[None] | None = None
+        self._health: Health | None = None
 
     async def start(self) -> str:
         host = self.settings.listen.rsplit(":", 1)[0]
@@ -81,7 +89,11 @@ class ControlPlaneServer:
         port = bind(self._server, self.settings.listen, credentials)
         if port == 0:
             raise OSError(f"could not listen on {self.settings.listen}")
+        self._health = await add_probes(self._server, SERVICES)
         await self._server.start()
+        # The store was opened (and migrated) in __init__: the API can answer from now on.
+        for name in ("", *SERVICES):
+            await self._health.set(name, True)
         self.address = f"{host}:{port}"
         self._heartbeat = asyncio.create_task(
             self.fleet.heartbeat_forever(self.settings.heartbeat_interval)
@@ -112,6 +124,8 @@ class ControlPlaneServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._health is not None:
+            await self._health.shutdown()  # probes see NOT_SERVING while requests drain
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -15,6 +15,7 @@ Tensors arrive as typed `contents` or `raw_input_contents` and leave as `raw_out
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
@@ -33,7 +34,7 @@ from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServ
 from hotswap.engine.health import readiness
 from hotswap.engine.host import EngineHost
 from hotswap.engine.metrics import Bound, EngineMetrics
-from hotswap.engine.runtime import LoadedPipeline, TensorInfo
+from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, TensorInfo
 from hotswap.engine.servicers import STATUS
 from hotswap.oip import grpc_service_pb2 as oip
 from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
@@ -215,7 +216,7 @@ def output_tensors(
     Raises:
         InvalidInput: a requested output the model does not have.
     """
-    names = [spec.name for spec in loaded.output_specs()]
+    names = [column[4:] for column in result.column_names if column.startswith("out.")]
     for name in wanted:
         if name not in names:
             raise InvalidInput(f"model {loaded.spec.pipeline!r} has no output {name!r} ({names})")
@@ -280,23 +281,29 @@ def _infer(
     result = loaded.infer(table)
     outputs, raws = output_tensors(result, loaded, [o.name for o in request.outputs])
     spec = loaded.spec
-    models = [
-        {"name": s.model_name, "version": s.model_version, "sha256": s.sha256} for s in spec.steps
-    ]
     response = oip.ModelInferResponse(
         model_name=spec.pipeline,
         model_version=str(spec.number),
         id=request.id,
-        parameters={
-            "workspace": oip.InferParameter(string_param=spec.workspace),
-            "pipeline_version_id": oip.InferParameter(string_param=spec.version_id),
-            "models": oip.InferParameter(string_param=json.dumps(models)),
-            "elapsed_ns": oip.InferParameter(int64_param=time.perf_counter_ns() - started),
-        },
+        parameters=_served_by(spec),
         outputs=outputs,
         raw_output_contents=raws,
     )
+    response.parameters["elapsed_ns"].int64_param = time.perf_counter_ns() - started
     return response, table.num_rows
+
+
+@functools.lru_cache(maxsize=64)
+def _served_by(spec: PipelineSpec) -> dict[str, oip.InferParameter]:
+    """The response parameters naming what served a request (built once per version)."""
+    models = [
+        {"name": s.model_name, "version": s.model_version, "sha256": s.sha256} for s in spec.steps
+    ]
+    return {
+        "workspace": oip.InferParameter(string_param=spec.workspace),
+        "pipeline_version_id": oip.InferParameter(string_param=spec.version_id),
+        "models": oip.InferParameter(string_param=json.dumps(models)),
+    }
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
