@@ -16,8 +16,8 @@ import grpc
 
 # grpcio-health-checking and grpcio-reflection ship no type information (typeshed has
 # types-grpcio-health-checking and types-grpcio-reflection).
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
-from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 LIVENESS = "liveness"
 """A service name that is SERVING while the process runs, for liveness probes (readiness

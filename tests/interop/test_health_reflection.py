@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor_pool, message_factory
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (  # type: ignore[import-untyped]
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
@@ -44,19 +44,19 @@ def _channel(channels: dict[str, grpc.Channel], address: str) -> grpc.Channel:
     return channels[address]
 
 
+def _health(channel: grpc.Channel) -> Any:
+    return health_pb2_grpc.HealthStub(channel)
+
+
 def _check(channel: grpc.Channel, service: str) -> Any:
-    return (
-        health_pb2_grpc.HealthStub(channel)
-        .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        .status
-    )
+    return _health(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 class Watch:
     """A Watch stream read on a thread, so the test can wait for each status with a bound."""
 
     def __init__(self, channel: grpc.Channel, service: str) -> None:
-        self._call = health_pb2_grpc.HealthStub(channel).Watch(
+        self._call = _health(channel).Watch(
             health_pb2.HealthCheckRequest(service=service), timeout=WATCH_SECONDS
         )
         self._seen: queue.Queue[Any] = queue.Queue()
