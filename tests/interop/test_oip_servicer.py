@@ -20,6 +20,7 @@ from hotswap._probes import add_probes
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.health import EngineHealth, pipeline_service
 from hotswap.engine.host import EngineHost, ModelRef, VersionRef
+from hotswap.engine.inference_log import InferenceLog, LogSettings
 from hotswap.engine.oip import InferenceServicer
 from hotswap.engine.runtime import RuntimeOptions
 from hotswap.oip import grpc_service_pb2 as oip
@@ -40,6 +41,7 @@ class Engine:
     health: Any
     gate: asyncio.Event  # blob fetches wait for it: a closed gate keeps pipelines loading
     refs: dict[str, VersionRef]
+    log: InferenceLog
 
     async def load(self, *names: str) -> None:
         await self.host.reconcile([self.refs[n] for n in names])
@@ -68,8 +70,9 @@ async def engine(tmp_path: Path, assets: Path) -> AsyncIterator[Engine]:
     host = EngineHost(BlobCache(tmp_path / "cache", fetch), RuntimeOptions(), 0)
     executor = ThreadPoolExecutor(max_workers=2)
     server = grpc.aio.server()
+    log = InferenceLog(LogSettings(tmp_path / "logs"), "engine-test")
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(host, executor, MAX_ROWS), server
+        InferenceServicer(host, executor, MAX_ROWS, inference_log=log), server
     )
     health = await add_probes(server, ["inference.GRPCInferenceService"])
     watcher = asyncio.create_task(
@@ -84,6 +87,7 @@ async def engine(tmp_path: Path, assets: Path) -> AsyncIterator[Engine]:
         health_pb2_grpc.HealthStub(channel),
         gate,
         refs,
+        log,
     )
     await channel.close()
     watcher.cancel()
@@ -221,6 +225,10 @@ async def test_typed_and_raw_contents_and_every_parameter_kind(
     raw = await engine.stub.ModelInfer(_rf_request(x.astype(np.float32)))
     got = np.frombuffer(raw.raw_output_contents[0], dtype="<f4").reshape(5, 1)
     np.testing.assert_array_equal(got, expected)
+    # OIP answers are in the inference log like Engine.Infer's (3 requests x 5 rows).
+    logged = engine.log.query("ws", "rf", 100)
+    assert logged is not None and logged.num_rows == 15
+    assert set(logged.column("metadata.pipeline_version").to_pylist()) == {7}
 
 
 async def test_multi_input_pipeline_takes_tensors_by_name(engine: Engine) -> None:

@@ -33,6 +33,7 @@ from hotswap.engine.arrow_io import Array, column_to_ndarray, ndarray_to_arrow
 from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed, RequestTooLarge
 from hotswap.engine.health import readiness
 from hotswap.engine.host import EngineHost
+from hotswap.engine.inference_log import InferenceLog
 from hotswap.engine.metrics import Bound, EngineMetrics
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, TensorInfo
 from hotswap.engine.servicers import STATUS
@@ -269,7 +270,7 @@ def tensor_metadata(spec: TensorInfo) -> oip.ModelMetadataResponse.TensorMetadat
 
 def _infer(
     loaded: LoadedPipeline, request: oip.ModelInferRequest, max_rows: int
-) -> tuple[oip.ModelInferResponse, int]:
+) -> tuple[oip.ModelInferResponse, pa.Table, int]:
     """Decode, infer, encode one request, wholly on `loaded`, in a worker thread."""
     started = time.perf_counter_ns()
     table = input_table(loaded, input_tensors(request))
@@ -289,8 +290,9 @@ def _infer(
         outputs=outputs,
         raw_output_contents=raws,
     )
-    response.parameters["elapsed_ns"].int64_param = time.perf_counter_ns() - started
-    return response, table.num_rows
+    elapsed_ns = time.perf_counter_ns() - started
+    response.parameters["elapsed_ns"].int64_param = elapsed_ns
+    return response, result, elapsed_ns
 
 
 @functools.lru_cache(maxsize=64)
@@ -315,7 +317,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         executor: Executor,
         max_rows: int,
         metrics: EngineMetrics | None = None,
+        inference_log: InferenceLog | None = None,
     ) -> None:
+        self._log = inference_log
         self._host = host
         self._executor = executor
         self._max_rows = max_rows
@@ -379,7 +383,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             # Looked up once: this request runs on this version even if a swap commits meanwhile.
             loaded = self._lookup(request.model_name, request.model_version, workspace)
             bound = metrics.bind(loaded)
-            response, rows = await asyncio.get_running_loop().run_in_executor(
+            response, result, elapsed_ns = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _infer, loaded, request, self._max_rows
             )
         except BaseException as exc:
@@ -387,7 +391,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             metrics.in_flight.dec()
-        _count_success(bound, started, rows)
+        _count_success(bound, started, result.num_rows)
+        if self._log is not None:
+            # Same record as Engine.Infer's: OIP answers show up in pipeline.logs() too.
+            self._log.append(loaded, result, elapsed_ns, result.nbytes)
         return response
 
     async def RepositoryIndex(

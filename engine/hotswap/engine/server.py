@@ -130,7 +130,13 @@ class EngineServer:
             self._server,
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.host, self._executor, self.settings.max_rows, self.metrics),
+            InferenceServicer(
+                self.host,
+                self._executor,
+                self.settings.max_rows,
+                self.metrics,
+                inference_log=self.inference_log,
+            ),
             self._server,
         )
         self._health = await add_probes(self._server, SERVICES)
