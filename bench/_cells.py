@@ -130,8 +130,9 @@ def service(
     tmp: Path, threads: int, models: dict[str, Path], engine_args: tuple[str, ...] = ()
 ) -> Iterator[tuple[LocalStack, str]]:
     """A one-engine stack serving PIPELINE with the first of `models`; yields (stack, engine)."""
-    name = f"stack-{threads}{'-'.join(('', *engine_args)).replace('--', '')}"
-    with LocalStack(tmp / name, engines=1, threads=threads, engine_args=engine_args) as stack:
+    with LocalStack(
+        tmp / f"stack-{threads}", engines=1, threads=threads, engine_args=engine_args
+    ) as stack:
         stub = control(stack)
         stub.CreateWorkspace(c.CreateWorkspaceRequest(name=WS))
         for name, path in models.items():

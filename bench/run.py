@@ -108,8 +108,8 @@ def logging_phase(
     rf = {"rf": models["rf"]}
     results["logging"] = []
     with (
-        _cells.service_address(tmp, 1, rf) as on,
-        _cells.service_address(tmp, 1, rf, ("--no-inference-log",)) as off,
+        _cells.service_address(tmp / "log-on", 1, rf) as on,
+        _cells.service_address(tmp / "log-off", 1, rf, ("--no-inference-log",)) as off,
     ):
         for rows in (1, 1000):
             log(f"inference log on/off, rows={rows} concurrency=4")
