@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from hotswap._edge import channel_options
+from hotswap._tables import concat_logs
 from hotswap.control.fleet import Fleet
 from hotswap.v1 import engine_pb2_grpc, types_pb2
 
@@ -82,7 +83,7 @@ def merge_newest_first(payloads: list[bytes], limit: int) -> bytes:
     if len(tables) == 1:
         table = tables[0]
     else:
-        table = _concat(tables)
+        table = concat_logs(tables)
         # A stable sort keeps each engine's own newest-first order among equal times.
         order = pc.sort_indices(table, sort_keys=[("time", "descending")])
         table = table.take(order)
@@ -91,19 +92,3 @@ def merge_newest_first(payloads: list[bytes], limit: int) -> bytes:
     with ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return bytes(sink.getvalue().to_pybytes())
-
-
-def _concat(tables: list[pa.Table]) -> pa.Table:
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        # fixed_size_list and list columns of the same values do not unify: widen the fixed.
-        return pa.concat_tables([_widen(t) for t in tables], promote_options="permissive")
-
-
-def _widen(table: pa.Table) -> pa.Table:
-    fields = [
-        pa.field(f.name, pa.list_(f.type.value_type)) if pa.types.is_fixed_size_list(f.type) else f
-        for f in table.schema
-    ]
-    return table.cast(pa.schema(fields, metadata=table.schema.metadata))

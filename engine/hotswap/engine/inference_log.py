@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from hotswap._tables import concat_logs
 from hotswap.engine.runtime import LoadedPipeline
 
 log = logging.getLogger(__name__)
@@ -328,25 +329,6 @@ def _select(table: pa.Table, start_ms: int, end_ms: int) -> pa.Table:
         table = table.filter(mask)
     n = table.num_rows
     return table.take(pa.array(range(n - 1, -1, -1), pa.int64())) if n > 1 else table
-
-
-def concat_logs(tables: list[pa.Table]) -> pa.Table:
-    """Concatenates log tables of different versions (missing columns become nulls)."""
-    if len(tables) == 1:
-        return tables[0]
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        # fixed_size_list and list columns of the same values do not unify: widen the fixed.
-        return pa.concat_tables([_widen(t) for t in tables], promote_options="permissive")
-
-
-def _widen(table: pa.Table) -> pa.Table:
-    fields = [
-        pa.field(f.name, pa.list_(f.type.value_type)) if pa.types.is_fixed_size_list(f.type) else f
-        for f in table.schema
-    ]
-    return table.cast(pa.schema(fields))
 
 
 def encode(table: pa.Table | None) -> bytes:
