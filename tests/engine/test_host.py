@@ -75,7 +75,7 @@ async def test_rollback_to_a_retained_version_is_a_pointer_flip(
     tmp_path: Path, assets: Path
 ) -> None:
     cache, shas = _cache(tmp_path, assets)
-    host = EngineHost(cache, RuntimeOptions(), retain_seconds=60)
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=60, retain_versions=1)
     await host.prepare("s1", _ref(1, "rf", shas["rf"]))
     host.commit("s1")
     first = host.lookup("ws", "p")
@@ -85,11 +85,23 @@ async def test_rollback_to_a_retained_version_is_a_pointer_flip(
     assert prepared.reused
     host.commit("s3")
     assert host.lookup("ws", "p") is first
-    # Only the one version just swapped out is kept per pipeline.
+    # With retain_versions=1 only the version just swapped out is kept per pipeline.
     await host.prepare("s4", _ref(3, "gbr", shas["gbr"]))
     host.commit("s4")
     assert len(host.loaded_versions()) == 2  # v3 active, v1 retained
     assert not (await host.prepare("s5", _ref(2, "gbr", shas["gbr"]))).reused
+
+
+async def test_retain_versions_bounds_what_stays_loaded(tmp_path: Path, assets: Path) -> None:
+    cache, shas = _cache(tmp_path, assets)
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=60, retain_versions=2)
+    for number in range(1, 6):
+        model = "rf" if number % 2 else "gbr"
+        await host.prepare(f"s{number}", _ref(number, model, shas[model]))
+        host.commit(f"s{number}")
+    numbers = sorted(p.spec.number for p in host.loaded_versions())
+    assert numbers == [3, 4, 5]  # active v5, the last two swapped out
+    assert (await host.prepare("back", _ref(3, "rf", shas["rf"]))).reused
 
 
 async def test_abort_and_failures_leave_the_active_version(tmp_path: Path, assets: Path) -> None:
@@ -131,3 +143,24 @@ async def test_a_corrupt_cached_blob_is_never_served(tmp_path: Path, assets: Pat
     with pytest.raises(BlobError, match="not in the test cache"):
         await host.prepare("s1", _ref(1, "rf", shas["rf"]))
     assert not cache.path(shas["rf"]).exists()
+
+
+async def test_a_new_version_shares_the_sessions_of_models_already_loaded(
+    tmp_path: Path, assets: Path
+) -> None:
+    cache, shas = _cache(tmp_path, assets)
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=60)
+    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
+    host.commit("s1")
+    await host.prepare("s2", _ref(2, "gbr", shas["gbr"]))
+    host.commit("s2")
+    rf_session = host.loaded_versions()[1].sessions_by_sha()[shas["rf"]]
+    # Version 3 runs rf again, with a new version id: rf's session (held by retained v1) is
+    # shared, not built.
+    prepared = await host.prepare("s3", _ref(3, "rf", shas["rf"]))
+    assert not prepared.reused
+    host.commit("s3")
+    v3 = host.lookup("ws", "p")
+    assert v3.spec.number == 3
+    assert v3.sessions_by_sha()[shas["rf"]] is rf_session
+    assert v3.infer(_batch()).num_rows == 1

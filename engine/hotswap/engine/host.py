@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.errors import PipelineLoading, PipelineNotServed, PrepareError
@@ -79,7 +80,14 @@ class PipelineState:
 
 
 class EngineHost:
-    def __init__(self, cache: BlobCache, options: RuntimeOptions, retain_seconds: float) -> None:
+    def __init__(
+        self,
+        cache: BlobCache,
+        options: RuntimeOptions,
+        retain_seconds: float,
+        retain_versions: int = 2,
+    ) -> None:
+        self._retain_versions = retain_versions
         self._cache = cache
         self._options = options
         self._retain_seconds = retain_seconds
@@ -157,9 +165,15 @@ class EngineHost:
         )
         # Sessions are built from file paths in a worker thread: the event loop keeps serving.
         loaded = await asyncio.get_running_loop().run_in_executor(
-            self._builder, LoadedPipeline.build, spec, self._options
+            self._builder, LoadedPipeline.build, spec, self._options, self._loaded_sessions()
         )
         return loaded, Prepared(fetch_ms, loaded.load_ms, loaded.warmup_ms, reused=False)
+
+    def _loaded_sessions(self) -> dict[str, Any]:
+        """Sessions held by the active and retained versions, by model sha: a new version
+        with a model one of them already runs shares its session instead of building it."""
+        held = [*self._active.values(), *(p for p, _ in self._retained.values())]
+        return {sha: session for p in held for sha, session in p.sessions_by_sha().items()}
 
     async def prepare(self, swap_id: str, ref: VersionRef) -> Prepared:
         """Phase 1. Raises PrepareError (with a message for a person) when it cannot."""
@@ -205,13 +219,19 @@ class EngineHost:
 
     def _retain(self, loaded: LoadedPipeline) -> None:
         key = f"{loaded.spec.workspace}/{loaded.spec.pipeline}"
-        # Only the version just swapped out is kept per pipeline: rollback is instant, and a
-        # stream of swaps cannot pile up sessions.
-        for version_id, (older, _) in list(self._retained.items()):
-            if f"{older.spec.workspace}/{older.spec.pipeline}" == key:
-                del self._retained[version_id]
-                self._graveyard.append(older)
-        if self._retain_seconds <= 0:
+        # Only the last `retain_versions` versions swapped out are kept per pipeline: rollback
+        # to them is instant and their sessions serve new versions of the same models, while a
+        # stream of swaps cannot pile sessions up.
+        same = [
+            v
+            for v, (p, _) in self._retained.items()
+            if f"{p.spec.workspace}/{p.spec.pipeline}" == key
+        ]
+        keep = max(self._retain_versions - 1, 0)
+        for version_id in same[: len(same) - keep]:
+            older, _ = self._retained.pop(version_id)
+            self._graveyard.append(older)
+        if self._retain_seconds <= 0 or self._retain_versions <= 0:
             self._graveyard.append(loaded)
         else:
             expires = time.monotonic() + self._retain_seconds

@@ -16,7 +16,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,10 +213,17 @@ class LoadedPipeline:
         )
 
     @classmethod
-    def build(cls, spec: PipelineSpec, options: RuntimeOptions) -> LoadedPipeline:
+    def build(
+        cls,
+        spec: PipelineSpec,
+        options: RuntimeOptions,
+        reuse: Mapping[str, Any] | None = None,
+    ) -> LoadedPipeline:
         """Build the sessions from the steps' files, check the chain, run a warm-up inference.
 
         Blocks for as long as ONNX Runtime needs (seconds for big models): call it in a thread.
+        `reuse` maps model sha256 to sessions already loaded (with the same options) by other
+        versions; those steps share them instead of building (ORT sessions are thread-safe).
 
         Raises:
             PrepareError: a model cannot be loaded, consecutive steps do not fit together, or
@@ -225,12 +232,22 @@ class LoadedPipeline:
         if not spec.steps:
             raise PrepareError(f"pipeline {spec.pipeline!r} version {spec.number} has no steps")
         started = time.perf_counter()
-        sessions = [_open_session(i, step, options) for i, step in enumerate(spec.steps)]
+        reuse = reuse or {}
+        sessions = [
+            reuse.get(step.sha256) or _open_session(i, step, options)
+            for i, step in enumerate(spec.steps)
+        ]
         pipeline = cls(spec, sessions, (time.perf_counter() - started) * 1000)
         started = time.perf_counter()
         pipeline._warm_up()
         pipeline.warmup_ms = (time.perf_counter() - started) * 1000
         return pipeline
+
+    def sessions_by_sha(self) -> dict[str, Any]:
+        """This version's ONNX Runtime sessions by model sha256 (for reuse by other versions)."""
+        return {
+            step.sha256: run.session for step, run in zip(self.spec.steps, self._steps, strict=True)
+        }
 
     def input_columns(self) -> list[str]:
         """The columns the first step reads, e.g. `["tensor"]`."""

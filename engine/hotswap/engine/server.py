@@ -80,6 +80,7 @@ class EngineServer:
             BlobCache(cache_dir / "blobs", fetch),
             RuntimeOptions(intra_op_threads=self.settings.threads),
             self.settings.retain_seconds,
+            self.settings.retain_versions,
         )
         self.link = ControlLink(
             self.host,

@@ -24,6 +24,7 @@ class Settings:
     inline_bytes: int = 8192
     heartbeat_interval: float = 1.0
     retain_seconds: float = 300.0
+    retain_versions: int = 2  # swapped-out versions kept per pipeline (instant rollback)
     advertise: str = ""  # address to tell clients; default: the bound address
     # TLS for this engine's own server (Infer), PEM files.
     tls_cert: Path | None = None
@@ -104,6 +105,13 @@ class Settings:
             default=float(env("HOTSWAP_RETAIN_SECONDS", str(d.retain_seconds))),
             help="keep a swapped-out version loaded this long for instant rollback",
         )
+        parser.add_argument(
+            "--retain-versions",
+            type=int,
+            default=int(env("HOTSWAP_RETAIN_VERSIONS", str(d.retain_versions))),
+            help="swapped-out versions kept loaded per pipeline: rollback to them is instant "
+            "and new versions of their models share their sessions (default %(default)s)",
+        )
         parser.add_argument("--advertise", default=env("HOTSWAP_ADVERTISE", d.advertise))
         parser.add_argument(
             "--inference-log",
@@ -168,6 +176,7 @@ class Settings:
             inline_bytes=args.inline_bytes,
             heartbeat_interval=args.heartbeat_interval,
             retain_seconds=args.retain_seconds,
+            retain_versions=args.retain_versions,
             advertise=args.advertise,
             address_file=args.address_file,
             tls_cert=args.tls_cert,
