@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -182,3 +184,23 @@ def test_mutual_tls_end_to_end(tmp_path: Path, pki: Pki, assets: Path) -> None:
         }.items():
             code, _ = _code(partial(stub.ListWorkspaces, c.ListWorkspacesRequest(), timeout=5))
             assert code == grpc.StatusCode.UNAVAILABLE, name
+
+
+def test_loadtest_carries_the_token(secured: LocalStack, assets: Path, tmp_path: Path) -> None:
+    admin = hotswap.Client(secured.control_address, token=ADMIN)
+    model = admin.upload_model("rf", assets / "models" / "rf_model.onnx")
+    admin.build_pipeline("p").add_model_step(model).deploy()
+    base = [
+        sys.executable, "-m", "hotswap.clients.loadtest", "--address", secured.control_address,
+        "--workspace", "default", "--pipeline", "p", "--requests", "40", "--quiet",
+    ]  # fmt: skip
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "token" in refused.stderr
+    report = tmp_path / "load.json"
+    done = subprocess.run(
+        [*base, "--token", ADMIN, "--json", str(report)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(report.read_text())
+    assert result["latency_ms"]["count"] == 40
+    assert sum(result["errors"].values()) == 0

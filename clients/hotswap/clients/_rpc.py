@@ -90,6 +90,20 @@ class _BearerToken(
         return continuation(self._with_token(details), requests)
 
 
+def bearer(security: Security) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the bearer token, if any."""
+    return (("authorization", f"Bearer {security.token}"),) if security.token else ()
+
+
+def aio_channel(address: str, security: Security) -> grpc.aio.Channel:
+    """An asyncio channel with the SDK's limits, TLS when a CA is set (pass `bearer()` as
+    call metadata for the token)."""
+    if security.ca is None:
+        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(security.ca, security.key, security.cert)
+    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+
+
 def open_channel(address: str, security: Security | None = None) -> grpc.Channel:
     """Opens a channel to ``address`` (host:port) with the SDK's message limits: TLS when a
     CA is configured, and the bearer token on every call when one is."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from hotswap.clients._rpc import Security
 from hotswap.clients.loadtest import _input
 from hotswap.clients.loadtest._report import plot, text
 from hotswap.clients.loadtest._run import run_load
@@ -24,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", required=True)
     p.add_argument("--pipeline", required=True)
     p.add_argument("--engine", action="append", help="engine host:port (default: ask control)")
+    p.add_argument("--token", help="bearer token (default $HOTSWAP_TOKEN)")
+    p.add_argument("--tls-ca", help="CA PEM to verify the servers (default $HOTSWAP_TLS_CA)")
+    p.add_argument("--tls-cert", help="client certificate PEM, for mutual TLS")
+    p.add_argument("--tls-key", help="private key PEM of --tls-cert")
     load = p.add_argument_group("load")
     load.add_argument("--concurrency", type=int, default=1, help="closed loop: calls in flight")
     load.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s in total")
@@ -63,7 +69,12 @@ def main(argv: list[str]) -> int:
             table = _input.batch(_input.read_table(args.input), args.batch_rows)
         else:
             table = _input.generated(args.width, args.batch_rows or 1)
-        addresses = args.engine or endpoints(args.address, args.workspace, args.pipeline)[0]
+        security = Security.resolve(
+            os.environ, args.token, args.tls_ca, args.tls_cert, args.tls_key
+        )
+        addresses = (
+            args.engine or endpoints(args.address, args.workspace, args.pipeline, security)[0]
+        )
     except Exception as exc:  # any failure to set up is reported, not traced back
         print(f"hotswap loadtest: {exc}", file=sys.stderr)
         return 2
@@ -71,7 +82,7 @@ def main(argv: list[str]) -> int:
         print("hotswap loadtest: the pipeline is not served by any engine", file=sys.stderr)
         return 2
     spec = LoadSpec(
-        target=Target(tuple(addresses), args.workspace, args.pipeline),
+        target=Target(tuple(addresses), args.workspace, args.pipeline, security=security),
         body=_input.ipc_stream(table),
         rows=table.num_rows,
         concurrency=args.concurrency,
@@ -92,6 +103,7 @@ def main(argv: list[str]) -> int:
             every=args.swap_every,
             count=args.swaps,
             stop_load_after=args.duration is None and args.requests is None,
+            security=security,
         )
     report = run_load(
         spec, plan, window_s=args.window_ms / 1e3, progress=None if not args.quiet else False

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from hotswap.clients._rpc import Security, aio_channel, bearer
 from hotswap.clients.loadtest._histogram import Histogram
 from hotswap.v1 import engine_pb2
 
@@ -37,6 +38,9 @@ class Target:
     workspace: str = ""
     pipeline: str = ""
     bare: bool = False
+    security: Security = field(
+        default_factory=Security
+    )  # TLS and/or bearer token (hotswap.Client's settings)
 
 
 @dataclass(frozen=True)
@@ -97,12 +101,13 @@ class WorkerResult:
 def _caller(spec: LoadSpec, channels: list[grpc.aio.Channel]) -> list[Callable[[], Awaitable[int]]]:
     """One zero-argument coroutine factory per address; each returns the serving version."""
     calls: list[Callable[[], Awaitable[int]]] = []
+    auth = bearer(spec.target.security)
     for channel in channels:
         if spec.target.bare:
             method: Any = channel.unary_unary(BARE_METHOD)
 
             async def bare(method: Any = method) -> int:
-                await method(spec.body, timeout=spec.timeout)
+                await method(spec.body, timeout=spec.timeout, metadata=auth)
                 return 0
 
             calls.append(bare)
@@ -117,7 +122,7 @@ def _caller(spec: LoadSpec, channels: list[grpc.aio.Channel]) -> list[Callable[[
             ).SerializeToString()
 
             async def infer(method: Any = method, request: bytes = request) -> int:
-                response = await method(request, timeout=spec.timeout)
+                response = await method(request, timeout=spec.timeout, metadata=auth)
                 return int(response.pipeline_version)
 
             calls.append(infer)
@@ -128,7 +133,7 @@ async def _drive(
     spec: LoadSpec, worker: int, quota: int | None, t0: float, shared: Shared
 ) -> WorkerResult:
     result = WorkerResult()
-    channels = [grpc.aio.insecure_channel(a) for a in spec.target.addresses]
+    channels = [aio_channel(a, spec.target.security) for a in spec.target.addresses]
     calls = _caller(spec, channels)
     end = t0 + spec.duration if spec.duration is not None else float("inf")
     issued = 0

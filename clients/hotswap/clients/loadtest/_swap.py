@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from hotswap.clients._rpc import Security, open_channel
 from hotswap.v1 import control_pb2, control_pb2_grpc
 
 
@@ -23,6 +24,7 @@ class SwapPlan:
     count: int | None = None  # stop swapping after this many
     stop_load_after: bool = False  # end the load shortly after the last swap
     on_swap: Callable[[int], None] | None = None  # called after each swap (e.g. sample RSS)
+    security: Security = field(default_factory=Security)
 
 
 @dataclass
@@ -49,9 +51,11 @@ class SwapRecord:
         return asdict(self)
 
 
-def endpoints(control: str, workspace: str, pipeline: str) -> tuple[list[str], int]:
+def endpoints(
+    control: str, workspace: str, pipeline: str, security: Security | None = None
+) -> tuple[list[str], int]:
     """The engines serving the deployed version now, and that version's number."""
-    with grpc.insecure_channel(control) as channel:
+    with open_channel(control, security) as channel:
         stub: Any = control_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[arg-type]
         found = stub.GetPipelineEndpoints(
             control_pb2.GetPipelineEndpointsRequest(workspace=workspace, pipeline=pipeline),
@@ -72,7 +76,7 @@ class Swapper(threading.Thread):
 
     def run(self) -> None:
         try:
-            with grpc.insecure_channel(self.plan.control) as channel:
+            with open_channel(self.plan.control, self.plan.security) as channel:
                 stub: Any = control_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[arg-type]
                 self._loop(stub)
         finally:
