@@ -119,23 +119,13 @@ def test_engine_killed_mid_prepare_aborts_and_the_survivor_keeps_serving(
     _serves(stack2, assets, xtest[:2], "rf", v1)
 
 
-def _wait_for_log(stack: LocalStack, name: str, needle: str, timeout: float = 20) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while needle not in stack.log_tail(name, 200):
-        assert time.monotonic() < deadline, f"{needle!r} never appeared in {name}'s log"
-        time.sleep(0.01)
+def _wait_for_log(stack: LocalStack, name: str, needle: str) -> None:
+    _api.until(lambda: needle in stack.log_tail(name, 200), f"{needle!r} in {name}'s log")
 
 
-def _wait_running(stub: object, timeout: float = 20) -> c.PipelineStatus:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while (status := _status(stub)).status != "Running":
-        assert time.monotonic() < deadline, f"pipeline stuck in {status.status}: {status.details}"
-        time.sleep(0.02)
-    return status
+def _wait_running(stub: object) -> c.PipelineStatus:
+    _api.until(lambda: _status(stub).status == "Running", "the pipeline to be Running")
+    return _status(stub)
 
 
 def test_control_plane_killed_and_restarted_loses_nothing(
@@ -189,10 +179,9 @@ def test_a_new_engine_takes_over_from_a_lost_one(tmp_path: Path, assets: Path) -
         assert _api.endpoints(stub, "housing") == [stack.address_of("engine-9")]
 
 
-def _wait_status(stub: object, wanted: str, engine: str, timeout: float = 20) -> None:
-    import time
+def _wait_status(stub: object, wanted: str, engine: str) -> None:
+    def reached() -> bool:
+        status = _status(stub)
+        return status.status == wanted and status.engines[0].name == engine
 
-    deadline = time.monotonic() + timeout
-    while not ((s := _status(stub)).status == wanted and s.engines[0].name == engine):
-        assert time.monotonic() < deadline, f"status stayed {s.status}: {s.details}"
-        time.sleep(0.02)
+    _api.until(reached, f"status {wanted} on {engine}")

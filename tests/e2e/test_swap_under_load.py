@@ -22,11 +22,12 @@ ROWS = 8
 PER_VERSION = 40  # answers each version must give before the next swap
 
 
-def _wait_served(served: list[Served], version: int, count: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(1 for s in served[-count * 4 :] if s.version == version) < count:
-        assert time.monotonic() < deadline, f"version {version} served too few requests"
-        time.sleep(0.005)
+def _wait_served(served: list[Served], version: int, count: int) -> None:
+    _api.until(
+        lambda: sum(1 for s in served[-count * 4 :] if s.version == version) >= count,
+        f"{count} answers from version {version}",
+        interval=0.005,
+    )
 
 
 @dataclass(frozen=True)

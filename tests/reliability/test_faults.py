@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,6 @@ from hotswap.v1 import control_pb2 as c
 from hotswap.v1 import engine_pb2 as e
 from tests.e2e import _api
 from tests.e2e.conftest import seed_models
-
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def _deployed(stub: Any) -> int:
@@ -76,7 +68,7 @@ def test_control_plane_killed_during_upload_leaves_nothing(tmp_path: Path, asset
 
         thread, outcome = _in_background(lambda: stub.UploadModel(slow_upload()))
         assert halfway.wait(20)
-        _until(lambda: any((stack.data_dir / "control/blobs/tmp").iterdir()), "a temp file")
+        _api.until(lambda: any((stack.data_dir / "control/blobs/tmp").iterdir()), "a temp file")
         stack.kill("control", signal.SIGKILL)
         release.set()
         thread.join(30)
@@ -100,7 +92,7 @@ def test_control_plane_killed_during_deploy_keeps_one_version(tmp_path: Path, as
         stack.kill("engine-2", signal.SIGSTOP)  # holds the prepare phase open
         thread, outcome = _in_background(lambda: _api.deploy(stub, "housing", v2))
         needle = f"deploy {_api.WS}/housing v{v2} "
-        _until(lambda: needle in stack.log_tail("control", 50), "the deploy to start")
+        _api.until(lambda: needle in stack.log_tail("control", 50), "the deploy to start")
         stack.kill("control", signal.SIGKILL)
         thread.join(30)
         assert isinstance(outcome[0], grpc.RpcError)
@@ -109,7 +101,7 @@ def test_control_plane_killed_during_deploy_keeps_one_version(tmp_path: Path, as
         stack.start_control()
         stub = _api.control(stack.control_address)
         stack.wait_engines_connected(stack.engine_names)
-        _until(lambda: _status(stub).status == "Running", "status Running")
+        _api.until(lambda: _status(stub).status == "Running", "status Running")
         # Never a mix: the store and every engine agree on the old version.
         assert _deployed(stub) == v1
         assert [en.serving_version for en in _status(stub).engines] == [v1, v1]
@@ -129,14 +121,14 @@ def test_engine_killed_around_commit_converges(tmp_path: Path, assets: Path) -> 
 
         thread, outcome = _in_background(lambda: _api.deploy(stub, "housing", v2))
         needle = f"prepared {_api.WS}/housing v{v2} "
-        _until(lambda: needle in stack.log_tail("engine-1", 50), "the prepare")
+        _api.until(lambda: needle in stack.log_tail("engine-1", 50), "the prepare")
         stack.kill("engine-1", signal.SIGKILL)  # before, during or just after its commit
         thread.join(30)
         committed = not isinstance(outcome[0], grpc.RpcError)
         # Whatever the timing, the store says one version and the restarted engine serves it.
         assert _deployed(stub) == (v2 if committed else v1)
         stack.start_engine("engine-1")
-        _until(lambda: _status(stub).status == "Running", "status Running")
+        _api.until(lambda: _status(stub).status == "Running", "status Running")
         assert _serving(stack, "engine-1") == _deployed(stub)
 
 
@@ -167,17 +159,17 @@ def test_engine_killed_while_serving_others_keep_serving_and_it_rejoins_from_cac
         loader = threading.Thread(target=load)
         loader.start()
         try:
-            _until(lambda: len(served) > 20, "load on engine-1")
+            _api.until(lambda: len(served) > 20, "load on engine-1")
             stack.kill("engine-2", signal.SIGKILL)
             count = len(served)
-            _until(lambda: len(served) > count + 50, "engine-1 to keep serving")
+            _api.until(lambda: len(served) > count + 50, "engine-1 to keep serving")
         finally:
             stop.set()
             loader.join(30)
         assert errors == [] and set(served) == {v1}
 
         stack.start_engine("engine-2")
-        _until(lambda: _status(stub).status == "Running", "engine-2 to rejoin")
+        _api.until(lambda: _status(stub).status == "Running", "engine-2 to rejoin")
         assert _serving(stack, "engine-2") == v1
         assert stack.log_tail("engine-2", 1000).count("fetching blob") == fetches_before
 

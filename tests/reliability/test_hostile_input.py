@@ -4,7 +4,6 @@ nothing changes (no model, no blob, no temp file, no deployment change, no crash
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,10 +123,7 @@ def test_an_interrupted_upload_leaves_nothing(hostile: LocalStack, assets: Path)
     assert sent_some.is_set()
     assert excinfo.value.code() == grpc.StatusCode.UNKNOWN
     tmp = hostile.data_dir / "control" / "blobs" / "tmp"
-    deadline = time.monotonic() + 10
-    while list(tmp.iterdir()):
-        assert time.monotonic() < deadline, "temp file of the cancelled upload stayed"
-        time.sleep(0.01)
+    _api.until(lambda: not list(tmp.iterdir()), "the cancelled upload's temp file to go", 10)
     assert _snapshot(hostile) == before
 
 
