@@ -12,7 +12,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 
@@ -103,6 +103,9 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
         # Let clients keep idle connections open with keepalive pings.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # gRPC turns SO_REUSEPORT on by default: a second server on a taken port would then
+        # bind it too and the kernel would split connections between the two.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -135,10 +138,30 @@ def server_credentials(
 
 
 def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
-    """Binds `listen` (port 0 picks one) with or without TLS; returns the port."""
-    if credentials is None:
-        return server.add_insecure_port(listen)
-    return server.add_secure_port(listen, credentials)
+    """Binds `listen` (port 0 picks one) with or without TLS; returns the port.
+
+    Raises:
+        StartupError: the port is taken (servers bind without SO_REUSEPORT) or the address
+            is not one of this host's.
+    """
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(
+            f"cannot listen on {listen}: the port is in use by another process (another "
+            "hotswap server?) or the address is not this host's; stop the other process or "
+            "choose another port"
+        )
+    return port
+
+
+class StartupError(Exception):
+    """A server could not start (a busy port, a data dir in use, an unreadable file)."""
 
 
 def client_channel(
@@ -168,8 +191,11 @@ class Service(Protocol):
 async def serve_until_signalled(make: Callable[[], Service], name: str) -> None:
     """Builds the service inside the running loop, serves until SIGINT/SIGTERM, then stops
     it gracefully (in-flight requests finish)."""
-    service = make()
-    await service.start()
+    try:
+        service = make()
+        await service.start()
+    except (OSError, ValueError) as exc:  # files and addresses from the settings
+        raise StartupError(str(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -177,3 +203,130 @@ async def serve_until_signalled(make: Callable[[], Service], name: str) -> None:
     await stop.wait()
     logging.getLogger(name).info("shutting down")
     await service.stop()
+
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:  # the runtime class is not generic
+    Handler = grpc.RpcMethodHandler
+
+# Checks one call's request (None for client-streaming calls) and sets the caller's context
+# variables; raises a domain error (mapped by the guard's status table) to refuse it.
+Enter = Callable[[Any], None]
+
+
+def _rewrap(handler: Handler, **behavior: Any) -> Handler:
+    kind, fn = next(iter(behavior.items()))
+    factory: Callable[..., Handler] = getattr(grpc, f"{kind}_rpc_method_handler")
+    return factory(
+        fn,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Admits each call of the services `guarded` names through `admit(method, metadata)`,
+    which authenticates the caller and returns how to enter the handler. Errors listed in
+    `table` (from `admit` or the returned `Enter`) become their status codes; the handler
+    never runs for a refused call. Calls to other services (health) pass untouched."""
+
+    def __init__(
+        self,
+        guarded: Callable[[str], bool],
+        admit: Callable[[str, Mapping[str, str]], Enter],
+        table: StatusTable,
+    ) -> None:
+        self._guarded = guarded
+        self._admit = admit
+        self._table = table
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        service = details.method.split("/")[1] if details.method.count("/") >= 2 else ""
+        if handler is None or not self._guarded(service):
+            return handler
+        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        try:
+            enter = self._admit(details.method, metadata)
+        except Exception as exc:
+            code = status_for(self._table, exc)
+            if code is None:
+                raise
+            return _refuse(handler, code, str(exc))
+        return self._entered(handler, enter)
+
+    def _entered(self, handler: Handler, enter: Enter) -> Handler:
+        table = self._table
+
+        async def check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            try:
+                enter(request)
+            except Exception as exc:
+                code = status_for(table, exc)
+                if code is None:
+                    raise
+                await context.abort(code, str(exc))
+
+        if handler.unary_unary:
+            inner_uu: Any = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await check(request, context)
+                return await inner_uu(request, context)
+
+            return _rewrap(handler, unary_unary=unary_unary)
+        if handler.stream_unary:
+            inner_su: Any = handler.stream_unary
+
+            async def stream_unary(
+                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                await check(None, context)  # what the stream names is checked by the servicer
+                return await inner_su(requests, context)
+
+            return _rewrap(handler, stream_unary=stream_unary)
+        if handler.unary_stream:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                await check(request, context)
+                async for item in inner_us(request, context):
+                    yield item
+
+            return _rewrap(handler, unary_stream=unary_stream)
+        inner_ss: Any = handler.stream_stream
+
+        async def stream_stream(
+            requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            await check(None, context)
+            async for item in inner_ss(requests, context):
+                yield item
+
+        return _rewrap(handler, stream_stream=stream_stream)
+
+
+def _refuse(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
+    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(code, message)
+
+    async def abort_stream(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.unary_unary:
+        return _rewrap(handler, unary_unary=abort)
+    if handler.stream_unary:
+        return _rewrap(handler, stream_unary=abort)
+    if handler.unary_stream:
+        return _rewrap(handler, unary_stream=abort_stream)
+    return _rewrap(handler, stream_stream=abort_stream)

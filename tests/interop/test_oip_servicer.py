@@ -23,6 +23,7 @@ from hotswap.engine.host import EngineHost, ModelRef, VersionRef
 from hotswap.engine.inference_log import InferenceLog, LogSettings
 from hotswap.engine.oip import InferenceServicer
 from hotswap.engine.runtime import RuntimeOptions
+from hotswap.engine.servicers import InferenceQueue
 from hotswap.oip import grpc_service_pb2 as oip
 from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
 from tests.e2e import _api
@@ -72,7 +73,7 @@ async def engine(tmp_path: Path, assets: Path) -> AsyncIterator[Engine]:
     server = grpc.aio.server()
     log = InferenceLog(LogSettings(tmp_path / "logs"), "engine-test")
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(host, executor, MAX_ROWS, inference_log=log), server
+        InferenceServicer(host, InferenceQueue(executor, 64), MAX_ROWS, inference_log=log), server
     )
     health = await add_probes(server, ["inference.GRPCInferenceService"])
     watcher = asyncio.create_task(

@@ -12,7 +12,7 @@ from typing import Any
 from hotswap.clients._errors import EntityExistsError, EntityNotFoundError, InvalidInputError
 from hotswap.clients._model import Framework, Model, ModelList
 from hotswap.clients._pipeline import Pipeline, PipelineList
-from hotswap.clients._pipeline_version import PipelineVersion
+from hotswap.clients._pipeline_version import PipelineVersion, list_versions
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
 from hotswap.clients._rpc import Security
 from hotswap.clients._session import Session
@@ -293,10 +293,7 @@ class Client:
         raise EntityNotFoundError(f"pipeline {name!r} has no version {version!r}")
 
     def _versions(self, proto: control_pb2.Pipeline) -> list[types_pb2.PipelineVersion]:
-        resp = self._session.control.list_pipeline_versions(
-            control_pb2.ListPipelineVersionsRequest(workspace=proto.workspace, pipeline=proto.name)
-        )
-        return list(resp.versions)
+        return list_versions(self._session, proto.workspace, proto.name)
 
     def _pipeline(self, proto: control_pb2.Pipeline) -> Pipeline:
         # Stage what is deployed (or else the latest version), as a reopened notebook expects.

@@ -22,7 +22,7 @@ from hotswap.clients._errors import EntityNotFoundError, HotswapError, InvalidIn
 from hotswap.clients._history import SwapList, export, fetch_logs, list_swaps, logs_result, select
 from hotswap.clients._infer import DEFAULT_BATCH_ROWS, Router, Served, served_attrs
 from hotswap.clients._model import Model
-from hotswap.clients._pipeline_version import PipelineVersion, PipelineVersionList
+from hotswap.clients._pipeline_version import PipelineVersion, PipelineVersionList, list_versions
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
 from hotswap.clients._rpc import new_request_id
 from hotswap.clients._session import Session
@@ -85,15 +85,9 @@ class Pipeline:
 
     def versions(self) -> PipelineVersionList:
         """Every version, oldest first."""
-        resp = self._session.control.list_pipeline_versions(
-            control_pb2.ListPipelineVersionsRequest(
-                workspace=self.workspace(), pipeline=self.name()
-            )
-        )
+        versions = list_versions(self._session, self.workspace(), self.name())
         deployed = self._refresh().deployed.number
-        return PipelineVersionList(
-            (PipelineVersion(self._session, v) for v in resp.versions), deployed
-        )
+        return PipelineVersionList((PipelineVersion(self._session, v) for v in versions), deployed)
 
     def status(self) -> dict[str, Any]:
         """The deployment's live state, shaped like the tutorial's ``pipeline.status()``:

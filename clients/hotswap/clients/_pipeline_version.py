@@ -8,7 +8,25 @@ from typing import Any
 from hotswap.clients._model import Model
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
 from hotswap.clients._session import Session
-from hotswap.v1 import types_pb2
+from hotswap.v1 import control_pb2, types_pb2
+
+
+def list_versions(
+    session: Session, workspace: str, pipeline: str
+) -> list[types_pb2.PipelineVersion]:
+    """Every version of a pipeline, oldest first (the server sends them a page at a time)."""
+    versions: list[types_pb2.PipelineVersion] = []
+    token = ""
+    while True:
+        page = session.control.list_pipeline_versions(
+            control_pb2.ListPipelineVersionsRequest(
+                workspace=workspace, pipeline=pipeline, page_size=1000, page_token=token
+            )
+        )
+        versions.extend(page.versions)
+        token = page.next_page_token
+        if not token:
+            return versions
 
 
 class PipelineVersion:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from hotswap import _logs
-from hotswap._edge import serve_until_signalled
+from hotswap._edge import StartupError, serve_until_signalled
 from hotswap.control.server import ControlPlaneServer
 from hotswap.control.settings import Settings
 
@@ -16,7 +16,11 @@ from hotswap.control.settings import Settings
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(sys.argv[1:] if argv is None else argv, os.environ)
     _logs.configure("control", settings.log_format, os.environ.get("HOTSWAP_LOG_LEVEL", "INFO"))
-    asyncio.run(serve_until_signalled(lambda: ControlPlaneServer(settings), __name__))
+    try:
+        asyncio.run(serve_until_signalled(lambda: ControlPlaneServer(settings), __name__))
+    except StartupError as exc:
+        print(f"hotswap control: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

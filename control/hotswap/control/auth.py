@@ -5,22 +5,30 @@ The token file (``--tokens-file`` / ``HOTSWAP_TOKENS_FILE``) is JSON::
 
     {"users":   [{"name": "alice", "token": "...", "workspaces": ["housing"]},
                  {"name": "ops",   "token": "...", "workspaces": ["*"]}],
-     "engines": [{"name": "fleet", "token": "..."}]}
+     "engines": [{"name": "fleet", "token": "...", "names": ["engine-*"]}]}
 
 A user token reaches the ControlPlane API for its workspaces ("*": all, including creating
-workspaces); an engine token reaches only Fleet (Connect, FetchBlob). Without a token file the
-control plane runs open, and says so at start.
+workspaces), and the engines' services for the same workspaces (engines learn digests of the
+user tokens over the Fleet stream, never the tokens). An engine token reaches only Fleet
+(Connect, FetchBlob), under the engine names its ``names`` patterns allow (fnmatch; without
+``names``, any name that no other live engine holds). Without a token file the control plane
+runs open, and says so at start. The file is re-read when it changes (docs/security.md).
 """
 
 from __future__ import annotations
 
 import contextvars
+import fnmatch
+import hashlib
 import hmac
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from hotswap.control.errors import ControlError
+
+log = logging.getLogger(__name__)
 
 ALL = "*"
 
@@ -38,9 +46,28 @@ class Principal:
     name: str
     engine: bool
     workspaces: frozenset[str]
+    # Engine credentials: fnmatch patterns of the engine names it may connect as; empty
+    # means any name that is not live from another engine.
+    engine_names: tuple[str, ...] = ()
 
     def may_use(self, workspace: str) -> bool:
         return not self.engine and (ALL in self.workspaces or workspace in self.workspaces)
+
+    def may_be_engine(self, name: str) -> bool:
+        if not self.engine:
+            return False
+        return not self.engine_names or any(
+            fnmatch.fnmatchcase(name, pattern) for pattern in self.engine_names
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an engine needs to check one user token: its digest and workspaces."""
+
+    name: str
+    token_sha256: bytes
+    workspaces: frozenset[str]
 
 
 # The caller of the RPC being served; set by the auth interceptor around each handler.
@@ -72,6 +99,17 @@ class TokenBook:
     def __init__(self, principals: dict[str, Principal]) -> None:
         self._principals = principals
 
+    def grants(self) -> list[Grant]:
+        """The user tokens as digests, for the engines' own token checks."""
+        return sorted(
+            (
+                Grant(p.name, hashlib.sha256(token.encode()).digest(), p.workspaces)
+                for token, p in self._principals.items()
+                if not p.engine
+            ),
+            key=lambda g: g.name,
+        )
+
     @classmethod
     def load(cls, path: Path) -> TokenBook:
         try:
@@ -84,8 +122,14 @@ class TokenBook:
                 str(entry["name"]), engine=False, workspaces=frozenset(entry["workspaces"])
             )
         for entry in raw.get("engines", []):
+            names = entry.get("names", [])
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(
+                    f"token file {path}: engine {entry['name']!r}: `names` must "
+                    "be a list of engine names or patterns such as 'engine-*'"
+                )
             principals[str(entry["token"])] = Principal(
-                str(entry["name"]), engine=True, workspaces=frozenset()
+                str(entry["name"]), engine=True, workspaces=frozenset(), engine_names=tuple(names)
             )
         if any(len(token) < 16 for token in principals):
             raise ValueError(f"token file {path}: every token must be at least 16 characters")
@@ -102,3 +146,34 @@ class TokenBook:
             if hmac.compare_digest(token.encode(), presented):
                 return principal
         raise Unauthenticated("the bearer token is not valid for this control plane")
+
+
+class TokenFile:
+    """The token file, re-read when it changes: adding or revoking a token takes effect
+    without a restart (and reaches engines with the next access push)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = self._stat()
+        self.book = TokenBook.load(path)
+
+    def _stat(self) -> tuple[int, int]:
+        try:
+            info = self.path.stat()
+        except OSError:
+            return (0, 0)
+        return (info.st_mtime_ns, info.st_size)
+
+    def reload_if_changed(self) -> bool:
+        """Re-reads the file if it changed; keeps the old tokens if the new file is broken."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.book = TokenBook.load(self.path)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("token file changed but cannot be used, keeping the previous tokens: %s", exc)
+            return False
+        log.info("token file %s reloaded", self.path)
+        return True

@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from hotswap.control.errors import NotFound
+from hotswap.control.errors import InvalidArgument, NotFound
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_sha256(sha256: str, what: str = "sha256") -> str:
+    """Returns `sha256` if it is 64 lowercase hex digits; else raises InvalidArgument.
+
+    Every digest from the wire passes here before it becomes part of a path.
+    """
+    if not _SHA256.fullmatch(sha256):
+        shown = sha256 if len(sha256) <= 70 else sha256[:70] + "..."
+        raise InvalidArgument(f"{what} must be 64 lowercase hex digits, not {shown!r}")
+    return sha256
 
 
 class BlobWriter:
@@ -76,6 +90,7 @@ class BlobStore:
         return BlobWriter(self._tmp)
 
     def _path(self, sha256: str) -> Path:
+        check_sha256(sha256)
         return self.root / sha256[:2] / sha256
 
     def has(self, sha256: str) -> bool:

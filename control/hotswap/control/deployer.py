@@ -2,7 +2,12 @@
 
 Deploy = prepare on every assigned engine (old version keeps serving), then — only if all
 prepared — record the new version as desired (the commit point, in SQLite) and commit on every
-engine. Any prepare failure or timeout aborts everywhere and changes nothing.
+engine. Any prepare failure or timeout, or the caller cancelling before the commit point,
+aborts everywhere and changes nothing; past the commit point the swap completes even if the
+caller has gone, and engines that did not confirm are named in the result.
+
+An engine that replaces a lost one gets the deployment the same way: a redeploy of the current
+version under the pipeline's lock, prepared before it is committed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from hotswap.control.timeline import EngineStage, Swap, SwapTimeline, swap_kind
 from hotswap.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
+
+# Seconds between two attempts to give a pipeline's lost replicas to spare engines.
+REFILL_BACKOFF = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +55,8 @@ class DeployResult:
     prepare_ms: float
     commit_ms: float
     total_ms: float
+    # Engines that did not confirm the commit (they converge from their desired state).
+    unconfirmed: tuple[str, ...] = ()
 
 
 def _ms_since(start: float) -> float:
@@ -76,6 +86,9 @@ class Deployer:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._revision = int(time.time() * 1000)
         self._started = time.monotonic()
+        self._background: set[asyncio.Task[None]] = set()
+        self._refilling: set[str] = set()
+        self._refilled_at: dict[str, float] = {}
         fleet.on_connect = self._assign_to_new_engine
 
     # -- desired state (level-triggered) -------------------------------------------------
@@ -96,24 +109,69 @@ class Deployer:
         for name in sorted(engines):
             self._fleet.send_desired(name)
 
-    def _assign_to_new_engine(self, engine: str) -> None:
-        """Gives a (re)connecting engine the deployments that lack replicas."""
-        # Right after a control plane restart, assigned engines have not reconnected yet; they
-        # are still serving, so moving their pipelines elsewhere would only cause churn.
+    def _lacking_replicas(self) -> list[Deployment]:
+        """Deployments with fewer live engines than replicas (after a control-plane restart,
+        engines that have not reconnected yet still count: they are still serving)."""
         starting = time.monotonic() - self._started < 2 * self._fleet.lost_after
         live = {s.name for s in self._fleet.live()}
-        for deployment in self._store.deployments():
-            if engine in deployment.engines:
-                continue
-            kept = [
-                e
-                for e in deployment.engines
-                if e in live or (starting and e not in self._fleet.sessions)
-            ]
-            if len(kept) < deployment.replicas:
-                log.info("assigning %s to engine %s", deployment.version.key, engine)
-                self._store.set_deployment(deployment.version, deployment.replicas, [*kept, engine])
-                self._revision += 1
+        return [
+            d
+            for d in self._store.deployments()
+            if len(
+                [e for e in d.engines if e in live or (starting and e not in self._fleet.sessions)]
+            )
+            < d.replicas
+        ]
+
+    def _assign_to_new_engine(self, engine: str) -> None:
+        """Gives deployments that lack replicas to a (re)connecting engine, each by a full
+        two-phase redeploy under the pipeline's lock (never by assignment alone)."""
+        for deployment in self._lacking_replicas():
+            if engine not in deployment.engines:
+                self._start_refill(deployment)
+
+    def refill_lost(self) -> None:
+        """Moves replicas of lost engines to live spares (called once per heartbeat). A
+        pipeline is tried again at most every `REFILL_BACKOFF` seconds."""
+        live = {s.name for s in self._fleet.live()}
+        for deployment in self._lacking_replicas():
+            if live - set(deployment.engines):
+                self._start_refill(deployment)
+
+    def _start_refill(self, deployment: Deployment) -> None:
+        key = deployment.version.key
+        now = time.monotonic()
+        if (
+            key in self._refilling
+            or now - self._refilled_at.get(key, -REFILL_BACKOFF) < REFILL_BACKOFF
+        ):
+            return
+        self._refilling.add(key)
+        self._refilled_at[key] = now
+        task = asyncio.ensure_future(self._refill(deployment))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda _: self._refilling.discard(key))
+
+    async def _refill(self, deployment: Deployment) -> None:
+        version = deployment.version
+        try:
+            await self.deploy(
+                version.workspace,
+                version.pipeline,
+                version.number,
+                deployment.replicas,
+                version.number,
+                requested_by="control plane (replacing lost engines)",
+            )
+        except (DeployConflict, DeployFailed, NoEngines) as exc:
+            # Another deploy moved on, or the engine could not prepare: the timeline says which.
+            log.warning("could not refill replicas of %s: %s", version.key, exc)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     # -- deploy -----------------------------------------------------------------------------
 
@@ -167,10 +225,16 @@ class Deployer:
             except DeployFailed as exc:
                 self._finish(swap, started, "aborted", str(exc))
                 raise
+            except asyncio.CancelledError:
+                if swap.committed:  # the swap finished for a caller who left
+                    self._finish(swap, started, "ok", "the caller cancelled after the commit point")
+                else:
+                    self._finish(swap, started, "aborted", "the caller cancelled the deploy")
+                raise
             except BaseException as exc:
                 self._finish(swap, started, "aborted", f"unexpected {type(exc).__name__}: {exc}")
                 raise
-            self._finish(swap, started, "ok")
+            self._finish(swap, started, "ok", _unconfirmed_reason(result.unconfirmed))
         return result
 
     def _finish(self, swap: Swap, started: float, outcome: str, reason: str = "") -> None:
@@ -213,18 +277,30 @@ class Deployer:
         )
 
         prepare_start = time.perf_counter()
-        await self._prepare_all(engines, swap, version, current)
+        try:
+            await self._prepare_all(engines, swap, version, current)
+        except asyncio.CancelledError:
+            self._abort_all(engines, swap, "the caller cancelled the deploy")
+            raise
         swap.prepare_ms = prepare_ms = _ms_since(prepare_start)
         self._metrics.swap_phase_seconds.labels("prepare").observe(prepare_ms / 1000)
 
-        # Commit point: from here the new version is what every engine must serve.
+        # Commit point: from here the new version is what every engine must serve, and the
+        # commit runs to its end even if the caller cancels (it is shielded below).
         self._store.set_deployment(version, replicas, [e.name for e in engines])
+        swap.committed = True
         commit_start = time.perf_counter()
-        await self._commit_all(engines, swap)
+        commit = asyncio.ensure_future(self._commit_all(engines, swap))
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            await commit
+            raise
+        finally:
+            dropped = set(current.engines if current else ()) - {e.name for e in engines}
+            self._bump(dropped | {e.name for e in engines})
         swap.commit_ms = commit_ms = _ms_since(commit_start)
         self._metrics.swap_phase_seconds.labels("commit").observe(commit_ms / 1000)
-        dropped = set(current.engines if current else ()) - {e.name for e in engines}
-        self._bump(dropped | {e.name for e in engines})
 
         timings = tuple(
             EngineTiming(
@@ -240,6 +316,7 @@ class Deployer:
             )
             for st in swap.engines.values()
         )
+        unconfirmed = tuple(st.engine for st in swap.engines.values() if st.stage != "committed")
         return DeployResult(
             version,
             current.version if current else None,
@@ -247,6 +324,7 @@ class Deployer:
             prepare_ms,
             commit_ms,
             _ms_since(started),
+            unconfirmed,
         )
 
     async def _prepare_one(
@@ -304,25 +382,30 @@ class Deployer:
     ) -> None:
         tasks = [asyncio.ensure_future(self._prepare_one(e, swap, version)) for e in engines]
         # Wait for the first failure, not for every engine: a stalled one must not delay abort.
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
         failure = next((t.exception() for t in done if t.exception() is not None), None)
         if failure is None:
             return
         for task in pending:
             task.cancel()
-        abort = fleet_pb2.ControlMessage(
-            abort=fleet_pb2.Abort(
-                swap_id=swap.swap_id, reason=str(failure), request_id=swap.request_id
-            )
-        )
-        for engine in engines:
-            if engine.connected:
-                engine.send(abort)
+        self._abort_all(engines, swap, str(failure))
         kept = f"version {current.version.number} keeps serving" if current else "nothing changed"
         log.warning("deploy %s v%d aborted: %s", version.key, version.number, failure)
         raise DeployFailed(
             f"deploy of {version.pipeline!r} version {version.number} aborted: {failure}; {kept}"
         )
+
+    def _abort_all(self, engines: list[EngineSession], swap: Swap, reason: str) -> None:
+        abort = fleet_pb2.ControlMessage(
+            abort=fleet_pb2.Abort(swap_id=swap.swap_id, reason=reason, request_id=swap.request_id)
+        )
+        for engine in engines:
+            self._fleet.send(engine, abort)
 
     async def _commit_one(self, engine: EngineSession, swap: Swap) -> None:
         start = time.perf_counter()
@@ -363,7 +446,9 @@ class Deployer:
         *,
         requested_by: str = "",
         request_id: str = "",
-    ) -> None:
+    ) -> list[str]:
+        """Undeploys; returns the engines that did not confirm the release within `timeout`
+        (they release it when they next apply their desired state)."""
         started = time.perf_counter()
         async with self._locks[pipeline_key(workspace, pipeline)]:
             current = self._store.get_pipeline(workspace, pipeline).deployment
@@ -379,16 +464,14 @@ class Deployer:
                 request_id,
             )
             try:
-                await self._undeploy(swap, timeout)
+                unconfirmed = await self._undeploy(swap, timeout)
             except DeployFailed as exc:
                 self._finish(swap, started, "rejected", str(exc))
                 raise
-            except TimeoutError:
-                self._finish(swap, started, "ok", "some engines did not confirm the release")
-                raise
-            self._finish(swap, started, "ok")
+            self._finish(swap, started, "ok", _unconfirmed_reason(unconfirmed, "release"))
+        return unconfirmed
 
-    async def _undeploy(self, swap: Swap, timeout: float) -> None:
+    async def _undeploy(self, swap: Swap, timeout: float) -> list[str]:
         workspace, pipeline = swap.workspace, swap.pipeline
         previous = self._store.delete_deployment(workspace, pipeline)
         if previous is None:
@@ -398,16 +481,36 @@ class Deployer:
             stage = EngineStage(name, session.address if session else "", "committed")
             swap.engines[name] = stage
         key = previous.version.key
-        waits = []
+        waits = {}
         for name in previous.engines:
             session = self._fleet.sessions.get(name)
             if session is not None and session.connected:
-                waits.append(self._wait_released(session, key))
+                waits[name] = asyncio.ensure_future(self._wait_released(session, key))
         self._bump(set(previous.engines))
         # Best effort: an engine that is away releases on reconnect (level-triggered).
-        await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        if waits:
+            await asyncio.wait(waits.values(), timeout=timeout)
+        unconfirmed = []
+        for name in previous.engines:
+            wait = waits.get(name)
+            released = wait is not None and wait.done() and wait.result()
+            if not released:
+                unconfirmed.append(name)
+                swap.engines[name].stage = "failed"
+                swap.engines[name].error = "did not confirm the release"
+            if wait is not None:
+                wait.cancel()
+        return unconfirmed
 
     @staticmethod
-    async def _wait_released(session: EngineSession, key: str) -> None:
+    async def _wait_released(session: EngineSession, key: str) -> bool:
+        """True once the engine reports it no longer serves `key`; False if it disconnects."""
         while session.connected and key in session.serving:
             await session.reported.wait()
+        return key not in session.serving
+
+
+def _unconfirmed_reason(engines: tuple[str, ...] | list[str], what: str = "commit") -> str:
+    if not engines:
+        return ""
+    return f"engines {', '.join(engines)} did not confirm the {what}; they converge on reconnect"

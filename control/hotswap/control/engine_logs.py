@@ -2,7 +2,8 @@
 
 A gRPC client of ``Engine.GetLogs`` (edge code, like the engine's ``link.py``): every connected
 engine is asked in parallel, because an engine that served the pipeline before a reassignment
-still holds its rows. An engine that does not answer in time is reported, not fatal.
+still holds its rows. An engine that does not answer in time is reported, not fatal. The
+caller's own bearer token is passed on, so engines apply the caller's workspace rights.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class LogGatherer:
         self._fleet = fleet
         self._timeout = timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _stub(self, address: str) -> engine_pb2_grpc.EngineStub:
         channel = self._channels.get(address)
@@ -38,10 +40,15 @@ class LogGatherer:
             self._channels[address] = channel
         return engine_pb2_grpc.EngineStub(channel)
 
-    async def _ask(self, address: str, request: types_pb2.GetLogsRequest) -> types_pb2.LogsResponse:
-        return await self._stub(address).GetLogs(request, timeout=self._timeout)
+    async def _ask(
+        self, address: str, request: types_pb2.GetLogsRequest, authorization: str
+    ) -> types_pb2.LogsResponse:
+        metadata = (("authorization", authorization),) if authorization else ()
+        return await self._stub(address).GetLogs(request, timeout=self._timeout, metadata=metadata)
 
-    async def gather(self, request: types_pb2.GetLogsRequest) -> types_pb2.LogsResponse:
+    async def gather(
+        self, request: types_pb2.GetLogsRequest, authorization: str = ""
+    ) -> types_pb2.LogsResponse:
         limit = request.limit or DEFAULT_LIMIT
         sessions = [s for s in self._fleet.sessions.values() if s.connected and s.address]
         # Each engine returns at most `limit` rows: the newest `limit` overall are among them.
@@ -49,7 +56,7 @@ class LogGatherer:
         ask.CopyFrom(request)
         ask.limit = limit
         answers = await asyncio.gather(
-            *(self._ask(s.address, ask) for s in sessions), return_exceptions=True
+            *(self._ask(s.address, ask, authorization) for s in sessions), return_exceptions=True
         )
         payloads: list[bytes] = []
         dropped = 0
@@ -67,6 +74,14 @@ class LogGatherer:
             log.warning("logs of %s: engines unreachable: %s", request.pipeline, unreachable)
         merged = await asyncio.to_thread(merge_newest_first, payloads, limit)
         return types_pb2.LogsResponse(arrow=merged, dropped_rows=dropped, unreachable=unreachable)
+
+    def forget_except(self, addresses: set[str]) -> None:
+        """Closes channels to engines no longer known (the fleet forgot them)."""
+        for address in [a for a in self._channels if a not in addresses]:
+            channel = self._channels.pop(address)
+            task = asyncio.ensure_future(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
+from pathlib import Path
+from typing import TextIO
 
 import grpc
 
@@ -13,7 +17,7 @@ from hotswap._logs import RequestIdInterceptor
 from hotswap._metrics_http import MetricsEndpoint
 from hotswap._probes import Health, add_probes
 from hotswap.control._auth_interceptor import AuthInterceptor
-from hotswap.control.auth import TokenBook
+from hotswap.control.auth import TokenFile
 from hotswap.control.blobs import BlobStore
 from hotswap.control.deployer import Deployer
 from hotswap.control.engine_logs import LogGatherer
@@ -41,12 +45,18 @@ class ControlPlaneServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = lock_data_dir(settings.data_dir)
+        self.tokens = TokenFile(settings.tokens_file) if settings.tokens_file else None
         self.store = Store(settings.data_dir / "hotswap.db")
         self.blobs = BlobStore(settings.data_dir / "blobs")
         self.metrics = ControlMetrics()
         self.timeline = SwapTimeline(settings.data_dir / "hotswap.db")
         self.fleet = Fleet(
-            lambda name: self.deployer.desired_state(name), settings.lost_after, self.metrics
+            lambda name: self.deployer.desired_state(name),
+            settings.lost_after,
+            self.metrics,
+            access_rules=self._access_rules,
+            forget_after=settings.forget_after,
         )
         self.deployer = Deployer(
             self.store,
@@ -60,9 +70,13 @@ class ControlPlaneServer:
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         uploads = ModelUploads(self.store, self.blobs, settings.max_model_bytes)
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
-        if settings.tokens_file is not None:
-            interceptors.append(AuthInterceptor(TokenBook.load(settings.tokens_file)))
-        self._server = grpc.aio.server(options=server_options(), interceptors=interceptors)
+        if self.tokens is not None:
+            interceptors.append(AuthInterceptor(self.tokens))
+        self._server = grpc.aio.server(
+            options=server_options(),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
         control_pb2_grpc.add_ControlPlaneServicer_to_server(
             ControlPlaneServicer(
                 self.store,
@@ -75,7 +89,7 @@ class ControlPlaneServer:
             self._server,
         )
         fleet_pb2_grpc.add_FleetServicer_to_server(
-            FleetServicer(self.fleet, self.blobs), self._server
+            FleetServicer(self.fleet, self.blobs, self.store), self._server
         )
         self.address = ""
         self._heartbeat: asyncio.Task[None] | None = None
@@ -87,8 +101,6 @@ class ControlPlaneServer:
             self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
         )
         port = bind(self._server, self.settings.listen, credentials)
-        if port == 0:
-            raise OSError(f"could not listen on {self.settings.listen}")
         self._health = await add_probes(self._server, SERVICES)
         await self._server.start()
         # The store was opened (and migrated) in __init__: the API can answer from now on.
@@ -96,7 +108,7 @@ class ControlPlaneServer:
             await self._health.set(name, True)
         self.address = f"{host}:{port}"
         self._heartbeat = asyncio.create_task(
-            self.fleet.heartbeat_forever(self.settings.heartbeat_interval)
+            self.fleet.heartbeat_forever(self.settings.heartbeat_interval, self._housekeeping)
         )
         log.info(
             "control plane serving on %s with %s (data in %s)",
@@ -112,13 +124,37 @@ class ControlPlaneServer:
             )
         if self.settings.metrics_port >= 0:
             self.metrics_endpoint.start(
-                host, self.settings.metrics_port, self.settings.address_file
+                self.settings.metrics_host, self.settings.metrics_port, self.settings.address_file
             )
         if self.settings.address_file is not None:
             tmp = self.settings.address_file.with_suffix(".tmp")
             tmp.write_text(self.address)
             tmp.replace(self.settings.address_file)
         return self.address
+
+    def _access_rules(self) -> fleet_pb2.AccessRules:
+        """What engines need to check user tokens themselves: digests, never tokens."""
+        if self.tokens is None:
+            return fleet_pb2.AccessRules(required=False)
+        return fleet_pb2.AccessRules(
+            required=True,
+            grants=[
+                fleet_pb2.TokenGrant(
+                    name=g.name, token_sha256=g.token_sha256, workspaces=sorted(g.workspaces)
+                )
+                for g in self.tokens.book.grants()
+            ],
+        )
+
+    def _housekeeping(self) -> None:
+        """Once per heartbeat: token file changes reach engines, lost replicas move to spare
+        engines, and state of engines gone for good is dropped."""
+        if self.tokens is not None and self.tokens.reload_if_changed():
+            self.fleet.push_access()
+        self.deployer.refill_lost()
+        assigned = {e for d in self.store.deployments() for e in d.engines}
+        if self.fleet.forget_gone(keep=assigned.__contains__):
+            self.logs.forget_except({s.address for s in self.fleet.sessions.values()})
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -130,8 +166,35 @@ class ControlPlaneServer:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        await self.deployer.close()
         await self._server.stop(grace)
         self.metrics_endpoint.stop()
         await self.logs.close()
         self.timeline.close()
         self.store.close()
+        self._dir_lock.close()
+
+
+def lock_data_dir(data_dir: Path) -> TextIO:
+    """Holds an exclusive lock on `data_dir` for this process's life: a second control plane
+    on the same directory would split one store between two writers."""
+    lock = (data_dir / "control.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        other = lock.read().strip() or "another process"
+        lock.close()
+        raise DataDirInUse(
+            f"data dir {data_dir} is in use by another control plane ({other}): stop it, "
+            "or give this one its own --data-dir"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    return lock
+
+
+class DataDirInUse(OSError):
+    """Another control plane holds the data dir."""

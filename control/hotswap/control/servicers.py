@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,7 +15,7 @@ import grpc
 from hotswap import _logs
 from hotswap._edge import StatusTable, stream_errors, unary_errors
 from hotswap.control import _convert, auth
-from hotswap.control.blobs import BlobStore
+from hotswap.control.blobs import BlobStore, check_sha256
 from hotswap.control.deployer import Deployer
 from hotswap.control.engine_logs import LogGatherer
 from hotswap.control.errors import (
@@ -27,7 +28,7 @@ from hotswap.control.errors import (
     NoEngines,
     NotFound,
 )
-from hotswap.control.fleet import Fleet
+from hotswap.control.fleet import EngineRefused, Fleet
 from hotswap.control.status import StatusBoard
 from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
@@ -53,6 +54,16 @@ streaming = stream_errors(STATUS)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 BLOB_CHUNK = 1024 * 1024
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+def _requested_by(note: str, context: Context) -> str:
+    """Who asked, for the swap timeline: the authenticated token's name, never a claim."""
+    principal = auth.current.get()
+    who = f"unauthenticated {context.peer()}" if principal is auth.OPEN else principal.name
+    note = note.strip()[:100]
+    return f"{who} ({note})" if note and note != who else who
 
 
 class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
@@ -167,9 +178,22 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     async def ListPipelineVersions(
         self, request: control_pb2.ListPipelineVersionsRequest, context: Context
     ) -> control_pb2.ListPipelineVersionsResponse:
-        versions = self._store.pipeline_versions(request.workspace, request.pipeline)
+        size = request.page_size or DEFAULT_PAGE
+        if not 0 < size <= MAX_PAGE:
+            raise InvalidArgument(f"page_size must be 1 to {MAX_PAGE} (0 means {DEFAULT_PAGE})")
+        after = 0
+        if request.page_token:
+            if not request.page_token.isdigit():
+                raise InvalidArgument("page_token must be a next_page_token from an earlier page")
+            after = int(request.page_token)
+        versions = self._store.pipeline_versions(
+            request.workspace, request.pipeline, after=after, limit=size + 1
+        )
+        more = len(versions) > size
+        versions = versions[:size]
         return control_pb2.ListPipelineVersionsResponse(
-            versions=[_convert.pipeline_version(v) for v in versions]
+            versions=[_convert.pipeline_version(v) for v in versions],
+            next_page_token=str(versions[-1].number) if more else "",
         )
 
     @unary
@@ -189,7 +213,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
             request.version,
             request.replicas,
             expected,
-            requested_by=request.requested_by or context.peer(),
+            requested_by=_requested_by(request.requested_by, context),
             request_id=_logs.request_id.get(),
         )
         response = control_pb2.DeployResponse(
@@ -211,6 +235,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
             prepare_ms=result.prepare_ms,
             commit_ms=result.commit_ms,
             total_ms=result.total_ms,
+            unconfirmed_engines=result.unconfirmed,
         )
         if result.previous is not None:
             response.previous.CopyFrom(_convert.pipeline_version(result.previous))
@@ -220,13 +245,13 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     async def Undeploy(
         self, request: control_pb2.UndeployRequest, context: Context
     ) -> control_pb2.UndeployResponse:
-        await self._deployer.undeploy(
+        unconfirmed = await self._deployer.undeploy(
             request.workspace,
             request.pipeline,
-            requested_by=context.peer(),
+            requested_by=_requested_by("", context),
             request_id=_logs.request_id.get(),
         )
-        return control_pb2.UndeployResponse()
+        return control_pb2.UndeployResponse(unconfirmed_engines=unconfirmed)
 
     @unary
     async def GetPipelineStatus(
@@ -282,7 +307,11 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
                     address=s.address,
                     state="Lost" if s.lost(fleet.lost_after) else "Connected",
                     last_seen_ms=s.last_seen_ms,
-                    serving=[f"{p.workspace}/{p.pipeline}@{p.number}" for p in s.serving.values()],
+                    serving=[
+                        f"{p.workspace}/{p.pipeline}@{p.number}"
+                        for p in s.serving.values()
+                        if auth.may_see(p.workspace)
+                    ],
                 )
                 for s in sorted(fleet.sessions.values(), key=lambda s: s.name)
             ]
@@ -295,7 +324,11 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         self._store.get_pipeline(request.workspace, request.pipeline)  # NOT_FOUND when unknown
         if request.limit < 0:
             raise InvalidArgument("limit must be 0 (default 100) or more")
-        return await self._logs.gather(request)
+        metadata = dict(context.invocation_metadata() or ())
+        authorization = metadata.get("authorization", "")
+        return await self._logs.gather(
+            request, authorization if isinstance(authorization, str) else ""
+        )
 
     @unary
     async def ListSwaps(
@@ -307,9 +340,10 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, fleet: Fleet, blobs: BlobStore) -> None:
+    def __init__(self, fleet: Fleet, blobs: BlobStore, store: Store) -> None:
         self._fleet = fleet
         self._blobs = blobs
+        self._store = store
 
     async def Connect(
         self, request_iterator: AsyncIterator[fleet_pb2.EngineMessage], context: Context
@@ -320,7 +354,20 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "an engine must open with `hello`"
             )
             return
-        session = self._fleet.connect(first.hello)
+        hello = first.hello
+        principal = auth.current.get()
+        if principal is not auth.OPEN and not principal.may_be_engine(hello.name):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"engine credential {principal.name!r} may not connect as engine "
+                f"{hello.name!r}: add the name to its `names` in the token file",
+            )
+            return
+        try:
+            session = self._fleet.connect(hello, "" if principal is auth.OPEN else principal.name)
+        except EngineRefused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return
 
         async def read() -> None:
             try:
@@ -339,27 +386,61 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 await reader
             self._fleet.disconnect(session)
 
+    def _check_fetch(self, request: fleet_pb2.FetchBlobRequest) -> None:
+        """A secured control plane serves an engine only what its live stream is meant to
+        have; an open one, any blob of a stored model version."""
+        check_sha256(request.sha256)
+        principal = auth.current.get()
+        missing = NotFound(f"blob {request.sha256} is not one this engine is meant to serve")
+        if principal is auth.OPEN:
+            if not self._store.has_blob(request.sha256):
+                raise missing
+            return
+        session = self._fleet.sessions.get(request.engine)
+        if (
+            session is None
+            or not session.connected
+            or session.principal != principal.name
+            or session.instance_id != request.instance_id
+        ):
+            raise auth.PermissionDenied(
+                f"no live engine {request.engine!r} of this credential: fetch blobs over the "
+                "engine's own Connect stream (send its name and instance_id)"
+            )
+        if not session.may_fetch(request.sha256):
+            raise missing
+
     @streaming
     async def FetchBlob(
         self, request: fleet_pb2.FetchBlobRequest, context: Context
     ) -> AsyncIterator[fleet_pb2.BlobChunk]:
+        self._check_fetch(request)
         path = self._blobs.path(request.sha256)
         total = path.stat().st_size
         if not 0 <= request.offset <= total:
             raise InvalidArgument(f"offset {request.offset} is outside the blob (0..{total})")
-        # A whole-blob read is verified as it streams: corruption on this disk is reported
-        # here, with what to do, rather than only as a mismatch on the engine.
-        digest = hashlib.sha256() if request.offset == 0 else None
+        # Every read is verified as it streams, a resumed one too (its prefix is hashed
+        # first): corruption on this disk is reported here, with what to do, rather than
+        # only as a mismatch on the engine.
+        digest = await asyncio.to_thread(_hash_prefix, path, request.offset)
         with path.open("rb") as f:
             f.seek(request.offset)
             offset = request.offset
             while data := f.read(BLOB_CHUNK):
-                if digest is not None:
-                    digest.update(data)
-                    if offset + len(data) == total and digest.hexdigest() != request.sha256:
-                        raise BlobCorrupt(
-                            f"blob {request.sha256} is corrupt on the control plane's disk: "
-                            "upload the model again"
-                        )
+                digest.update(data)
+                if offset + len(data) == total and digest.hexdigest() != request.sha256:
+                    raise BlobCorrupt(
+                        f"blob {request.sha256} is corrupt on the control plane's disk: "
+                        "upload the model again"
+                    )
                 yield fleet_pb2.BlobChunk(offset=offset, data=data, total_size=total)
                 offset += len(data)
+
+
+def _hash_prefix(path: Path, length: int) -> Any:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while length > 0 and (data := f.read(min(BLOB_CHUNK, length))):
+            digest.update(data)
+            length -= len(data)
+    return digest

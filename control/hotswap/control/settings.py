@@ -30,6 +30,12 @@ class Settings:
     tls_client_ca: Path | None = None
     # Bearer tokens for the API and for engines (see hotswap.control.auth); None = open.
     tokens_file: Path | None = None
+    # Where the Prometheus endpoint binds: loopback unless told otherwise.
+    metrics_host: str = "127.0.0.1"
+    # RPCs served at once; more are refused with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 1024
+    # Seconds after which a disconnected engine no deployment names is forgotten.
+    forget_after: float = 3600.0
 
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -85,6 +91,23 @@ class Settings:
             "default %(default)s)",
         )
         parser.add_argument(
+            "--metrics-host",
+            default=env("HOTSWAP_METRICS_HOST", _DEFAULTS.metrics_host),
+            help="address the metrics endpoint binds (default %(default)s: loopback only)",
+        )
+        parser.add_argument(
+            "--max-concurrent-rpcs",
+            type=int,
+            default=int(env("HOTSWAP_MAX_CONCURRENT_RPCS", str(_DEFAULTS.max_concurrent_rpcs))),
+            help="RPCs served at once, beyond which calls get RESOURCE_EXHAUSTED (%(default)s)",
+        )
+        parser.add_argument(
+            "--forget-after",
+            type=float,
+            default=float(env("HOTSWAP_FORGET_AFTER", str(_DEFAULTS.forget_after))),
+            help="seconds after which a disconnected engine that serves nothing is forgotten",
+        )
+        parser.add_argument(
             "--log-format",
             choices=("text", "json"),
             default=env("HOTSWAP_LOG_FORMAT", _DEFAULTS.log_format),
@@ -114,6 +137,9 @@ class Settings:
             tls_client_ca=args.tls_client_ca,
             tokens_file=args.tokens_file,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
+            forget_after=args.forget_after,
             log_format=args.log_format,
         )
 

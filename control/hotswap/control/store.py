@@ -381,12 +381,24 @@ class Store:
             int(row["created_ms"]),
         )
 
-    def pipeline_versions(self, workspace: str, pipeline: str) -> list[PipelineVersion]:
+    def pipeline_versions(
+        self, workspace: str, pipeline: str, *, after: int = 0, limit: int = -1
+    ) -> list[PipelineVersion]:
+        """Versions numbered above `after`, oldest first, at most `limit` (-1: all)."""
         row = self._pipeline_row(workspace, pipeline)
         ids = self._db.execute(
-            "SELECT id FROM pipeline_versions WHERE pipeline_id = ? ORDER BY number", (row["id"],)
+            "SELECT id FROM pipeline_versions WHERE pipeline_id = ? AND number > ?"
+            " ORDER BY number LIMIT ?",
+            (row["id"], after, limit),
         ).fetchall()
         return [self._pipeline_version_by_id(r["id"], workspace, pipeline) for r in ids]
+
+    def has_blob(self, sha256: str) -> bool:
+        """Whether any stored model version has these bytes."""
+        found = self._db.execute(
+            "SELECT 1 FROM model_versions WHERE sha256 = ? LIMIT 1", (sha256,)
+        ).fetchone()
+        return found is not None
 
     def pipeline_version(self, workspace: str, pipeline: str, number: int) -> PipelineVersion:
         """Version `number` of a pipeline; 0 means the latest."""

@@ -59,6 +59,8 @@ class Swap:
     engines: dict[str, EngineStage] = field(default_factory=dict)
     prepare_ms: float = 0.0
     commit_ms: float = 0.0
+    # Past the commit point (the store names the new version); not persisted.
+    committed: bool = False
 
     def finish(self, outcome: str, reason: str = "") -> None:
         self.outcome = outcome
@@ -78,9 +80,13 @@ def swap_kind(before: int, after: int) -> str:
 
 
 class SwapTimeline:
-    """Reads and writes swap records. Open it after ``Store`` (which applies the migration)."""
+    """Reads and writes swap records. Open it after ``Store`` (which applies the migration).
 
-    def __init__(self, path: Path) -> None:
+    Each pipeline keeps its newest `keep` records: a deploy loop cannot grow the file forever.
+    """
+
+    def __init__(self, path: Path, keep: int = 1000) -> None:
+        self.keep = keep
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -118,6 +124,13 @@ class SwapTimeline:
                 swap.commit_ms,
             ),
         )
+        if swap.outcome != "running":
+            self._db.execute(
+                "DELETE FROM swaps WHERE workspace = ? AND pipeline = ? AND rowid NOT IN"
+                " (SELECT rowid FROM swaps WHERE workspace = ? AND pipeline = ?"
+                " ORDER BY started_ms DESC, rowid DESC LIMIT ?)",
+                (swap.workspace, swap.pipeline, swap.workspace, swap.pipeline, self.keep),
+            )
 
     def list(self, workspace: str, pipeline: str, limit: int = 100) -> list[Swap]:
         """The pipeline's swaps, newest first."""

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from hotswap.control.blobs import BlobStore
+from hotswap.control.blobs import BlobStore, check_sha256
 from hotswap.control.domain import ModelVersion, check_name
 from hotswap.control.errors import InvalidArgument, LimitExceeded
 from hotswap.control.onnx_check import inspect_onnx
 from hotswap.control.store import Store
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +40,7 @@ class ModelUploads:
 
     async def upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> ModelVersion:
         check_name("model", header.name)
-        sha = header.sha256.lower()
-        if not _SHA256.fullmatch(sha):
-            raise InvalidArgument("header.sha256 must be the file's sha256 as 64 hex characters")
+        sha = check_sha256(header.sha256, "header.sha256 (the file's sha256)")
         if header.size_bytes > self._max_bytes:
             raise self._too_big(header.size_bytes)
         # Fail fast on an unknown workspace, before receiving any bytes.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from hotswap.engine.errors import InvalidInput
+from hotswap.engine.errors import InvalidInput, RequestTooLarge
 
 __all__ = [
     "Dims",
@@ -55,20 +56,31 @@ _PLAIN_TYPES: dict[np.dtype[Any], pa.DataType] = {
 }
 
 
-def decode_ipc(data: bytes) -> pa.Table:
+def decode_ipc(data: bytes, max_rows: int = 2**62) -> pa.Table:
     """Read a table from Arrow IPC bytes, stream or file format (told apart by the file magic).
 
-    The buffers are validated in full: offsets in a hostile list column could otherwise point
-    outside the message and crash the process when read.
+    Before anything is decoded, the messages' metadata is read (`check_ipc`): more than
+    `max_rows` rows, compressed bodies (their decompressed size is the sender's choice) and
+    array lengths the body cannot hold are refused. Then the buffers are validated in full:
+    offsets in a hostile list column could otherwise point outside the message and crash the
+    process when read.
 
     Raises:
-        InvalidInput: the bytes are empty or are not a valid Arrow IPC stream or file.
+        InvalidInput: the bytes are empty, compressed, or not a valid Arrow IPC stream or file.
+        RequestTooLarge: more than `max_rows` rows.
     """
     if not data:
         raise InvalidInput("the request body is empty: send a table as an Arrow IPC stream or file")
     buffer = pa.py_buffer(data)
+    is_file = buffer[:6].to_pybytes() == _FILE_MAGIC
+    rows = check_ipc(buffer[8:] if is_file else buffer, len(data))
+    if rows > max_rows:
+        raise RequestTooLarge(
+            f"the request has {rows} rows; this engine takes at most {max_rows} per call "
+            "(split it into batches, or raise --max-rows)"
+        )
     try:
-        if buffer[:6].to_pybytes() == _FILE_MAGIC:
+        if is_file:
             table = ipc.open_file(buffer, options=_READ_OPTIONS).read_all()
         else:
             table = ipc.open_stream(buffer, options=_READ_OPTIONS).read_all()
@@ -78,6 +90,90 @@ def decode_ipc(data: bytes) -> pa.Table:
             f"the request body is not a valid Arrow IPC stream or file ({len(data)} bytes): {exc}"
         ) from None
     return table
+
+
+def check_ipc(stream: pa.Buffer, size: int) -> int:
+    """The row count of an Arrow IPC stream, read from its messages' flatbuffer metadata
+    without decoding a body (the file format holds the same stream after its magic).
+
+    Raises:
+        InvalidInput: unreadable metadata, a compressed body, or an array longer than the
+            request's bytes could hold (8 elements per byte, as bit-packed booleans).
+    """
+    rows = 0
+    try:
+        for message in ipc.MessageReader.open_stream(stream):
+            if message.type not in ("record batch", "dictionary"):
+                continue
+            batch = _batch_header(message.metadata.to_pybytes(), message.type == "dictionary")
+            length, compressed, longest = batch
+            if compressed:
+                raise InvalidInput(
+                    "compressed Arrow IPC is not accepted: write it without compression "
+                    "(pyarrow: IpcWriteOptions(compression=None), the default)"
+                )
+            if longest > 8 * size + 8:
+                raise InvalidInput(
+                    f"an array in the request claims {longest} elements, more than its "
+                    f"{size} bytes can hold"
+                )
+            if message.type == "record batch":
+                rows += length
+    except (pa.ArrowException, struct.error, OSError) as exc:
+        raise InvalidInput(
+            f"the request body is not a valid Arrow IPC stream or file ({size} bytes): {exc}"
+        ) from None
+    return rows
+
+
+def _batch_header(meta: bytes, dictionary: bool) -> tuple[int, bool, int]:
+    """(rows, compressed, longest array) of a RecordBatch/DictionaryBatch Message flatbuffer
+    (Arrow's Message.fbs: Message.header = field 2; RecordBatch.length = 0, .nodes = 1,
+    .compression = 3; DictionaryBatch.data = 1)."""
+    message = _root(meta)
+    batch = _table_field(meta, message, 2)
+    if dictionary:
+        batch = _table_field(meta, batch, 1)
+    if batch == 0:
+        raise struct.error("a batch message without a header")
+    rows = _scalar(meta, batch, 0, "<q")
+    compressed = _field(meta, batch, 3) != 0
+    longest = rows
+    nodes_at = _field(meta, batch, 1)
+    if nodes_at:
+        vector = nodes_at + struct.unpack_from("<I", meta, nodes_at)[0]
+        (count,) = struct.unpack_from("<I", meta, vector)
+        for i in range(count):
+            (node_length,) = struct.unpack_from("<q", meta, vector + 4 + 16 * i)
+            longest = max(longest, node_length)
+    if rows < 0 or longest < 0:
+        raise struct.error("a negative length")
+    return rows, compressed, longest
+
+
+def _root(meta: bytes) -> int:
+    return int(struct.unpack_from("<I", meta, 0)[0])
+
+
+def _field(meta: bytes, table: int, index: int) -> int:
+    """Absolute position of field `index` of the flatbuffer table at `table`; 0 if absent."""
+    vtable = table - struct.unpack_from("<i", meta, table)[0]
+    (vtable_size,) = struct.unpack_from("<H", meta, vtable)
+    slot = 4 + 2 * index
+    if slot + 2 > vtable_size:
+        return 0
+    (offset,) = struct.unpack_from("<H", meta, vtable + slot)
+    return table + offset if offset else 0
+
+
+def _table_field(meta: bytes, table: int, index: int) -> int:
+    at = _field(meta, table, index)
+    return at + struct.unpack_from("<I", meta, at)[0] if at else 0
+
+
+def _scalar(meta: bytes, table: int, index: int, fmt: str) -> int:
+    at = _field(meta, table, index)
+    return int(struct.unpack_from(fmt, meta, at)[0]) if at else 0
 
 
 def encode_ipc(table: pa.Table) -> bytes:

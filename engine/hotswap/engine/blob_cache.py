@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,15 @@ log = logging.getLogger(__name__)
 Fetcher = Callable[[str, int], AsyncIterator[bytes]]
 
 FETCH_ATTEMPTS = 3
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_sha256(sha256: str) -> str:
+    """Returns `sha256` if it is 64 lowercase hex digits; else raises BlobError. A digest
+    from the control plane's messages passes here before it becomes part of a path."""
+    if not _SHA256.fullmatch(sha256):
+        raise BlobError(f"model sha256 {sha256[:70]!r} is not 64 lowercase hex digits")
+    return sha256
 
 
 def _sha256_file(path: Path) -> str:
@@ -49,13 +59,14 @@ class BlobCache:
         self._fetch = fetch
         self._verified: set[str] = set()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.fetched_bytes = 0  # bytes downloaded by this process (cache misses)
 
     def path(self, sha256: str) -> Path:
+        check_sha256(sha256)
         return self.root / sha256[:2] / sha256
 
     async def ensure(self, sha256: str) -> Path:
         """The local path of a verified copy of the blob, fetching it if needed."""
+        check_sha256(sha256)
         async with self._locks[sha256]:
             path = self.path(sha256)
             if sha256 in self._verified and path.is_file():
@@ -87,7 +98,6 @@ class BlobCache:
                             # Writing and hashing a MiB takes ~2 ms: not on the serving loop.
                             await asyncio.to_thread(_append, f, digest, chunk)
                             offset += len(chunk)
-                            self.fetched_bytes += len(chunk)
                         break
                     except BlobError as exc:
                         if attempt == FETCH_ATTEMPTS:

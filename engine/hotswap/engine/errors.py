@@ -6,6 +6,8 @@ them to gRPC status codes once, at the edge (``hotswap.engine._convert``).
     ├── PipelineNotServed     the engine does not serve that pipeline      (NOT_FOUND)
     ├── PipelineLoading       assigned, first version still loading       (UNAVAILABLE)
     ├── RequestTooLarge       more rows than --max-rows                    (RESOURCE_EXHAUSTED)
+    ├── Overloaded            the inference queue is full                  (RESOURCE_EXHAUSTED)
+    ├── access.Unauthenticated / access.PermissionDenied   token checks   (UNAUTHENTICATED, ...)
     └── PrepareError          a version could not be fetched, built or warmed up
         └── BlobError         a blob could not be fetched or failed its sha256 check
 """
@@ -29,6 +31,10 @@ class PipelineLoading(EngineError):
 
 class RequestTooLarge(EngineError):
     """The request has more rows than the engine accepts in one call."""
+
+
+class Overloaded(EngineError):
+    """More requests wait for an inference thread than the engine queues (--max-queued)."""
 
 
 class PrepareError(EngineError):

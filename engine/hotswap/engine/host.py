@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -79,6 +80,13 @@ class PipelineState:
     error: str
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _everything(workspace: str) -> bool:
+    return True
+
+
 class EngineHost:
     def __init__(
         self,
@@ -116,21 +124,33 @@ class EngineHost:
 
     # -- request path -----------------------------------------------------------------------
 
-    def lookup(self, workspace: str, pipeline: str) -> LoadedPipeline:
-        """The active version to serve one request. Call once per request."""
-        found = self._active.get(f"{workspace}/{pipeline}")
+    def lookup(
+        self, workspace: str, pipeline: str, visible: Callable[[str], bool] = _everything
+    ) -> LoadedPipeline:
+        """The active version to serve one request. Call once per request.
+
+        Without `workspace`, the pipeline is found by name among the workspaces `visible`
+        admits (the caller's), and it must be the only one of that name there.
+        """
+        found = (
+            self._active.get(f"{workspace}/{pipeline}")
+            if workspace and visible(workspace)
+            else None
+        )
         if found is not None:
             return found
+        active = {k: p for k, p in self._active.items() if visible(k.split("/", 1)[0])}
+        pending = [k for k in self._pending if visible(k.split("/", 1)[0])]
         if not workspace:
-            matches = [p for k, p in self._active.items() if k.split("/", 1)[1] == pipeline]
-            if not pipeline and len(self._active) == 1:
-                matches = list(self._active.values())
+            matches = [p for k, p in active.items() if k.split("/", 1)[1] == pipeline]
+            if not pipeline and len(active) == 1:
+                matches = list(active.values())
             if len(matches) == 1:
                 return matches[0]
         key = f"{workspace}/{pipeline}"
-        if key in self._pending or any(k.endswith(f"/{pipeline}") for k in self._pending):
+        if key in pending or (not workspace and any(k.endswith(f"/{pipeline}") for k in pending)):
             raise PipelineLoading(f"pipeline {pipeline!r} is still loading on this engine; retry")
-        served = ", ".join(sorted(self._active)) or "nothing"
+        served = ", ".join(sorted(active)) or "nothing"
         raise PipelineNotServed(
             f"this engine does not serve pipeline {key if workspace else pipeline!r} "
             f"(it serves {served}); is it deployed?"
@@ -147,6 +167,10 @@ class EngineHost:
         return retained[0] if retained else None
 
     async def _build(self, ref: VersionRef) -> tuple[LoadedPipeline, Prepared]:
+        for kind, name in (("workspace", ref.workspace), ("pipeline", ref.pipeline)):
+            # Names become inference-log directories and metric labels: checked, whoever sent.
+            if not _NAME.fullmatch(name):
+                raise PrepareError(f"the control plane sent an invalid {kind} name {name[:40]!r}")
         reused = self._reusable(ref)
         if reused is not None:
             return reused, Prepared(0.0, 0.0, 0.0, reused=True)

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -272,17 +272,25 @@ class InferenceLog:
     # -- queries (a worker thread) -------------------------------------------------------------
 
     def query(
-        self, workspace: str, pipeline: str, limit: int, start_ms: int = 0, end_ms: int = 0
+        self,
+        workspace: str,
+        pipeline: str,
+        limit: int,
+        start_ms: int = 0,
+        end_ms: int = 0,
+        visible: Callable[[str], bool] = lambda workspace: True,
     ) -> pa.Table | None:
         """The newest `limit` rows of a pipeline within [start_ms, end_ms), newest first.
 
-        An empty `workspace` matches the pipeline name in any workspace.
+        An empty `workspace` matches the pipeline name in any workspace `visible` admits (the
+        caller's); a named one must be visible too.
         """
 
         def wanted(key: str) -> bool:
-            return key == _key(workspace, pipeline) or (
-                not workspace and key.split("/", 1)[1] == pipeline
-            )
+            owner, name = key.split("/", 1)
+            if not visible(owner):
+                return False
+            return key == _key(workspace, pipeline) or (not workspace and name == pipeline)
 
         parts: list[pa.Table] = []
         rows = 0

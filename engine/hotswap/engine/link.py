@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -17,7 +18,7 @@ import grpc
 
 from hotswap import _logs
 from hotswap._edge import channel_options
-from hotswap.engine import _convert
+from hotswap.engine import _convert, access
 from hotswap.engine.errors import BlobError, PrepareError
 from hotswap.engine.host import EngineHost
 from hotswap.engine.metrics import EngineMetrics
@@ -41,11 +42,15 @@ class ControlLink:
         *,
         channel: grpc.aio.Channel | None = None,
         token: str = "",
+        rules: access.Rules | None = None,
     ) -> None:
         self._metrics = metrics or EngineMetrics()
         # The engine credential, sent on every Fleet call (never logged).
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self._host = host
+        self._rules = rules or access.Rules(fail_closed=bool(token))
+        # Tells this process's streams from another engine's under the same name.
+        self.instance_id = uuid.uuid4().hex
         self._control = control
         self.name = name
         self.address = address
@@ -62,7 +67,10 @@ class ControlLink:
         """The blob fetcher the engine's BlobCache uses (resumable by offset)."""
         try:
             async for chunk in self._stub.FetchBlob(
-                fleet_pb2.FetchBlobRequest(sha256=sha256, offset=offset), metadata=self._auth
+                fleet_pb2.FetchBlobRequest(
+                    sha256=sha256, offset=offset, engine=self.name, instance_id=self.instance_id
+                ),
+                metadata=self._auth,
             ):
                 yield chunk.data
         except grpc.aio.AioRpcError as exc:
@@ -89,6 +97,7 @@ class ControlLink:
                 name=self.name,
                 address=self.address,
                 serving=[_convert.serving_pipeline(s) for s in self._host.states()],
+                instance_id=self.instance_id,
             )
         )
         while True:
@@ -146,7 +155,15 @@ class ControlLink:
 
     def _dispatch(self, message: fleet_pb2.ControlMessage) -> None:
         kind = message.WhichOneof("kind")
-        if kind == "desired":
+        if kind == "access":
+            self._rules.update(
+                message.access.required,
+                (
+                    access.Grant(g.name, g.token_sha256, frozenset(g.workspaces))
+                    for g in message.access.grants
+                ),
+            )
+        elif kind == "desired":
             self._spawn(self._apply_desired(message.desired))
         elif kind == "prepare":
             self._spawn(self._prepare(message.prepare))

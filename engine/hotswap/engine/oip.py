@@ -20,7 +20,6 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from importlib import metadata
 from typing import Any
 
@@ -29,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from hotswap._edge import status_for, unary_errors
+from hotswap.engine import access
 from hotswap.engine.arrow_io import Array, column_to_ndarray, ndarray_to_arrow
 from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed, RequestTooLarge
 from hotswap.engine.health import readiness
@@ -36,7 +36,7 @@ from hotswap.engine.host import EngineHost
 from hotswap.engine.inference_log import InferenceLog
 from hotswap.engine.metrics import Bound, EngineMetrics
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, TensorInfo
-from hotswap.engine.servicers import STATUS
+from hotswap.engine.servicers import STATUS, InferenceQueue
 from hotswap.oip import grpc_service_pb2 as oip
 from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
 
@@ -314,7 +314,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         host: EngineHost,
-        executor: Executor,
+        executor: InferenceQueue,
         max_rows: int,
         metrics: EngineMetrics | None = None,
         inference_log: InferenceLog | None = None,
@@ -326,7 +326,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._metrics = metrics or EngineMetrics()
 
     def _lookup(self, name: str, version: str, workspace: str = "") -> LoadedPipeline:
-        loaded = self._host.lookup(workspace, name)
+        caller = access.current.get()
+        if workspace:
+            caller.check(workspace)
+        loaded = self._host.lookup(workspace, name, caller.may_use)
         if version and version != str(loaded.spec.number):
             raise PipelineNotServed(
                 f"model {name!r} version {version} is not served by this engine (it serves "
@@ -383,8 +386,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             # Looked up once: this request runs on this version even if a swap commits meanwhile.
             loaded = self._lookup(request.model_name, request.model_version, workspace)
             bound = metrics.bind(loaded)
-            response, result, elapsed_ns = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _infer, loaded, request, self._max_rows
+            response, result, elapsed_ns = await self._executor.run(
+                _infer, loaded, request, self._max_rows
             )
         except BaseException as exc:
             _count_failure(metrics, bound, exc)
@@ -400,6 +403,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: oip.RepositoryIndexRequest, context: Context
     ) -> oip.RepositoryIndexResponse:
+        caller = access.current.get()
         models = [
             oip.RepositoryIndexResponse.ModelIndex(
                 name=state.key.split("/", 1)[1],
@@ -408,7 +412,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 reason=state.error,
             )
             for state in self._host.states()
-            if state.active is not None or not request.ready
+            if (state.active is not None or not request.ready)
+            and caller.may_use(state.key.split("/", 1)[0])
         ]
         return oip.RepositoryIndexResponse(models=models)
 

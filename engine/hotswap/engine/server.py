@@ -14,6 +14,8 @@ import grpc
 from hotswap._edge import bind, client_channel, server_credentials, server_options
 from hotswap._metrics_http import MetricsEndpoint
 from hotswap._probes import Health, add_probes
+from hotswap.engine import access
+from hotswap.engine._auth_interceptor import EngineAuthInterceptor
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.health import EngineHealth
 from hotswap.engine.host import EngineHost
@@ -22,7 +24,7 @@ from hotswap.engine.link import ControlLink
 from hotswap.engine.metrics import EngineMetrics
 from hotswap.engine.oip import InferenceServicer
 from hotswap.engine.runtime import RuntimeOptions
-from hotswap.engine.servicers import EngineIdentity, EngineServicer
+from hotswap.engine.servicers import EngineIdentity, EngineServicer, InferenceQueue
 from hotswap.engine.settings import Settings
 from hotswap.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from hotswap.v1 import engine_pb2, engine_pb2_grpc
@@ -44,7 +46,15 @@ class EngineServer:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.workers, thread_name_prefix="infer"
         )
-        self._server = grpc.aio.server(options=server_options())
+        # Fails closed: an engine with a control-plane credential belongs to a secured stack
+        # and refuses every call until the control plane has sent who may call it.
+        self.access_rules = access.Rules(fail_closed=bool(settings.control_token))
+        self._server = grpc.aio.server(
+            options=server_options(),
+            interceptors=[EngineAuthInterceptor(self.access_rules)],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        self._queue = InferenceQueue(self._executor, settings.max_queued)
         self._identity = EngineIdentity()
         self.link: ControlLink | None = None
         self.host: EngineHost | None = None
@@ -63,10 +73,10 @@ class EngineServer:
         port = bind(
             self._server,
             self.settings.listen,
-            server_credentials(self.settings.tls_cert, self.settings.tls_key, None),
+            server_credentials(
+                self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
+            ),
         )
-        if port == 0:
-            raise OSError(f"could not listen on {self.settings.listen}")
         host_part = self.settings.listen.rsplit(":", 1)[0]
         self.address = self.settings.advertise or f"{host_part}:{port}"
         self.name = self.settings.engine_name(port)
@@ -96,6 +106,7 @@ class EngineServer:
                 key=self.settings.control_key,
             ),
             token=self.settings.control_token,
+            rules=self.access_rules,
         )
         link_ref.append(self.link)
         self.metrics.watch(self.host.loaded_versions, lambda: _dir_bytes(cache_dir / "blobs"))
@@ -121,7 +132,7 @@ class EngineServer:
         engine_pb2_grpc.add_EngineServicer_to_server(
             EngineServicer(
                 self.host,
-                self._executor,
+                self._queue,
                 self._identity,
                 self.settings.max_rows,
                 inline_bytes=self.settings.inline_bytes,
@@ -133,7 +144,7 @@ class EngineServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
                 self.host,
-                self._executor,
+                self._queue,
                 self.settings.max_rows,
                 self.metrics,
                 inference_log=self.inference_log,
@@ -151,7 +162,7 @@ class EngineServer:
             self._log_task = asyncio.create_task(self.inference_log.run_forever())
         if self.settings.metrics_port >= 0:
             self.metrics_endpoint.start(
-                host_part, self.settings.metrics_port, self.settings.address_file
+                self.settings.metrics_host, self.settings.metrics_port, self.settings.address_file
             )
         log.info(
             "engine %s serving on %s, control plane %s, cache %s",

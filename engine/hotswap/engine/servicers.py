@@ -7,15 +7,16 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pyarrow as pa
 
 from hotswap._edge import StatusTable, status_for, unary_errors
-from hotswap.engine import _convert
+from hotswap.engine import _convert, access
 from hotswap.engine.errors import (
     InvalidInput,
+    Overloaded,
     PipelineLoading,
     PipelineNotServed,
     RequestTooLarge,
@@ -31,25 +32,46 @@ STATUS: StatusTable = {
     PipelineNotServed: grpc.StatusCode.NOT_FOUND,
     PipelineLoading: grpc.StatusCode.UNAVAILABLE,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    access.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    access.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 unary = unary_errors(STATUS)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_T = TypeVar("_T")
 # Small requests run on the event loop only for pipelines whose 1-row inference takes less.
 INLINE_MAX_MS = 0.5
 # Answers an InferStream keeps in flight at once; more requests wait (back-pressure).
 STREAM_WINDOW = 64
 
 
+class InferenceQueue:
+    """The inference threads, with a bound on the requests waiting for one: past it, a
+    request is refused at once (RESOURCE_EXHAUSTED) instead of queued in memory without end."""
+
+    def __init__(self, executor: Executor, max_queued: int) -> None:
+        self._executor = executor
+        self._max_queued = max_queued
+        self.queued = 0
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self.queued >= self._max_queued:
+            raise Overloaded(
+                f"this engine is at capacity ({self.queued} requests waiting for an inference "
+                "thread): retry with backoff, or serve on more engines"
+            )
+        self.queued += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self.queued -= 1
+
+
 def _run(loaded: LoadedPipeline, data: bytes, max_rows: int) -> tuple[bytes, pa.Table, int]:
     """Decode, infer, encode: one request, wholly on `loaded`, in a worker thread."""
     start = time.perf_counter_ns()
-    table = decode_ipc(data)
-    if table.num_rows > max_rows:
-        raise RequestTooLarge(
-            f"the request has {table.num_rows} rows; this engine takes at most {max_rows} per "
-            "call (split it into batches, or raise --max-rows)"
-        )
+    table = decode_ipc(data, max_rows)
     result = loaded.infer(table)
     out = encode_ipc(result)
     return out, result, time.perf_counter_ns() - start
@@ -59,7 +81,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     def __init__(
         self,
         host: EngineHost,
-        executor: Executor,
+        executor: InferenceQueue,
         state: EngineIdentity,
         max_rows: int,
         *,
@@ -82,15 +104,16 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         metrics.in_flight.inc()
         try:
             # Looked up once: this request runs on this version even if a swap commits meanwhile.
-            loaded = self._host.lookup(request.workspace, request.pipeline)
+            caller = access.current.get()
+            loaded = self._host.lookup(request.workspace, request.pipeline, caller.may_use)
             bound = metrics.bind(loaded)
             if len(request.arrow) <= self._inline_bytes and loaded.row_ms < INLINE_MAX_MS:
                 # Small request on a fast model: handing it to a thread and back costs more
                 # than running it (tens of µs), so it runs here, keeping the loop's stall tiny.
                 arrow, table, elapsed_ns = _run(loaded, request.arrow, self._max_rows)
             else:
-                arrow, table, elapsed_ns = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, _run, loaded, request.arrow, self._max_rows
+                arrow, table, elapsed_ns = await self._executor.run(
+                    _run, loaded, request.arrow, self._max_rows
                 )
         except Exception as exc:
             code = status_for(STATUS, exc)
@@ -181,6 +204,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             request.limit or 100,
             request.start_ms,
             request.end_ms,
+            access.current.get().may_use,
         )
         arrow = await asyncio.to_thread(encode, table)
         return types_pb2.LogsResponse(arrow=arrow, dropped_rows=self._log.stats.dropped_rows)
@@ -188,11 +212,16 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def GetStatus(
         self, request: engine_pb2.GetEngineStatusRequest, context: Context
     ) -> engine_pb2.EngineState:
+        caller = access.current.get()
         return engine_pb2.EngineState(
             name=self._identity.name,
             address=self._identity.address,
             connected=self._identity.connected(),
-            pipelines=[_convert.serving_pipeline(s) for s in self._host.states()],
+            pipelines=[
+                _convert.serving_pipeline(s)
+                for s in self._host.states()
+                if caller.may_use(s.key.split("/", 1)[0])
+            ],
         )
 
 

@@ -26,9 +26,11 @@ class Settings:
     retain_seconds: float = 300.0
     retain_versions: int = 2  # swapped-out versions kept per pipeline (instant rollback)
     advertise: str = ""  # address to tell clients; default: the bound address
-    # TLS for this engine's own server (Infer), PEM files.
+    # TLS for this engine's own server (Infer), PEM files; with tls_client_ca, callers need
+    # certificates of that CA (mutual TLS).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     # TLS to the control plane: the CA to trust, and this engine's certificate for mutual TLS.
     control_ca: Path | None = None
     control_cert: Path | None = None
@@ -43,7 +45,12 @@ class Settings:
     log_disk_bytes: int = 1024**3  # log files on disk, at most (oldest dropped first)
     # Prometheus endpoint port on the --listen host: 0 picks one, -1 turns it off.
     metrics_port: int = -1
+    # Where the Prometheus endpoint binds: loopback unless told otherwise.
+    metrics_host: str = "127.0.0.1"
     log_format: str = "text"  # service logs: text | json
+    # RPCs served at once (RESOURCE_EXHAUSTED beyond), and requests waiting for a thread.
+    max_concurrent_rpcs: int = 1024
+    max_queued: int = 256
 
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -145,6 +152,24 @@ class Settings:
             "default %(default)s)",
         )
         parser.add_argument(
+            "--metrics-host",
+            default=env("HOTSWAP_METRICS_HOST", d.metrics_host),
+            help="address the metrics endpoint binds (default %(default)s: loopback only)",
+        )
+        parser.add_argument(
+            "--max-concurrent-rpcs",
+            type=int,
+            default=int(env("HOTSWAP_MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
+            help="RPCs served at once, beyond which calls get RESOURCE_EXHAUSTED (%(default)s)",
+        )
+        parser.add_argument(
+            "--max-queued",
+            type=int,
+            default=int(env("HOTSWAP_MAX_QUEUED", str(d.max_queued))),
+            help="requests waiting for an inference thread, beyond which they get "
+            "RESOURCE_EXHAUSTED (%(default)s)",
+        )
+        parser.add_argument(
             "--log-format",
             choices=("text", "json"),
             default=env("HOTSWAP_LOG_FORMAT", d.log_format),
@@ -154,6 +179,7 @@ class Settings:
         for flag, variable, text in (
             ("--tls-cert", "HOTSWAP_TLS_CERT", "PEM certificate to serve Infer over TLS"),
             ("--tls-key", "HOTSWAP_TLS_KEY", "PEM private key of --tls-cert"),
+            ("--tls-client-ca", "HOTSWAP_TLS_CLIENT_CA", "require client certificates of this CA"),
             ("--control-ca", "HOTSWAP_CONTROL_CA", "CA that signed the control plane's cert"),
             ("--control-cert", "HOTSWAP_CONTROL_CERT", "client certificate for mutual TLS"),
             ("--control-key", "HOTSWAP_CONTROL_KEY", "private key of --control-cert"),
@@ -181,6 +207,7 @@ class Settings:
             address_file=args.address_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
             control_ca=args.control_ca,
             control_cert=args.control_cert,
             control_key=args.control_key,
@@ -190,6 +217,9 @@ class Settings:
             log_memory_bytes=args.log_memory_bytes,
             log_disk_bytes=args.log_disk_bytes,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
+            max_queued=args.max_queued,
             log_format=args.log_format,
         )
 

@@ -479,17 +479,25 @@ class ListPipelineVersionsRequest(_message.Message):
 
     WORKSPACE_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
+    page_size: _builtins.int
+    """Most versions per page, oldest first; 0 means 100. At most 1000."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first page."""
     def __init__(
         self,
         *,
         workspace: _builtins.str = ...,
         pipeline: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "pipeline", b"pipeline", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,16 +508,20 @@ class ListPipelineVersionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.PipelineVersion]: ...
     def __init__(
         self,
         *,
         versions: _abc.Iterable[_types_pb2.PipelineVersion] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -536,8 +548,9 @@ class DeployRequest(_message.Message):
     deployed); otherwise fail with ABORTED. Makes concurrent deploys a compare-and-set.
     """
     requested_by: _builtins.str
-    """Who asks, recorded in the swap timeline (e.g. "alice" or "ci/deploy-job"); empty means
-    the caller's network address (the gRPC peer).
+    """A note on who asks (e.g. "ci/deploy-job"), recorded in the swap timeline beside the
+    authenticated token name; on an open control plane, beside "unauthenticated" and the
+    caller's network address. It is never taken as the identity.
     """
     def __init__(
         self,
@@ -633,6 +646,7 @@ class DeployResponse(_message.Message):
     PREPARE_MS_FIELD_NUMBER: _builtins.int
     COMMIT_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
+    UNCONFIRMED_ENGINES_FIELD_NUMBER: _builtins.int
     prepare_ms: _builtins.float
     """Whole prepare phase (all engines in parallel), milliseconds."""
     commit_ms: _builtins.float
@@ -651,6 +665,13 @@ class DeployResponse(_message.Message):
     def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineSwapTiming]:
         """Per-engine timings."""
 
+    @_builtins.property
+    def unconfirmed_engines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Engines that did not confirm the commit (timed out or disconnected after the commit
+        point). The deployment is the new version; these engines converge to it when they
+        reconnect, and GetPipelineEndpoints leaves them out until they report it.
+        """
+
     def __init__(
         self,
         *,
@@ -660,10 +681,11 @@ class DeployResponse(_message.Message):
         prepare_ms: _builtins.float = ...,
         commit_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
+        unconfirmed_engines: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["previous", b"previous", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ms", b"commit_ms", "engines", b"engines", "prepare_ms", b"prepare_ms", "previous", b"previous", "total_ms", b"total_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ms", b"commit_ms", "engines", b"engines", "prepare_ms", b"prepare_ms", "previous", b"previous", "total_ms", b"total_ms", "unconfirmed_engines", b"unconfirmed_engines", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -695,12 +717,21 @@ Global___UndeployRequest: _TypeAlias = UndeployRequest  # noqa: Y015
 class UndeployResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    UNCONFIRMED_ENGINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def unconfirmed_engines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Engines that did not confirm releasing the pipeline in time; they release it when they
+        next apply their desired state (on reconnect at the latest).
+        """
+
     def __init__(
         self,
+        *,
+        unconfirmed_engines: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unconfirmed_engines", b"unconfirmed_engines"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1091,7 +1122,9 @@ class SwapRecord(_message.Message):
     reason: _builtins.str
     """Why the outcome is not "ok", for a person."""
     requested_by: _builtins.str
-    """DeployRequest.requested_by, else the caller's address."""
+    """The authenticated token name (or "unauthenticated <peer>" on an open control plane),
+    with DeployRequest.requested_by in parentheses when the caller gave one.
+    """
     request_id: _builtins.str
     """The caller's x-request-id, for finding the swap in the services' logs."""
     prepare_ms: _builtins.float

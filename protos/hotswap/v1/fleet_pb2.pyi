@@ -119,10 +119,16 @@ class Hello(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Stable engine name; a restarted engine reuses it to get its assignments back."""
     address: _builtins.str
     """Address clients use for Engine.Infer, host:port."""
+    instance_id: _builtins.str
+    """Random id generated when the engine process starts. A Hello under a name that is live
+    from another instance is refused (FAILED_PRECONDITION); the same instance reconnecting
+    replaces its own stale stream.
+    """
     @_builtins.property
     def serving(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServingPipeline]:
         """Pipelines it serves now."""
@@ -133,10 +139,11 @@ class Hello(_message.Message):
         name: _builtins.str = ...,
         address: _builtins.str = ...,
         serving: _abc.Iterable[Global___ServingPipeline] | None = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id", "name", b"name", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -273,6 +280,7 @@ class ControlMessage(_message.Message):
     COMMIT_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def desired(self) -> Global___DesiredState: ...
     @_builtins.property
@@ -283,6 +291,8 @@ class ControlMessage(_message.Message):
     def abort(self) -> Global___Abort: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def access(self) -> Global___AccessRules: ...
     def __init__(
         self,
         *,
@@ -291,16 +301,78 @@ class ControlMessage(_message.Message):
         commit: Global___Commit | None = ...,
         abort: Global___Abort | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        access: Global___AccessRules | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "prepare", b"prepare"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "prepare", b"prepare"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "prepare", b"prepare"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "prepare", b"prepare"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["desired", "prepare", "commit", "abort", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["desired", "prepare", "commit", "abort", "heartbeat", "access"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ControlMessage: _TypeAlias = ControlMessage  # noqa: Y015
+
+@_typing.final
+class AccessRules(_message.Message):
+    """Who may call the engine's own services (Infer, InferStream, OIP, GetLogs, GetStatus,
+    reflection; gRPC health stays open). Sent on every (re)connect and whenever the control
+    plane's token file changes, like the desired state. Carries digests, never tokens.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    GRANTS_FIELD_NUMBER: _builtins.int
+    required: _builtins.bool
+    """False when the control plane runs open (no token file): the engine checks nothing."""
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenGrant]: ...
+    def __init__(
+        self,
+        *,
+        required: _builtins.bool = ...,
+        grants: _abc.Iterable[Global___TokenGrant] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "required", b"required"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessRules: _TypeAlias = AccessRules  # noqa: Y015
+
+@_typing.final
+class TokenGrant(_message.Message):
+    """One user token's rights on engines."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TOKEN_SHA256_FIELD_NUMBER: _builtins.int
+    WORKSPACES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The token's name in the token file (for logs and error messages)."""
+    token_sha256: _builtins.bytes
+    """sha256 of the token's UTF-8 bytes."""
+    @_builtins.property
+    def workspaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Workspaces it may use; "*" means all."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        token_sha256: _builtins.bytes = ...,
+        workspaces: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "token_sha256", b"token_sha256", "workspaces", b"workspaces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenGrant: _TypeAlias = TokenGrant  # noqa: Y015
 
 @_typing.final
 class DesiredState(_message.Message):
@@ -418,19 +490,28 @@ class FetchBlobRequest(_message.Message):
 
     SHA256_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
-    """Hex sha256 of the blob."""
+    """Hex sha256 of the blob: 64 lowercase hex digits."""
     offset: _builtins.int
     """Byte offset to start from (resume)."""
+    engine: _builtins.str
+    """The calling engine's Hello.name and Hello.instance_id: a secured control plane serves
+    only the blobs that engine's live stream is meant to have.
+    """
+    instance_id: _builtins.str
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
         offset: _builtins.int = ...,
+        engine: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "instance_id", b"instance_id", "offset", b"offset", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

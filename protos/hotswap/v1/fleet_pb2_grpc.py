@@ -58,7 +58,9 @@ class FleetServicer:
 
     def FetchBlob(self, request, context):
         """Streams a content-addressed blob (an ONNX file) from `offset`, so an interrupted fetch
-        resumes where it stopped. NOT_FOUND for an unknown sha256.
+        resumes where it stopped. INVALID_ARGUMENT unless `sha256` is 64 lowercase hex digits;
+        NOT_FOUND for a blob the calling engine is not meant to serve (secured control planes
+        serve an engine only the blobs of its own desired state and swaps in progress).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -22,7 +22,9 @@ class FleetStub:
     """The engine's session with the control plane. The engine's first message must be `hello`."""
     FetchBlob: _aio.UnaryStreamMultiCallable[_fleet_pb2.FetchBlobRequest, _fleet_pb2.BlobChunk]
     """Streams a content-addressed blob (an ONNX file) from `offset`, so an interrupted fetch
-    resumes where it stopped. NOT_FOUND for an unknown sha256.
+    resumes where it stopped. INVALID_ARGUMENT unless `sha256` is 64 lowercase hex digits;
+    NOT_FOUND for a blob the calling engine is not meant to serve (secured control planes
+    serve an engine only the blobs of its own desired state and swaps in progress).
     """
 
 class FleetServicer(metaclass=_abc_1.ABCMeta):
@@ -41,7 +43,9 @@ class FleetServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_fleet_pb2.FetchBlobRequest, _abc.AsyncIterator[_fleet_pb2.BlobChunk]],
     ) -> _abc.AsyncIterator[_fleet_pb2.BlobChunk]:
         """Streams a content-addressed blob (an ONNX file) from `offset`, so an interrupted fetch
-        resumes where it stopped. NOT_FOUND for an unknown sha256.
+        resumes where it stopped. INVALID_ARGUMENT unless `sha256` is 64 lowercase hex digits;
+        NOT_FOUND for a blob the calling engine is not meant to serve (secured control planes
+        serve an engine only the blobs of its own desired state and swaps in progress).
         """
 
 def add_FleetServicer_to_server(servicer: FleetServicer, server: _aio.Server) -> None: ...
