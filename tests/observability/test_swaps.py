@@ -83,7 +83,7 @@ def test_timeline_of_ok_aborted_and_rollback(
         for e in ok["engines"]:
             assert e["prepare_ms"] > 0 and e["commit_ms"] > 0 and e["switch_us"] > 0
         assert ok["prepare_ms"] > 0 and ok["commit_ms"] > 0
-        assert ok["requested_by"].startswith("ipv4:127.0.0.1:")
+        assert ok["requested_by"].startswith("unauthenticated ipv4:127.0.0.1:")
         assert len(ok["request_id"]) == 32
 
     out = capsys.readouterr().out

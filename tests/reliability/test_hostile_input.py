@@ -68,10 +68,13 @@ def _serves_rf(stack: LocalStack, assets: Path) -> None:
         ("not-onnx", b"\x89PNG\r\n\x1a\n" + b"\x00" * 500, "not a loadable ONNX model"),
         ("unknown-op", _onnx.unknown_operator(), "not a loadable ONNX model"),
         ("custom-domain", _onnx.custom_domain(), "not a loadable ONNX model"),
-        ("ext-escape", _onnx.external_data("../../etc/passwd"), "external data"),
-        ("ext-absolute", _onnx.external_data("/etc/passwd"), "external data"),
+        ("ext-escape", _onnx.external_data("../../etc/passwd"), "tensor 'w' keeps its data"),
+        ("ext-absolute", _onnx.external_data("/etc/passwd"), "tensor 'w' keeps its data"),
         # A sibling blob in the cache would be another model's bytes: refused too.
-        ("ext-sibling", _onnx.external_data("weights.bin"), "external data"),
+        ("ext-sibling", _onnx.external_data("weights.bin"), "tensor 'w' keeps its data"),
+        # The file itself, which exists wherever the model is loaded from: ONNX Runtime would
+        # read these bytes as the weight, so only hotswap's own inspection refuses it.
+        ("ext-itself", _onnx.external_data("model.onnx"), "tensor 'w' keeps its data"),
     ],
 )
 def test_hostile_models_are_refused(

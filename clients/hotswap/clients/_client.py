@@ -110,6 +110,9 @@ class Client:
             defaults to ``$HOTSWAP_TLS_CA``.
         tls_cert: This client's PEM certificate, for mutual TLS (``$HOTSWAP_TLS_CERT``).
         tls_key: Its private key (``$HOTSWAP_TLS_KEY``).
+        allow_plaintext_token: Send ``token`` without TLS to a non-loopback address (it warns);
+            by default that is refused, since anyone on the network could read it
+            (``$HOTSWAP_ALLOW_PLAINTEXT_TOKEN=1``).
     """
 
     def __init__(
@@ -120,9 +123,12 @@ class Client:
         tls_ca: str | Path | None = None,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        allow_plaintext_token: bool | None = None,
     ) -> None:
         self._address = address or os.environ.get("HOTSWAP_ADDRESS") or DEFAULT_ADDRESS
-        security = Security.resolve(os.environ, token, tls_ca, tls_cert, tls_key)
+        security = Security.resolve(
+            os.environ, token, tls_ca, tls_cert, tls_key, allow_plaintext_token
+        )
         self._session = Session(self._address, security)
         self._workspace: Workspace | None = None
 

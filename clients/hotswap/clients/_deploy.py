@@ -82,6 +82,8 @@ class DeployResult:
         engines: Per-engine timings.
         request_id: The ``x-request-id`` the deploy was sent with: the services' log lines
             about this swap carry it.
+        unconfirmed: Engines that did not confirm the commit: the deployment is the new
+            version, they converge to it on reconnect, and requests avoid them until then.
     """
 
     version: int
@@ -93,6 +95,7 @@ class DeployResult:
     total_ms: float
     engines: tuple[EngineTiming, ...]
     request_id: str = ""
+    unconfirmed: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(
@@ -121,6 +124,7 @@ class DeployResult:
                 for e in resp.engines
             ),
             request_id=request_id,
+            unconfirmed=tuple(resp.unconfirmed_engines),
         )
 
 

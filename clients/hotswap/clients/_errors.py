@@ -2,6 +2,10 @@
 traceback: the transport error is mapped once, where the RPC is made (``_rpc.py``).
 
     HotswapError                       base of everything the SDK raises on purpose
+    ├── AuthenticationError            UNAUTHENTICATED: no token, or one the server does not know
+    ├── PermissionDeniedError          PERMISSION_DENIED: the token has no rights to that
+    ├── DataLossError                  DATA_LOSS: stored bytes no longer match their sha256
+    ├── InsecureTransportError         (the SDK) a token would travel in cleartext
     ├── EntityNotFoundError            NOT_FOUND: unknown workspace, model, pipeline or version
     ├── EntityExistsError              ALREADY_EXISTS: the name is taken
     ├── InvalidInputError              INVALID_ARGUMENT, OUT_OF_RANGE: bad ONNX, bad data, bad name
@@ -11,7 +15,12 @@ traceback: the transport error is mapped once, where the RPC is made (``_rpc.py`
     ├── UnavailableError               UNAVAILABLE: server down, or no engine ready
     ├── HotswapTimeoutError            DEADLINE_EXCEEDED (also a built-in ``TimeoutError``)
     │   └── InferenceTimeoutError      DEADLINE_EXCEEDED on ``Pipeline.infer``
+    ├── CancelledError                 CANCELLED: the call was cancelled before it finished
     └── ServerError                    anything else (INTERNAL, UNKNOWN, ...): a server bug
+
+    HotswapWarning                     something happened that needs a look, though the call
+    │                                  succeeded (e.g. an engine did not confirm a commit)
+    └── InsecureTransportWarning       a token is sent in cleartext because that was allowed
 """
 
 from __future__ import annotations
@@ -19,15 +28,22 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
+    "AuthenticationError",
+    "CancelledError",
     "ConcurrentDeployError",
+    "DataLossError",
     "DeploymentError",
     "EntityExistsError",
     "EntityNotFoundError",
     "HotswapError",
     "HotswapTimeoutError",
+    "HotswapWarning",
     "InferenceTimeoutError",
+    "InsecureTransportError",
+    "InsecureTransportWarning",
     "InvalidInputError",
     "LimitExceededError",
+    "PermissionDeniedError",
     "ServerError",
     "UnavailableError",
     "error_for_status",
@@ -52,6 +68,43 @@ class HotswapError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class AuthenticationError(HotswapError):
+    """The server needs a bearer token, or does not know the one given: pass ``token=`` (or
+    set ``HOTSWAP_TOKEN``)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(HotswapError):
+    """The token is valid but has no rights to what was asked (another workspace)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DataLossError(HotswapError):
+    """Stored bytes no longer match their sha256 (disk corruption on the server)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class InsecureTransportError(HotswapError):
+    """The SDK refused to send a bearer token in cleartext to a non-loopback address."""
+
+
+class CancelledError(HotswapError):
+    """The call was cancelled before it finished."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class HotswapWarning(UserWarning):
+    """A call succeeded but something in it needs a look (the message says what)."""
+
+
+class InsecureTransportWarning(HotswapWarning):
+    """A bearer token is being sent in cleartext, because ``allow_plaintext_token`` is set."""
 
 
 class EntityNotFoundError(HotswapError):
@@ -124,6 +177,10 @@ _BY_CODE: dict[grpc.StatusCode, type[HotswapError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: HotswapTimeoutError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
+    grpc.StatusCode.CANCELLED: CancelledError,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,12 @@ from hotswap.clients._convert import (
     table_to_pandas,
 )
 from hotswap.clients._deploy import DeploymentConfig, DeployResult, status_dict
-from hotswap.clients._errors import EntityNotFoundError, HotswapError, InvalidInputError
+from hotswap.clients._errors import (
+    EntityNotFoundError,
+    HotswapError,
+    HotswapWarning,
+    InvalidInputError,
+)
 from hotswap.clients._history import SwapList, export, fetch_logs, list_swaps, logs_result, select
 from hotswap.clients._infer import DEFAULT_BATCH_ROWS, Router, Served, served_attrs
 from hotswap.clients._model import Model
@@ -205,6 +211,14 @@ class Pipeline:
             self._router.invalidate()
         wall_ms = (time.perf_counter() - start) * 1000
         self._last_deploy = DeployResult.from_proto(resp, wall_ms, request_id)
+        if resp.unconfirmed_engines:
+            warnings.warn(
+                f"pipeline {self.name()!r} version {resp.version.number} is deployed, but "
+                f"engine(s) {', '.join(resp.unconfirmed_engines)} did not confirm the switch: "
+                "requests avoid them until they report the new version (see status())",
+                HotswapWarning,
+                stacklevel=2,
+            )
         deployed = PipelineVersion(self._session, resp.version)
         if deployed.step_keys() != tuple((m.name(), m.version()) for m in self._steps):
             self._steps = deployed.steps()  # else keep the staged Models and their configure()
@@ -215,11 +229,19 @@ class Pipeline:
     def undeploy(self) -> Pipeline:
         """Stops serving the pipeline and frees its sessions on every engine."""
         try:
-            self._session.control.undeploy(
+            resp = self._session.control.undeploy(
                 control_pb2.UndeployRequest(workspace=self.workspace(), pipeline=self.name())
             )
         finally:
             self._router.invalidate()
+        if resp.unconfirmed_engines:
+            warnings.warn(
+                f"pipeline {self.name()!r} is undeployed, but engine(s) "
+                f"{', '.join(resp.unconfirmed_engines)} did not confirm releasing it yet; they "
+                "release it when they next hear from the control plane",
+                HotswapWarning,
+                stacklevel=2,
+            )
         self._refresh()
         return self
 

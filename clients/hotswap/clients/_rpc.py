@@ -7,7 +7,9 @@ needs are bound here by their full names, with the error mapping in one place.
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,11 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from hotswap.clients._errors import from_rpc_error
+from hotswap.clients._errors import (
+    InsecureTransportError,
+    InsecureTransportWarning,
+    from_rpc_error,
+)
 from hotswap.v1 import control_pb2, engine_pb2, types_pb2
 
 _Req = TypeVar("_Req", bound=Message)
@@ -38,6 +44,8 @@ class Security:
     ca: bytes | None = None
     cert: bytes | None = None
     key: bytes | None = None
+    # Send the token over plaintext to a non-loopback address (warns); refused otherwise.
+    allow_plaintext_token: bool = False
 
     @classmethod
     def resolve(
@@ -47,8 +55,10 @@ class Security:
         tls_ca: str | Path | None = None,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        allow_plaintext_token: bool | None = None,
     ) -> Security:
-        """Arguments first, then ``HOTSWAP_TOKEN`` / ``HOTSWAP_TLS_CA`` / ``_CERT`` / ``_KEY``."""
+        """Arguments first, then ``HOTSWAP_TOKEN`` / ``HOTSWAP_TLS_CA`` / ``_CERT`` / ``_KEY``
+        / ``HOTSWAP_ALLOW_PLAINTEXT_TOKEN`` (1 to allow)."""
 
         def pem(given: str | Path | None, variable: str) -> bytes | None:
             path = given or environ.get(variable)
@@ -59,7 +69,44 @@ class Security:
             ca=pem(tls_ca, "HOTSWAP_TLS_CA"),
             cert=pem(tls_cert, "HOTSWAP_TLS_CERT"),
             key=pem(tls_key, "HOTSWAP_TLS_KEY"),
+            allow_plaintext_token=(
+                allow_plaintext_token
+                if allow_plaintext_token is not None
+                else environ.get("HOTSWAP_ALLOW_PLAINTEXT_TOKEN", "") in ("1", "true", "yes")
+            ),
         )
+
+
+def is_loopback(address: str) -> bool:
+    """Whether host:port names this machine's loopback (where cleartext never leaves it)."""
+    host = address.rsplit(":", 1)[0].strip("[]").lower()
+    for prefix in ("dns:///", "ipv4:", "ipv6:"):
+        host = host.removeprefix(prefix)
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token_transport(address: str, security: Security) -> None:
+    """Refuses to send a bearer token in cleartext off this machine, unless asked to.
+
+    Raises:
+        InsecureTransportError: a token, no TLS, a non-loopback address, and no opt-in.
+    """
+    if not security.token or security.ca is not None or is_loopback(address):
+        return
+    if not security.allow_plaintext_token:
+        raise InsecureTransportError(
+            f"refusing to send your token to {address} over plaintext: anyone on the network "
+            "could read it. Turn on TLS (tls_ca= or HOTSWAP_TLS_CA), or accept the risk with "
+            "allow_plaintext_token=True (HOTSWAP_ALLOW_PLAINTEXT_TOKEN=1)"
+        )
+    warnings.warn(
+        f"sending a bearer token to {address} over plaintext (allow_plaintext_token is set)",
+        InsecureTransportWarning,
+        stacklevel=3,
+    )
 
 
 class _BearerToken(
@@ -98,6 +145,7 @@ def bearer(security: Security) -> tuple[tuple[str, str], ...]:
 def aio_channel(address: str, security: Security) -> grpc.aio.Channel:
     """An asyncio channel with the SDK's limits, TLS when a CA is set (pass `bearer()` as
     call metadata for the token)."""
+    check_token_transport(address, security)
     if security.ca is None:
         return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
     credentials = grpc.ssl_channel_credentials(security.ca, security.key, security.cert)
@@ -108,6 +156,7 @@ def open_channel(address: str, security: Security | None = None) -> grpc.Channel
     """Opens a channel to ``address`` (host:port) with the SDK's message limits: TLS when a
     CA is configured, and the bearer token on every call when one is."""
     security = security or Security()
+    check_token_transport(address, security)
     if security.ca is None:
         channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
     else:

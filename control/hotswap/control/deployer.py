@@ -442,7 +442,7 @@ class Deployer:
         self,
         workspace: str,
         pipeline: str,
-        timeout: float = 10.0,
+        timeout: float | None = None,
         *,
         requested_by: str = "",
         request_id: str = "",
@@ -464,7 +464,7 @@ class Deployer:
                 request_id,
             )
             try:
-                unconfirmed = await self._undeploy(swap, timeout)
+                unconfirmed = await self._undeploy(swap, timeout or self._commit_timeout)
             except DeployFailed as exc:
                 self._finish(swap, started, "rejected", str(exc))
                 raise

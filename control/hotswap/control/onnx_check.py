@@ -1,18 +1,23 @@
 """Validates uploaded ONNX by loading it in ONNX Runtime, and reads its signature.
 
-The model is loaded from a hard link in a fresh, otherwise empty directory. ONNX Runtime
-refuses external-data paths that are absolute or escape the model's directory; loading from an
-empty directory also makes every relative reference fail. So a model that names external data
-(e.g. another model's blob beside it in the cache) is refused at upload and never read.
+First, before ONNX Runtime sees the file, every tensor in it (initializers, sparse ones,
+Constant nodes' attributes, subgraphs and functions) is inspected with the ``onnx`` package:
+one that keeps its data in an external file is refused, whatever the installed runtime would
+do with the path. Then the model is loaded from a hard link in a fresh, otherwise empty
+directory, so even a reference the inspection missed would find no file to read.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import onnx
 import onnxruntime as ort
 
 from hotswap.control.domain import TensorSpec
@@ -23,8 +28,58 @@ def _shape(dims: list[int | str | None]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
 
 
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto a graph holds, its subgraphs' included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _attribute_tensors(node.attribute)
+
+
+def _attribute_tensors(attributes: Any) -> Iterator[Any]:
+    for attribute in attributes:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        for sparse in [
+            *attribute.sparse_tensors,
+            *([attribute.sparse_tensor] * attribute.HasField("sparse_tensor")),
+        ]:
+            yield from (sparse.values, sparse.indices)
+        if attribute.HasField("g"):
+            yield from _tensors(attribute.g)
+        for graph in attribute.graphs:
+            yield from _tensors(graph)
+
+
+def refuse_external_data(path: Path) -> None:
+    """Raises InvalidArgument if any tensor of the model at `path` points outside the file."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # the protobuf parser raises several types for bad bytes
+        raise InvalidArgument(
+            f"not a loadable ONNX model: {str(exc)[:300] or type(exc).__name__} (export it "
+            "again, e.g. with skl2onnx or torch.onnx, and check it loads in onnxruntime)"
+        ) from None
+    tensors = itertools.chain(
+        _tensors(model.graph),
+        *(_attribute_tensors(n.attribute) for f in model.functions for n in f.node),
+    )
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            raise InvalidArgument(
+                f"tensor {tensor.name!r} keeps its data in an external file ({location[:100]!r}),"
+                " which hotswap does not accept: save the model with every tensor inside the "
+                ".onnx file (e.g. onnx.save_model(m, path, save_as_external_data=False))"
+            )
+
+
 def inspect_onnx(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Loads the model at `path`; returns (inputs, outputs) or raises InvalidArgument."""
+    """Checks the model at `path` for external data, then loads it; returns (inputs,
+    outputs) or raises InvalidArgument."""
+    refuse_external_data(path)
     alone = Path(tempfile.mkdtemp(dir=path.parent, prefix="check-"))
     try:
         os.link(path, alone / "model.onnx")
