@@ -65,8 +65,13 @@ def test_every_error_class_has_a_code_that_maps_back_to_it() -> None:
         for c in vars(_errors).values()
         if isinstance(c, type) and issubclass(c, HotswapError) and c is not HotswapError
     ]
-    assert len(classes) == 10
+    assert len(classes) == 15
+    # Raised by the SDK itself before any call is made: no status code behind it.
+    sdk_only = {_errors.InsecureTransportError}
     for cls in classes:
+        if cls in sdk_only:
+            assert cls.code is None
+            continue
         assert cls.code is not None, cls
         mapped = error_for_status(cls.code, "x")
         # Inference timeouts are told apart from other deadlines where the call is made.
@@ -88,3 +93,50 @@ def test_errors_are_exported_from_the_top_level_package() -> None:
 
 def test_an_empty_message_still_says_something() -> None:
     assert str(error_for_status(grpc.StatusCode.NOT_FOUND, "")) == "not found"
+
+
+def _codes_the_servers_send() -> set[grpc.StatusCode]:
+    """Every status code named in the servers' code (tables and direct aborts alike)."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    sources = [
+        *(repo / "control").rglob("*.py"),
+        *(repo / "engine").rglob("*.py"),
+        repo / "protos" / "hotswap" / "_edge.py",
+    ]
+    names = {
+        name
+        for path in sources
+        for name in re.findall(r"grpc\.StatusCode\.([A-Z_]+)", path.read_text())
+    }
+    return {grpc.StatusCode[name] for name in names} - {grpc.StatusCode.OK}
+
+
+def test_every_code_the_servers_send_has_its_own_error_class() -> None:
+    codes = _codes_the_servers_send()
+    # The enumeration finds the auth codes and the data-loss code among them.
+    assert {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.DATA_LOSS,
+    } <= codes
+    unmapped = sorted(
+        code.name for code in codes if type(error_for_status(code, "x")) is ServerError
+    )
+    assert unmapped == []
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.UNAUTHENTICATED, hotswap.AuthenticationError),
+        (grpc.StatusCode.PERMISSION_DENIED, hotswap.PermissionDeniedError),
+        (grpc.StatusCode.DATA_LOSS, hotswap.DataLossError),
+        (grpc.StatusCode.CANCELLED, hotswap.CancelledError),
+    ],
+)
+def test_auth_and_data_loss_are_not_server_bugs(code: grpc.StatusCode, cls: type) -> None:
+    error = error_for_status(code, "the server's words")
+    assert type(error) is cls and error.code == code and str(error) == "the server's words"

@@ -120,3 +120,20 @@ def test_blob_writes_are_atomic_and_deduplicated(tmp_path: Path) -> None:
     assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
     with pytest.raises(NotFound):
         blobs.path("f" * 64)
+
+
+def test_the_swap_timeline_keeps_the_newest_records_per_pipeline(tmp_path: Path) -> None:
+    from hotswap.control.timeline import Swap, SwapTimeline
+
+    Store(tmp_path / "db").close()  # applies the migrations
+    timeline = SwapTimeline(tmp_path / "db", keep=3)
+    for i in range(5):
+        swap = Swap(f"s{i}", "ws", "p", "deploy", i, i + 1, started_ms=1000 + i)
+        swap.finish("ok")
+        timeline.write(swap)
+    other = Swap("o", "ws", "q", "deploy", 0, 1)
+    other.finish("ok")
+    timeline.write(other)
+    assert [s.swap_id for s in timeline.list("ws", "p")] == ["s4", "s3", "s2"]
+    assert [s.swap_id for s in timeline.list("ws", "q")] == ["o"]
+    timeline.close()

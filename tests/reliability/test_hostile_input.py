@@ -137,7 +137,7 @@ def test_wrong_sha256_and_missing_header(hostile: LocalStack, assets: Path) -> N
     code, message = _error(lambda: stub.UploadModel(_api.upload_requests("g", data, "ab" * 32)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "sha256 mismatch" in message
     code, message = _error(lambda: stub.UploadModel(_api.upload_requests("g", data, "nothex")))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "64 hex" in message
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "64 lowercase hex" in message
     chunks_only = iter([c.UploadModelRequest(chunk=data[:100])])
     code, message = _error(lambda: stub.UploadModel(chunks_only))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "header" in message

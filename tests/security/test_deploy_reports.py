@@ -5,6 +5,7 @@ the commit point is taken on purpose, not by timing."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def test_sdk_warns_naming_the_unconfirmed_engine(
 def test_cancelled_deploy_aborts_everywhere(control: Any, engine: ScriptedEngine) -> None:
     with pytest.raises(grpc.RpcError) as excinfo:
         control.Deploy(c.DeployRequest(workspace=_api.WS, pipeline="p", version=1), timeout=1)
-    assert excinfo.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    assert excinfo.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The engine was asked to prepare, never answered; the caller left: it is told to abort.
     asked = engine.next("prepare").prepare.swap_id
     assert engine.next("abort").abort.swap_id == asked
@@ -174,3 +175,41 @@ def test_undeploy_timeout_is_an_answer_naming_the_engine(
     # The engine never reports releasing the pipeline.
     response = control.Undeploy(c.UndeployRequest(workspace=_api.WS, pipeline="p"), timeout=30)
     assert list(response.unconfirmed_engines) == ["s1"]
+
+
+def test_engine_gone_at_commit_converges_when_it_returns(
+    bare: LocalStack, control: Any, engine: ScriptedEngine
+) -> None:
+    pending = _deploy_in_background(control)
+    engine.prepared(engine.next("prepare").prepare.swap_id)
+    engine.next("commit")
+    engine.close()
+    assert list(pending.result(timeout=30).unconfirmed_engines) == ["s1"]
+    back = ScriptedEngine(bare.control_address, "s1").connect()  # restarted: a new instance
+    try:
+        desired = back.next("desired").desired
+        assert [(v.pipeline, v.number) for v in desired.pipelines] == [("p", 1)]
+    finally:
+        back.close()
+
+
+def test_control_plane_killed_after_the_commit_point_keeps_the_new_version(
+    bare: LocalStack, control: Any, engine: ScriptedEngine
+) -> None:
+    pending = _deploy_in_background(control)
+    engine.prepared(engine.next("prepare").prepare.swap_id)
+    engine.next("commit")  # the store names version 1 from here on
+    bare.kill("control", signal.SIGKILL)
+    with pytest.raises(grpc.RpcError):
+        pending.result(timeout=30)
+    bare.start_control()
+    stub = _api.control(bare.control_address)
+    assert stub.GetPipeline(c.GetPipelineRequest(workspace=_api.WS, name="p")).deployed.number == 1
+    swap = stub.ListSwaps(c.ListSwapsRequest(workspace=_api.WS, pipeline="p")).swaps[0]
+    assert swap.outcome == "interrupted"
+    back = ScriptedEngine(bare.control_address, "s1").connect()
+    try:
+        desired = back.next("desired").desired
+        assert [(v.pipeline, v.number) for v in desired.pipelines] == [("p", 1)]
+    finally:
+        back.close()

@@ -75,7 +75,7 @@ def _deploy(stack: LocalStack, token: str, ws: str, model: Path) -> hotswap.Pipe
 def _code(call: Callable[[], object]) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as excinfo:
         call()
-    return excinfo.value.code()  # type: ignore[no-any-return,attr-defined]
+    return excinfo.value.code()
 
 
 def _auth(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -115,7 +115,7 @@ def test_engine_services_check_tokens_per_workspace(
     logs_request = t.GetLogsRequest(workspace="", pipeline="p")
     assert _code(lambda: engine.GetLogs(logs_request)) == unauthenticated
     assert _code(lambda: infer("not-a-token-of-this-stack", "alice-ws")) == unauthenticated
-    health: Any = health_pb2_grpc.HealthStub(channel)  # type: ignore[arg-type]
+    health: Any = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest()).status == 1  # SERVING
 
     # Alice reaches her workspace only, also where a call names none.
@@ -155,7 +155,7 @@ def _raises(call: Callable[[], object], code: grpc.StatusCode) -> bool:
     try:
         call()
     except grpc.RpcError as exc:
-        return exc.code() == code  # type: ignore[attr-defined,no-any-return]
+        return exc.code() == code
     return False
 
 
@@ -169,14 +169,14 @@ def test_engine_credentials_are_bound_to_names_and_blobs(
 
     rogue = ScriptedEngine(stack.control_address, "rogue", token=ENGINE).connect()
     error = rogue.wait_closed()
-    assert error is not None and error.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
-    assert "rogue" in (error.details() or "")  # type: ignore[attr-defined]
+    assert error is not None and error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "rogue" in (error.details() or "")
 
     impostor = ScriptedEngine(
         stack.control_address, "engine-1", token=ENGINE, address="127.0.0.1:9"
     ).connect()
     error = impostor.wait_closed()
-    assert error is not None and error.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert error is not None and error.code() == grpc.StatusCode.FAILED_PRECONDITION
     # The live engine kept its stream and its address.
     control: Any = cg.ControlPlaneStub(open_channel(stack.control_address, Security(ADMIN)))  # type: ignore[arg-type]
     listed = control.ListEngines(c.ListEnginesRequest())
