@@ -216,3 +216,27 @@ def test_logs_around_a_swap(
     assert code == 0
     out = capsys.readouterr().out
     assert MODELS["gbr"] in out and out.count("\n") >= 7
+
+
+def test_idle_pipelines_release_their_log_files(assets: Path, tmp_path: Path) -> None:
+    from hotswap.engine.inference_log import IDLE_WRITER_SECONDS
+
+    log = InferenceLog(LogSettings(tmp_path / "logs"), "e")
+    x = xtest(assets)
+    _append(log, _loaded(assets, "rf", 1), x[:2])
+    log.flush()
+    assert log.close_idle() == []  # it just wrote
+    later = time.monotonic() + IDLE_WRITER_SECONDS + 1
+    assert log.close_idle(now=later) == ["ws/p"]
+    # The rows are still there to query, from the closed file.
+    assert log.query("ws", "p", 10).num_rows == 2  # type: ignore[union-attr]
+    log.close()
+
+
+def test_a_caller_sees_only_its_workspaces_logs(assets: Path, tmp_path: Path) -> None:
+    log = InferenceLog(LogSettings(tmp_path / "logs"), "e")
+    _append(log, _loaded(assets, "rf", 1), xtest(assets)[:2])
+    assert log.query("", "p", 10, visible=lambda ws: ws == "ws").num_rows == 2  # type: ignore[union-attr]
+    assert log.query("", "p", 10, visible=lambda ws: ws == "other") is None
+    assert log.query("ws", "p", 10, visible=lambda ws: ws == "other") is None
+    log.close()

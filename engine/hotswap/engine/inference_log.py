@@ -84,6 +84,13 @@ class _Writer:
     sink: pa.NativeFile
     writer: ipc.RecordBatchStreamWriter
     schema: pa.Schema
+    last_write: float = 0.0
+
+
+# A pipeline's open log file is closed after this long without a row (released pipelines
+# must not hold file handles), and at most this many version descriptions are cached.
+IDLE_WRITER_SECONDS = 60.0
+MAX_CACHED_VERSIONS = 64
 
 
 @dataclass(slots=True)
@@ -142,6 +149,8 @@ class InferenceLog:
             json.dumps(models[-1]),
             json.dumps(models),
         )
+        if len(self._versions) >= MAX_CACHED_VERSIONS:  # oldest first: remade when needed
+            del self._versions[next(iter(self._versions))]
         self._versions[spec.version_id] = version
         return version
 
@@ -153,6 +162,7 @@ class InferenceLog:
             while True:
                 await asyncio.sleep(self.settings.flush_interval)
                 await asyncio.to_thread(self.flush)
+                await asyncio.to_thread(self.close_idle)
         finally:
             with contextlib.suppress(Exception):
                 self.flush()
@@ -174,6 +184,15 @@ class InferenceLog:
                 for table in self._tables(group):
                     self._write(key, table)
             self._enforce_cap()
+
+    def close_idle(self, now: float | None = None) -> list[str]:
+        """Closes the files of pipelines that logged nothing for `IDLE_WRITER_SECONDS`."""
+        now = time.monotonic() if now is None else now
+        with self._io:
+            idle = [k for k, w in self._writers.items() if now - w.last_write > IDLE_WRITER_SECONDS]
+            for key in idle:
+                self._close_writer(key)
+        return idle
 
     def _tables(self, entries: list[_Entry]) -> Iterator[pa.Table]:
         """Log tables of `entries`, one per run of entries of one version and one schema."""
@@ -224,6 +243,7 @@ class InferenceLog:
             self._writers[key] = writer
             self._segments.append(segment)
         writer.writer.write_table(table)
+        writer.last_write = time.monotonic()
         writer.sink.flush()
         size = writer.sink.tell()
         self.stats.disk_bytes += size - writer.segment.bytes

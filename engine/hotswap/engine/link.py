@@ -186,6 +186,8 @@ class ControlLink:
         self._report(desired.revision)  # shows "Loading" while it builds
         await self._host.reconcile([_convert.version_ref(v) for v in desired.pipelines])
         self._report(desired.revision)
+        served = {tuple(s.key.split("/", 1)) for s in self._host.states()}
+        self._metrics.forget_except({(w, p) for w, p in served})
 
     async def _prepare(self, prepare: fleet_pb2.Prepare) -> None:
         ref = _convert.version_ref(prepare.version)

@@ -129,14 +129,22 @@ class EngineMetrics:
             self._forget_old(labels[:2])
         return found
 
+    def forget_except(self, pipelines: set[tuple[str, str]]) -> None:
+        """Drops the series of pipelines this engine no longer serves (released ones)."""
+        for version_id, bound in list(self._bound.items()):
+            if bound.labels[:2] not in pipelines:
+                self._remove(self._bound.pop(version_id))
+
+    def _remove(self, old: Bound) -> None:
+        for code in {"OK", *old.codes}:
+            self.requests.remove(*old.labels, code)
+        self.latency.remove(*old.labels)
+        self.rows.remove(*old.labels)
+
     def _forget_old(self, pipeline: tuple[str, str]) -> None:
         versions = [k for k, b in self._bound.items() if b.labels[:2] == pipeline]
         for version_id in versions[:-KEEP_VERSIONS]:
-            old = self._bound.pop(version_id)
-            for code in {"OK", *old.codes}:
-                self.requests.remove(*old.labels, code)
-            self.latency.remove(*old.labels)
-            self.rows.remove(*old.labels)
+            self._remove(self._bound.pop(version_id))
 
     def failed(self, bound: Bound | None, code: str) -> None:
         """Counts a failed request (`bound` is None when no version was found for it)."""
