@@ -111,5 +111,7 @@ def test_requested_by_and_undeploy(tmp_path: Path, assets: Path) -> None:
         ("redeploy", "ok"),
         ("deploy", "ok"),
     ]
-    assert swaps[1]["requested_by"] == "ci/job-7"
+    # The client's note is kept beside who the control plane knows the caller to be.
+    assert swaps[1]["requested_by"].startswith("unauthenticated ipv4:127.0.0.1:")
+    assert swaps[1]["requested_by"].endswith(" (ci/job-7)")
     assert swaps[0]["to_version"] == 0 and swaps[0]["from_version"] == 1

@@ -154,7 +154,11 @@ def test_engine_killed_while_serving_others_keep_serving_and_it_rejoins_from_cac
         assert errors == [] and set(served) == {v1}
 
         stack.start_engine("engine-2")
-        _api.until(lambda: _status(stub).status == "Running", "engine-2 to rejoin")
+        # Every engine Running: the pipeline alone reads Running while engine-2 is still Lost.
+        _api.until(
+            lambda: [en.status for en in _status(stub).engines] == ["Running", "Running"],
+            "engine-2 to rejoin",
+        )
         assert _serving(stack, "engine-2") == v1
         assert stack.log_tail("engine-2", 1000).count("fetching blob") == fetches_before
 
