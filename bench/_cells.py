@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from hotswap.clients._rpc import Security, open_channel
 from hotswap.clients._stack import LocalStack
 from hotswap.clients.loadtest import LoadSpec, SwapPlan, Target, _input, run_load
 from hotswap.v1 import control_pb2 as c
@@ -84,8 +84,9 @@ def bare_server(
         process.wait(10)
 
 
-def control(stack: LocalStack) -> Any:
-    return cg.ControlPlaneStub(grpc.insecure_channel(stack.control_address))  # type: ignore[arg-type]
+def control(stack: LocalStack, token: str | None = None) -> Any:
+    channel = open_channel(stack.control_address, Security(token=token))
+    return cg.ControlPlaneStub(channel)  # type: ignore[arg-type]
 
 
 def upload(stub: Any, name: str, path: Path) -> None:
@@ -127,13 +128,24 @@ def service_address(
 
 @contextmanager
 def service(
-    tmp: Path, threads: int, models: dict[str, Path], engine_args: tuple[str, ...] = ()
+    tmp: Path,
+    threads: int,
+    models: dict[str, Path],
+    engine_args: tuple[str, ...] = (),
+    control_args: tuple[str, ...] = (),
+    token: str | None = None,
 ) -> Iterator[tuple[LocalStack, str]]:
-    """A one-engine stack serving PIPELINE with the first of `models`; yields (stack, engine)."""
+    """A one-engine stack serving PIPELINE with the first of `models`; yields (stack, engine).
+    With `token`, the stack's own calls carry it (for a stack run with a token file)."""
     with LocalStack(
-        tmp / f"stack-{threads}", engines=1, threads=threads, engine_args=engine_args
+        tmp / f"stack-{threads}",
+        engines=1,
+        threads=threads,
+        engine_args=engine_args,
+        control_args=control_args,
+        security=Security(token=token),
     ) as stack:
-        stub = control(stack)
+        stub = control(stack, token)
         stub.CreateWorkspace(c.CreateWorkspaceRequest(name=WS))
         for name, path in models.items():
             upload(stub, name, path)
@@ -146,11 +158,17 @@ def service(
 
 
 def cell(
-    address: str, bare: bool, table: Any, concurrency: int, seconds: float, processes: int = 1
+    address: str,
+    bare: bool,
+    table: Any,
+    concurrency: int,
+    seconds: float,
+    processes: int = 1,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """One closed-loop measurement; the figures the summary needs, not the whole report."""
     body = _input.raw_tensor(table) if bare else _input.ipc_stream(table)
-    target = Target((address,), WS, PIPELINE, bare=bare)
+    target = Target((address,), WS, PIPELINE, bare=bare, security=Security(token=token))
     report = run_load(
         LoadSpec(
             target,

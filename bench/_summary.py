@@ -197,6 +197,10 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {g['rows']} | {g['log']} | {g['requests_s']:,.0f} | {g['p50_ms']:.3f} "
                 f"| {g['p99_ms']:.3f} |"
             )
+    if r.get("auth"):
+        from bench import _auth
+
+        lines += _auth.summary(r["auth"])
     lines += [
         "",
         "## Floor: in-process ONNX Runtime (rf)",

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # `bench.*` when run as a script
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from bench import _cells, _models, _summary  # noqa: E402
+from bench import _auth, _cells, _models, _summary  # noqa: E402
 from hotswap.clients.loadtest import SwapPlan, _input  # noqa: E402
 
 SHARED_MODELS = ROOT.parent / "shared" / "assets" / "models"
@@ -215,6 +215,8 @@ def main(argv: list[str]) -> int:
         results["models"] = {m: str(p) for m, p in models.items()}
         serving_phases(results, models, tmp, seconds)
         logging_phase(results, models, tmp, seconds)
+        log("token check: open vs token file, 1 row")
+        results["auth"] = _auth.phase(models, tmp, rows_table(1), seconds)
         with _cells.service(tmp / "swaps", 1, models) as (stack, engine):
             swap_phase(results, stack, engine, 50)
             soak_phase(results, stack, engine, 200 if args.quick else 1000)

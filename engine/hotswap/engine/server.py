@@ -49,9 +49,12 @@ class EngineServer:
         # Fails closed: an engine with a control-plane credential belongs to a secured stack
         # and refuses every call until the control plane has sent who may call it.
         self.access_rules = access.Rules(fail_closed=bool(settings.control_token))
+        # Without a credential the engine can only join an open control plane (a secured one
+        # refuses it), so it has nothing to check and skips the interceptor's cost.
+        guard = [EngineAuthInterceptor(self.access_rules)] if settings.control_token else []
         self._server = grpc.aio.server(
             options=server_options(),
-            interceptors=[EngineAuthInterceptor(self.access_rules)],
+            interceptors=guard,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self._queue = InferenceQueue(self._executor, settings.max_queued)
