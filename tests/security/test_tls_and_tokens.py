@@ -19,6 +19,8 @@ from hotswap.clients._rpc import Security, open_channel
 from hotswap.clients._stack import LocalStack
 from hotswap.v1 import control_pb2 as c
 from hotswap.v1 import control_pb2_grpc as cg
+from hotswap.v1 import engine_pb2 as e
+from hotswap.v1 import engine_pb2_grpc as eg
 from hotswap.v1 import fleet_pb2 as f
 from hotswap.v1 import fleet_pb2_grpc as fg
 from tests.e2e import _api
@@ -156,6 +158,7 @@ def test_mutual_tls_end_to_end(tmp_path: Path, pki: Pki, assets: Path) -> None:
         ),
         engine_args=(
             "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+            "--tls-client-ca", str(pki.ca),
             "--control-ca", str(pki.ca), "--control-cert", str(pki.client_cert),
             "--control-key", str(pki.client_key),
         ),
@@ -184,6 +187,17 @@ def test_mutual_tls_end_to_end(tmp_path: Path, pki: Pki, assets: Path) -> None:
         }.items():
             code, _ = _code(partial(stub.ListWorkspaces, c.ListWorkspacesRequest(), timeout=5))
             assert code == grpc.StatusCode.UNAVAILABLE, name
+        # The engine's own port asks for client certificates too (--tls-client-ca).
+        request = e.GetEngineStatusRequest()
+        for name, security in {
+            "no client certificate": Security(ca=pki.ca.read_bytes()),
+            "plaintext": Security(),
+        }.items():
+            engine: Any = eg.EngineStub(open_channel(stack.engine_addresses[0], security))  # type: ignore[arg-type]
+            code, _ = _code(partial(engine.GetStatus, request, timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE, name
+        engine = eg.EngineStub(open_channel(stack.engine_addresses[0], tls))  # type: ignore[arg-type]
+        assert engine.GetStatus(request, timeout=5).name == "engine-1"
 
 
 def test_loadtest_carries_the_token(secured: LocalStack, assets: Path, tmp_path: Path) -> None:
