@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,13 +72,12 @@ def _run(stack: LocalStack, tmp_path: Path, *extra: str) -> dict[str, object]:
     out = tmp_path / "report.json"
     code = main(
         [
+            "housing",
             "--address",
             stack.control_address,
             "--workspace",
             _api.WS,
-            "--pipeline",
-            "housing",
-            "--json",
+            "--report",
             str(out),
             "--quiet",
             *extra,
@@ -88,7 +88,9 @@ def _run(stack: LocalStack, tmp_path: Path, *extra: str) -> dict[str, object]:
     return report
 
 
-def test_live_run_and_swaps(served: LocalStack, tmp_path: Path, assets: Path) -> None:
+def test_live_run_and_swaps(
+    served: LocalStack, tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report = _run(
         served,
         tmp_path,
@@ -135,3 +137,40 @@ def test_live_run_and_swaps(served: LocalStack, tmp_path: Path, assets: Path) ->
     assert sum(versions.values()) == swapped["ok"] == swapped["requests"]
     assert all(s["served"] == versions[str(s["version"])] for s in swaps)
     assert all(s["window"]["count"] > 0 for s in swaps)
+    # The run put the pipeline back where it found it, and said so.
+    stub = _api.control(served.control_address)
+    found = stub.GetPipeline(c.GetPipelineRequest(workspace=_api.WS, name="housing"))
+    assert found.deployed.number == 1 and found.version_count == 3
+    assert "back on version 1" in capsys.readouterr().err
+
+
+def test_loadtest_rows_are_marked_in_the_inference_log(
+    served: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hotswap
+
+    monkeypatch.setenv("HOTSWAP_ADDRESS", served.control_address)
+    monkeypatch.setenv("HOTSWAP_WORKSPACE", _api.WS)
+    assert main(["housing", "--requests", "7", "--quiet", "--report", str(tmp_path / "r")]) == 0
+    client = hotswap.Client()
+    client.set_current_workspace(_api.WS)
+    pipeline = client.get_pipeline("housing")
+    pipeline.infer(_api.tensor_table(np.ones((1, 18), np.float32)))
+
+    def sources() -> list[str]:
+        logs: Any = pipeline.logs(limit=100, dataset=["*"], arrow=True)
+        return sorted(logs.column("metadata.source").to_pylist())
+
+    _api.until(lambda: len(sources()) == 8, "8 logged rows")
+    assert sources() == [""] + ["loadtest"] * 7
+
+
+def test_loadtest_errors_are_sentences(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Nothing listens on port 1 of loopback: the connection is refused at once.
+    assert main(["housing", "--address", "127.0.0.1:1", "--requests", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the control plane at 127.0.0.1:1" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as usage:
+        main(["housing", "--swap-every", "1", "--requests", "1"])
+    assert usage.value.code == 2
+    assert "--swap-every needs --models" in capsys.readouterr().err

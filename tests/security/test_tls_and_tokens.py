@@ -205,14 +205,17 @@ def test_loadtest_carries_the_token(secured: LocalStack, assets: Path, tmp_path:
     model = admin.upload_model("rf", assets / "models" / "rf_model.onnx")
     admin.build_pipeline("p").add_model_step(model).deploy()
     base = [
-        sys.executable, "-m", "hotswap.clients.loadtest", "--address", secured.control_address,
-        "--workspace", "default", "--pipeline", "p", "--requests", "40", "--quiet",
+        sys.executable, "-m", "hotswap.clients.loadtest", "p", "--address", secured.control_address,
+        "--workspace", "default", "--requests", "40", "--quiet",
     ]  # fmt: skip
     refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "token" in refused.stderr
+    assert refused.returncode == 1 and "token" in refused.stderr
     report = tmp_path / "load.json"
     done = subprocess.run(
-        [*base, "--token", ADMIN, "--json", str(report)], capture_output=True, text=True, timeout=60
+        [*base, "--token", ADMIN, "--report", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(report.read_text())

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -68,6 +68,7 @@ class _Entry(NamedTuple):
     table: pa.Table
     elapsed_ns: int
     nbytes: int
+    source: str = ""  # who sent it ("loadtest" for hotswap loadtest), "" for ordinary traffic
 
 
 @dataclass(slots=True)
@@ -121,13 +122,21 @@ class InferenceLog:
 
     # -- request path (event loop thread) -----------------------------------------------------
 
-    def append(self, loaded: LoadedPipeline, table: pa.Table, elapsed_ns: int, nbytes: int) -> None:
-        """Records one answered request. `nbytes` estimates its size (the response's bytes)."""
+    def append(
+        self,
+        loaded: LoadedPipeline,
+        table: pa.Table,
+        elapsed_ns: int,
+        nbytes: int,
+        source: str = "",
+    ) -> None:
+        """Records one answered request. `nbytes` estimates its size (the response's bytes);
+        `source` says who sent it (kept as `metadata.source`, e.g. "loadtest")."""
         version = self._versions.get(loaded.spec.version_id)
         if version is None:
             version = self._version(loaded)
         with self._lock:
-            self._pending.append(_Entry(version, table, elapsed_ns, nbytes))
+            self._pending.append(_Entry(version, table, elapsed_ns, nbytes, source[:64]))
             stats = self.stats
             stats.pending_bytes += nbytes
             stats.appended_rows += table.num_rows
@@ -223,6 +232,7 @@ class InferenceLog:
             "metadata.models": pa.repeat(pa.scalar(v.models), n),
             "metadata.elapsed": pa.array(elapsed),
             "metadata.engine": pa.repeat(pa.scalar(self._engine), n),
+            "metadata.source": _sources(run, rows),
         }
         for name, column in columns.items():
             table = table.append_column(name, column)
@@ -329,6 +339,14 @@ class InferenceLog:
         if not parts:
             return None
         return concat_logs(parts).slice(0, limit)
+
+
+def _sources(run: list[_Entry], rows: Any) -> pa.Array:
+    """Each row's `source`: one repeated value in the usual case of a single sender."""
+    first = run[0].source
+    if all(e.source == first for e in run):
+        return pa.repeat(pa.scalar(first), int(rows.sum()))
+    return pa.array(np.repeat(np.array([e.source for e in run], dtype=object), rows), pa.string())
 
 
 def _read(path: Path) -> pa.Table:

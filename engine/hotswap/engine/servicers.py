@@ -129,7 +129,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         bound.rows.inc(table.num_rows)
         if self._log is not None:
             # A reference to the finished table: the log copies nothing on this path.
-            self._log.append(loaded, table, elapsed_ns, len(arrow))
+            self._log.append(loaded, table, elapsed_ns, len(arrow), request.source)
         spec = loaded.spec
         return engine_pb2.InferResponse(
             arrow=arrow,

@@ -31,6 +31,7 @@ class InferRequest(_message.Message):
     PIPELINE_FIELD_NUMBER: _builtins.int
     ARROW_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     """Workspace of the pipeline; may be empty when the pipeline name is unique on this engine."""
     pipeline: _builtins.str
@@ -42,6 +43,10 @@ class InferRequest(_message.Message):
     """
     request_id: _builtins.int
     """Echoed in the response; lets InferStream clients match answers."""
+    source: _builtins.str
+    """Who sends this traffic, recorded with its rows in the inference log (`metadata.source`):
+    `hotswap loadtest` sends "loadtest"; empty for ordinary requests.
+    """
     def __init__(
         self,
         *,
@@ -49,10 +54,11 @@ class InferRequest(_message.Message):
         pipeline: _builtins.str = ...,
         arrow: _builtins.bytes = ...,
         request_id: _builtins.int = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "pipeline", b"pipeline", "request_id", b"request_id", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "pipeline", b"pipeline", "request_id", b"request_id", "source", b"source", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

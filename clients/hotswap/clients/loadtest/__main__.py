@@ -8,23 +8,38 @@ import os
 import sys
 from pathlib import Path
 
+import grpc
+
+from hotswap.clients._errors import HotswapError, from_rpc_error
 from hotswap.clients._rpc import Security
 from hotswap.clients.loadtest import _input
 from hotswap.clients.loadtest._report import plot, text
 from hotswap.clients.loadtest._run import run_load
 from hotswap.clients.loadtest._runner import LoadSpec, Target
-from hotswap.clients.loadtest._swap import SwapPlan, endpoints
+from hotswap.clients.loadtest._swap import SwapPlan, endpoints, restore
+
+DEFAULT_ADDRESS = "localhost:50051"
+DEFAULT_WORKSPACE = "default"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hotswap loadtest",
         description="Load a deployed pipeline (optionally swapping its model) and report "
-        "throughput, latency percentiles, errors and per-swap figures.",
+        "throughput, latency percentiles, errors and per-swap figures. Its requests are "
+        "logged by the engines as metadata.source = 'loadtest'.",
     )
-    p.add_argument("--address", default="127.0.0.1:50051", help="control plane host:port")
-    p.add_argument("--workspace", required=True)
-    p.add_argument("--pipeline", required=True)
+    p.add_argument("pipeline", help="the deployed pipeline to load")
+    p.add_argument(
+        "--address",
+        default=argparse.SUPPRESS,
+        help="control plane host:port (default $HOTSWAP_ADDRESS, else localhost:50051)",
+    )
+    p.add_argument(
+        "--workspace",
+        default=argparse.SUPPRESS,
+        help="workspace of the pipeline (default $HOTSWAP_WORKSPACE, else 'default')",
+    )
     p.add_argument("--engine", action="append", help="engine host:port (default: ask control)")
     p.add_argument("--token", help="bearer token (default $HOTSWAP_TOKEN)")
     p.add_argument("--tls-ca", help="CA PEM to verify the servers (default $HOTSWAP_TLS_CA)")
@@ -41,14 +56,21 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--input", type=Path, help=".arrow (IPC file/stream) or .df.json")
     data.add_argument("--width", type=int, default=18, help="generated row width")
     data.add_argument("--batch-rows", type=int, help="rows per request (default: 1 / the file)")
-    swap = p.add_argument_group("swaps")
-    swap.add_argument("--swap-every", type=float, help="seconds between swaps")
+    swap = p.add_argument_group(
+        "swaps",
+        "Each swap makes a new pipeline version with one of --models and deploys it; at the "
+        "end the pipeline is put back on the version it was on.",
+    )
+    swap.add_argument("--swap-every", type=float, help="seconds between swaps (needs --models)")
     swap.add_argument("--models", help="comma-separated uploaded models to cycle through")
     swap.add_argument("--swaps", type=int, help="stop after this many swaps")
     out = p.add_argument_group("output")
     out.add_argument("--window-ms", type=float, default=250.0, help="± around each swap")
     out.add_argument("--slice-ms", type=float, default=50.0, help="timeline resolution")
-    out.add_argument("--json", type=Path, help="write the whole report here")
+    out.add_argument(
+        "--json", action="store_true", help="print the whole report as JSON instead of text"
+    )
+    out.add_argument("--report", type=Path, help="also write the whole report (JSON) here")
     out.add_argument("--plot", type=Path, help="PNG of latency over time (needs matplotlib)")
     out.add_argument("--quiet", action="store_true", help="no progress line")
     return p
@@ -57,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.address = getattr(args, "address", None) or os.environ.get(
+        "HOTSWAP_ADDRESS", DEFAULT_ADDRESS
+    )
+    args.workspace = getattr(args, "workspace", None) or os.environ.get(
+        "HOTSWAP_WORKSPACE", DEFAULT_WORKSPACE
+    )
     swapping = args.swap_every is not None
     if swapping and not args.models:
         parser.error("--swap-every needs --models a,b,c")
@@ -72,15 +100,22 @@ def main(argv: list[str]) -> int:
         security = Security.resolve(
             os.environ, args.token, args.tls_ca, args.tls_cert, args.tls_key
         )
-        addresses = (
-            args.engine or endpoints(args.address, args.workspace, args.pipeline, security)[0]
-        )
-    except Exception as exc:  # any failure to set up is reported, not traced back
-        print(f"hotswap loadtest: {exc}", file=sys.stderr)
+        served, started_on = endpoints(args.address, args.workspace, args.pipeline, security)
+        addresses = args.engine or served
+    except grpc.RpcError as err:
+        target = f"the control plane at {args.address}"
+        print(f"hotswap loadtest: error: {from_rpc_error(err, target=target)}", file=sys.stderr)
+        return 1
+    except (HotswapError, OSError, ValueError) as exc:
+        print(f"hotswap loadtest: error: {exc}", file=sys.stderr)
         return 2
     if not addresses:
-        print("hotswap loadtest: the pipeline is not served by any engine", file=sys.stderr)
-        return 2
+        print(
+            f"hotswap loadtest: error: pipeline {args.pipeline!r} is deployed but no engine "
+            "serves it right now (see `hotswap pipeline status`)",
+            file=sys.stderr,
+        )
+        return 1
     spec = LoadSpec(
         target=Target(tuple(addresses), args.workspace, args.pipeline, security=security),
         body=_input.ipc_stream(table),
@@ -105,12 +140,17 @@ def main(argv: list[str]) -> int:
             stop_load_after=args.duration is None and args.requests is None,
             security=security,
         )
-    report = run_load(
-        spec, plan, window_s=args.window_ms / 1e3, progress=None if not args.quiet else False
-    )
-    print(text(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    try:
+        report = run_load(
+            spec, plan, window_s=args.window_ms / 1e3, progress=None if not args.quiet else False
+        )
+    finally:
+        if plan is not None:
+            restored = restore(plan, started_on)
+            print(f"hotswap loadtest: {restored}", file=sys.stderr)
+    print(json.dumps(report, indent=1) if args.json else text(report))
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(report, args.plot)
     failed_swaps = any(s["error"] for s in report["swaps"])

@@ -128,20 +128,37 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import ScalarFormatter
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     except ImportError:
         print("--plot needs matplotlib (pip install matplotlib); skipped", file=sys.stderr)
         return False
     points = report["timeline"]
     t = [p["t_s"] for p in points]
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    for key, style in (("p50", "-"), ("p99", "-"), ("max", ":")):
-        ax.plot(t, [p[key] for p in points], style, label=key, linewidth=1)
+    # max as dots under the lines, so it never hides p99 where the two coincide.
+    ax.plot(t, [p["max"] for p in points], ".", label="max", markersize=2.5, color="0.55")
+    for key, width in (("p99", 1.6), ("p50", 1.2)):
+        ax.plot(t, [p[key] for p in points], "-", label=key, linewidth=width)
+    ax.set_yscale("log")
+    # Ticks at 1, 2 and 5 of every decade, written as plain numbers ("20", not "2 x 10^1").
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    top = ax.get_ylim()[1]
     for s in report["swaps"]:
         ax.axvspan(s["start_s"], max(s["end_s"], s["start_s"] + 0.002), color="red", alpha=0.3)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())  # "20", not "2 x 10^1"
-    ax.set_xlabel("seconds (red: deploy in progress)")
+        label = f"{s['model']} v{s['version']}" if not s["error"] else f"{s['model']} failed"
+        ax.annotate(
+            label,
+            (s["start_s"], top),
+            xytext=(2, -2),
+            textcoords="offset points",
+            rotation=90,
+            va="top",
+            fontsize=7,
+            color="darkred",
+        )
+    ax.set_xlabel("seconds (red: deploy in progress, labelled with the model swapped to)")
     ax.set_ylabel("latency ms")
     ax.set_title(f"{report['ok']} requests, {len(report['swaps'])} swaps")
     ax.legend(loc="upper right")

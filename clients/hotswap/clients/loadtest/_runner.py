@@ -30,6 +30,10 @@ INFER_METHOD = "/hotswap.v1.Engine/Infer"
 MAX_OUTSTANDING = 4096  # open loop: beyond this, wait (latency still counts from schedule)
 
 
+# The inference log marks these rows (`metadata.source`), so they are told from real traffic.
+SOURCE = "loadtest"
+
+
 @dataclass(frozen=True)
 class Target:
     """Where requests go: hotswap engines (Infer RPC) or the bare reference (raw bytes)."""
@@ -118,7 +122,10 @@ def _caller(spec: LoadSpec, channels: list[grpc.aio.Channel]) -> list[Callable[[
                 INFER_METHOD, response_deserializer=engine_pb2.InferResponse.FromString
             )
             request = engine_pb2.InferRequest(
-                workspace=spec.target.workspace, pipeline=spec.target.pipeline, arrow=spec.body
+                workspace=spec.target.workspace,
+                pipeline=spec.target.pipeline,
+                arrow=spec.body,
+                source=SOURCE,
             ).SerializeToString()
 
             async def infer(method: Any = method, request: bytes = request) -> int:

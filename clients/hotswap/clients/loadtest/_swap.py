@@ -64,6 +64,39 @@ def endpoints(
         return list(found.addresses), int(found.version)
 
 
+def restore(plan: SwapPlan, version: int) -> str:
+    """Puts the pipeline back on `version` (the one the load test found) after its swaps;
+    returns a sentence saying what the run changed."""
+    name = plan.pipeline
+    with open_channel(plan.control, plan.security) as channel:
+        stub: Any = control_pb2_grpc.ControlPlaneStub(channel)  # type: ignore[arg-type]
+        try:
+            found = stub.GetPipeline(
+                control_pb2.GetPipelineRequest(workspace=plan.workspace, name=name), timeout=30
+            )
+            if found.deployed.number == version:
+                return f"pipeline {name!r} is on version {version}, as it was"
+            stub.Deploy(
+                control_pb2.DeployRequest(
+                    workspace=plan.workspace,
+                    pipeline=name,
+                    version=version,
+                    requested_by="hotswap loadtest (restore)",
+                ),
+                timeout=120,
+            )
+        except grpc.RpcError as exc:
+            return (
+                f"could not put pipeline {name!r} back on version {version} "
+                f"({exc.code().name}: {exc.details()}): run "
+                f"`hotswap pipeline rollback {name} --to {version}`"
+            )
+    return (
+        f"the swaps made versions up to {found.version_count} of pipeline {name!r}; "
+        f"it is back on version {version}, where it was"
+    )
+
+
 class Swapper(threading.Thread):
     def __init__(self, plan: SwapPlan, t0: float, end: float, stop: Any) -> None:
         super().__init__(name="hotswap-loadtest-swapper", daemon=True)
