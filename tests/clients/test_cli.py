@@ -3,6 +3,7 @@ stack with --json parsed."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.ipc
+import pyarrow.parquet
 import pytest
 
 from hotswap.clients._stack import LocalStack
@@ -137,7 +139,7 @@ def test_pipeline_lifecycle_and_infer(cli: Cli, assets: Path, tmp_path: Path) ->
     assert deployed["engines"][0]["prepare_ms"] > 0
 
     houses = str(assets / "data" / "xtest-1.df.json")
-    records = cli.json("infer", "--pipeline", "p", "--input", houses)
+    records = cli.json("infer", "p", "--input", houses)
     assert records[0]["out.variable"] == [718013.7]
 
     v2 = cli.json("pipeline", "replace-step", "p", "0", "gbr")
@@ -153,7 +155,7 @@ def test_pipeline_lifecycle_and_infer(cli: Cli, assets: Path, tmp_path: Path) ->
     rolled = cli.json("pipeline", "rollback", "p")
     assert (rolled["version"], rolled["previous"]) == (1, 2)
     out = tmp_path / "out.arrow"
-    summary = cli.json("infer", "--pipeline", "p", "--input", houses, "--output", str(out))
+    summary = cli.json("infer", "p", "--input", houses, "--output", str(out))
     assert summary == {
         "rows": 1,
         "pipeline_version": 1,
@@ -162,22 +164,40 @@ def test_pipeline_lifecycle_and_infer(cli: Cli, assets: Path, tmp_path: Path) ->
     }
     table = pyarrow.ipc.open_file(out).read_all()
     assert table.column_names == ["time", "in.tensor", "out.variable", "check_failures"]
+    # Every format keeps every value: the 18 inputs and the output of each row.
+    for suffix in (".csv", ".json", ".parquet"):
+        path = tmp_path / f"out{suffix}"
+        cli.json("infer", "p", "--input", houses, "--output", str(path))
+        if suffix == ".csv":
+            with path.open() as f:
+                row = next(csv.DictReader(f))
+            inputs, output = json.loads(row["in.tensor"]), json.loads(row["out.variable"])
+        elif suffix == ".json":
+            row = json.loads(path.read_text())[0]
+            inputs, output = row["in.tensor"], row["out.variable"]
+        else:
+            got = pyarrow.parquet.read_table(path)
+            inputs, output = got["in.tensor"][0].as_py(), got["out.variable"][0].as_py()
+        assert len(inputs) == 18 and output == pytest.approx([718013.7]), suffix
+    refused = cli.fails("infer", "p", "--input", houses, "--output", str(tmp_path / "out.txt"))
+    assert ".csv, .json, .arrow, .parquet" in refused
+    assert not (tmp_path / "out.txt").exists()
 
     text = _run(
-        "infer", "--pipeline", "p", "--input", houses, "--workspace", cli.workspace,
+        "infer", "p", "--input", houses, "--workspace", cli.workspace,
         address=cli.address,
     ).stdout  # fmt: skip
     assert "out.variable" in text.splitlines()[0] and "[718013.7]" in text
 
     raw = subprocess.run(
-        [sys.executable, "-m", "hotswap.clients.cli", "infer", "--pipeline", "p", "--input", houses,
+        [sys.executable, "-m", "hotswap.clients.cli", "infer", "p", "--input", houses,
          "--format", "arrow", "--workspace", cli.workspace, "--address", cli.address],
         capture_output=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     assert pyarrow.ipc.open_stream(raw).read_all()["out.variable"].to_pylist() == [[718013.6875]]
 
     assert cli.json("pipeline", "undeploy", "p") == {"pipeline": "p", "deployed": False}
-    assert "not deployed" in cli.fails("infer", "--pipeline", "p", "--input", houses)
+    assert "not deployed" in cli.fails("infer", "p", "--input", houses)
 
 
 def test_unknown_workspace_says_how_to_create_it(cli: Cli) -> None:

@@ -142,8 +142,13 @@ def test_cells_shorten_long_lists() -> None:
 
 
 def test_deployment_config_builder() -> None:
-    config = hotswap.DeploymentConfigBuilder().replica_count(2).cpus(1).memory("1Gi").build()
-    assert config.replicas == 2
+    builder = hotswap.DeploymentConfigBuilder().replica_count(2)
+    # Wallaroo's resource options are accepted, and say they are not applied.
+    with pytest.warns(hotswap.HotswapWarning, match=r"cpus\(1\).*not applied"):
+        builder.cpus(1)
+    with pytest.warns(hotswap.HotswapWarning, match="memory.*not applied"):
+        builder.memory("1Gi")
+    assert builder.build().replicas == 2
     with pytest.raises(hotswap.InvalidInputError):
         hotswap.DeploymentConfigBuilder().replica_count(0)
 

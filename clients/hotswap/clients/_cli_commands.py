@@ -13,11 +13,12 @@ from typing import Any
 
 from hotswap.clients._client import Client
 from hotswap.clients._convert import (
+    check_result_path,
     column_to_python,
     read_table_file,
     table_to_records,
     to_ipc,
-    write_arrow_file,
+    write_result,
 )
 from hotswap.clients._deploy import DeploymentConfig, DeployResult
 from hotswap.clients._errors import EntityNotFoundError, HotswapError, InvalidInputError
@@ -168,7 +169,12 @@ def pipeline_replace(args: argparse.Namespace) -> Output:
 
 
 def _deploy_output(pipeline: Pipeline, result: DeployResult) -> Output:
-    verb = f"hot-swapped from version {result.previous} to" if result.previous else "deployed"
+    if result.previous == result.version:
+        verb = "redeployed (it was already live; nothing changed)"
+    elif result.previous:
+        verb = f"hot-swapped from version {result.previous} to"
+    else:
+        verb = "deployed"
     text = (
         f"{pipeline.name()}: {verb} version {result.version} in {result.wall_ms:.0f} ms "
         f"(server: prepare {result.prepare_ms:.0f} ms, commit {result.commit_ms:.1f} ms)"
@@ -272,14 +278,13 @@ def pipeline_versions(args: argparse.Namespace) -> Output:
 
 
 def infer(args: argparse.Namespace) -> Output:
-    fmt = args.format
-    if fmt is None:
-        suffix = Path(args.output).suffix.lower() if args.output else ""
-        fmt = {".arrow": "arrow", ".json": "json"}.get(suffix, "table")
+    fmt = args.format or "table"
+    if args.output:
+        check_result_path(args.output)  # before any work: a typo must not cost an inference
     with _client(args) as wl:
         table, _ = read_table_file(args.input)
         pipeline = wl.get_pipeline(args.pipeline)
-        result = pipeline.infer(table, timeout=args.timeout)
+        result = pipeline.infer(table, timeout=args.timeout, allow_nan=args.allow_nan)
         served = pipeline.last_served()
     summary = {
         "rows": result.num_rows,
@@ -287,10 +292,7 @@ def infer(args: argparse.Namespace) -> Output:
         "models": list(served.models) if served else [],
     }
     if args.output:
-        if fmt == "arrow":
-            write_arrow_file(result, args.output)
-        else:
-            Path(args.output).write_text(_render_result(result, fmt, limit=None) + "\n")
+        write_result(result, args.output)
         version = summary["pipeline_version"]
         text = f"wrote {result.num_rows} rows to {args.output} (pipeline version {version})"
         return Output({**summary, "output": args.output}, text)

@@ -239,7 +239,11 @@ class Client:
         header = control_pb2.UploadModelHeader(
             workspace=self._ws(), name=name, sha256=sha256, size_bytes=size
         )
-        proto = self._session.control.upload_model(_upload_requests(file, header, progress))
+        try:
+            proto = self._session.control.upload_model(_upload_requests(file, header, progress))
+        except InvalidInputError as err:
+            # The server speaks of "the model"; the user knows it by its file.
+            raise InvalidInputError(f"{file}: {err.message}") from None
         return Model(self._session, proto)
 
     def list_models(self) -> ModelList:

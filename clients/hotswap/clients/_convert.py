@@ -22,10 +22,12 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "check_result_path",
     "from_ipc",
     "is_dataframe",
     "read_table_file",
     "records_to_table",
+    "refuse_non_finite",
     "require_pandas",
     "shortest_float32",
     "table_from_pandas",
@@ -33,6 +35,7 @@ __all__ = [
     "table_to_records",
     "to_ipc",
     "write_arrow_file",
+    "write_result",
 ]
 
 
@@ -195,6 +198,76 @@ def write_arrow_file(table: pa.Table, path: str | Path) -> None:
     """Writes a table as an Arrow IPC file (readable by ``read_table_file``)."""
     with pa.OSFile(str(path), "wb") as sink, pyarrow.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
+
+
+def refuse_non_finite(table: pa.Table) -> None:
+    """Raises InvalidInputError naming the first NaN or infinite input value, if any."""
+    import pyarrow.compute as pc
+
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        values: Any = column.combine_chunks()
+        width = 1
+        while _is_list(values.type):
+            if pa.types.is_fixed_size_list(values.type):
+                width *= values.type.list_size
+            values = values.flatten()
+        if not pa.types.is_floating(values.type) or len(values) == 0:
+            continue
+        finite = pc.is_finite(values)
+        if pc.all(finite).as_py() is False:
+            first = pc.index(finite, False).as_py()
+            row = f"row {first // width}" if width > 1 or len(values) == table.num_rows else ""
+            raise InvalidInputError(
+                f"column {name!r} has a NaN or infinite value ({row or 'in one of its rows'}): "
+                "hotswap refuses them by default, since most models turn them into wrong "
+                "answers silently; pass allow_nan=True (CLI: --allow-nan) if your model reads "
+                "NaN as 'missing'"
+            )
+
+
+# The files `write_result` writes, by suffix.
+RESULT_SUFFIXES = (".csv", ".json", ".arrow", ".parquet")
+
+
+def check_result_path(path: str | Path) -> str:
+    """The suffix of a result file `write_result` can write; else InvalidInputError."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in RESULT_SUFFIXES:
+        raise InvalidInputError(
+            f"cannot write results to {str(path)!r}: name a file ending in "
+            f"{', '.join(RESULT_SUFFIXES)} (CSV, pandas-records JSON, Arrow IPC file, Parquet)"
+        )
+    return suffix
+
+
+def write_result(table: pa.Table, path: str | Path) -> None:
+    """Writes an inference result, every value kept, in the format `path`'s suffix names:
+    CSV (list values as JSON arrays), JSON (pandas records), Arrow IPC file or Parquet."""
+    suffix = check_result_path(path)
+    if suffix == ".arrow":
+        write_arrow_file(table, path)
+    elif suffix == ".parquet":
+        from pyarrow import parquet
+
+        parquet.write_table(table, str(path))
+    elif suffix == ".json":
+        Path(path).write_text(json.dumps(table_to_records(table), default=str) + "\n")
+    else:
+        from pyarrow import csv
+
+        flat = {
+            name: pa.array([json.dumps(v) for v in column_to_python(col)], pa.string())
+            if _is_list(col.type)
+            else col
+            for name, col in zip(table.column_names, table.columns, strict=True)
+        }
+        csv.write_csv(pa.table(flat), str(path))
+
+
+def _is_list(typ: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
+    )
 
 
 # --- out of Arrow ------------------------------------------------------------------------------

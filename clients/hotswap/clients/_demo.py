@@ -56,8 +56,10 @@ def run_demo(models_dir: Path, address: str | None, out: TextIO) -> tuple[int, d
     if missing:
         print(
             f"hotswap demo: {models_dir} lacks {', '.join(missing)}.\n"
-            "Make the housing models with `make models` "
-            f"(or `python examples/housing/make_models.py --out {models_dir}`).",
+            "The demo runs on its own synthetic housing models: in the hotswap checkout, "
+            "`make models` writes them to examples/housing/models (then run `hotswap demo` "
+            "there), or pass --models DIR with rf/gbr/xgb_model.onnx and houses-2.df.json "
+            "of your own.",
             file=sys.stderr,
         )
         return 1, {"error": f"missing {', '.join(missing)}"}

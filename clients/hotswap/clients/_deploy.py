@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from hotswap.clients._errors import InvalidInputError
+from hotswap.clients._errors import HotswapWarning, InvalidInputError
 from hotswap.v1 import control_pb2
 
 
@@ -19,6 +20,16 @@ class DeploymentConfig:
     """
 
     replicas: int = 0
+
+
+def _not_applied(option: str, value: object) -> None:
+    warnings.warn(
+        f"DeploymentConfigBuilder().{option}({value!r}) is accepted for Wallaroo compatibility "
+        "but not applied: hotswap engines get their resources when they start (hotswap engine "
+        "--threads/--workers, or the pod's resources on Kubernetes)",
+        HotswapWarning,
+        stacklevel=3,
+    )
 
 
 class DeploymentConfigBuilder:
@@ -39,12 +50,16 @@ class DeploymentConfigBuilder:
         self._replicas = count
         return self
 
-    def cpus(self, _: float) -> DeploymentConfigBuilder:
-        """Accepted for Wallaroo compatibility; engine resources are set when engines start."""
+    def cpus(self, count: float) -> DeploymentConfigBuilder:
+        """Accepted for Wallaroo compatibility, not applied (it warns): an engine's resources
+        are set when it starts (``--threads``, ``--workers``, or the pod's limits)."""
+        _not_applied("cpus", count)
         return self
 
-    def memory(self, _: str) -> DeploymentConfigBuilder:
-        """Accepted for Wallaroo compatibility; engine resources are set when engines start."""
+    def memory(self, size: str) -> DeploymentConfigBuilder:
+        """Accepted for Wallaroo compatibility, not applied (it warns): an engine's memory is
+        whatever its process or pod is given."""
+        _not_applied("memory", size)
         return self
 
     def build(self) -> DeploymentConfig:

@@ -200,15 +200,23 @@ def error_for_status(code: grpc.StatusCode, message: str) -> HotswapError:
     return cls(message or code.name.replace("_", " ").lower(), code=code)
 
 
-def from_rpc_error(err: grpc.RpcError, *, target: str) -> HotswapError:
+def from_rpc_error(
+    err: grpc.RpcError, *, target: str, timeout: float | None = None
+) -> HotswapError:
     """Maps a grpc ``RpcError`` to an SDK error, adding where the call went when it never got
-    there (UNAVAILABLE straight from the channel)."""
+    there (UNAVAILABLE straight from the channel) or never came back (a deadline)."""
     if not isinstance(err, grpc.Call):
         return ServerError(f"gRPC call to {target} failed: {err}")
     code = err.code()
     message = err.details() or ""
     if code is grpc.StatusCode.UNAVAILABLE and _is_connect_failure(message):
         message = f"cannot reach {target}: {message}"
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED and message.lower() == "deadline exceeded":
+        waited = f" within {timeout:g} s" if timeout else ""
+        message = (
+            f"no answer from {target}{waited}: it may be stopped, stalled or overloaded "
+            "(check it, or pass a longer timeout)"
+        )
     return error_for_status(code, message)
 
 

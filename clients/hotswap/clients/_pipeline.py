@@ -15,6 +15,7 @@ import pyarrow as pa
 from hotswap.clients._convert import (
     is_dataframe,
     read_table_file,
+    refuse_non_finite,
     table_from_pandas,
     table_to_pandas,
 )
@@ -124,13 +125,13 @@ class Pipeline:
 
     def add_model_step(self, model: Model) -> Pipeline:
         """Appends a step; returns the pipeline so calls chain."""
-        self._steps.append(model)
+        self._steps.append(_check_model(model, "add_model_step"))
         return self
 
     def replace_with_model_step(self, index: int, model: Model) -> Pipeline:
         """Replaces step ``index`` (0-based); ``deploy()`` then hot-swaps it in."""
         self._check_index(index)
-        self._steps[index] = model
+        self._steps[index] = _check_model(model, "replace_with_model_step")
         return self
 
     def remove_step(self, index: int) -> Pipeline:
@@ -145,6 +146,10 @@ class Pipeline:
         return self
 
     def _check_index(self, index: int) -> None:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise InvalidInputError(
+                f"a step index is a whole number (0 for the first step), not {index!r}"
+            )
         if not 0 <= index < len(self._steps):
             raise InvalidInputError(
                 f"pipeline {self.name()!r} has {len(self._steps)} step(s); no step {index}"
@@ -211,6 +216,15 @@ class Pipeline:
             self._router.invalidate()
         wall_ms = (time.perf_counter() - start) * 1000
         self._last_deploy = DeployResult.from_proto(resp, wall_ms, request_id)
+        if request.replicas and len(resp.engines) < request.replicas:
+            warnings.warn(
+                f"pipeline {self.name()!r} asked for {request.replicas} replicas but only "
+                f"{len(resp.engines)} engine(s) are connected, so it serves on "
+                f"{len(resp.engines)}; start more engines (`hotswap engine` or `hotswap up "
+                "--engines N`) and the control plane gives them the pipeline as they connect",
+                HotswapWarning,
+                stacklevel=2,
+            )
         if resp.unconfirmed_engines:
             warnings.warn(
                 f"pipeline {self.name()!r} version {resp.version.number} is deployed, but "
@@ -268,11 +282,21 @@ class Pipeline:
 
     @overload
     def infer(
-        self, data: pd.DataFrame, timeout: float | None = ..., *, batch_rows: int = ...
+        self,
+        data: pd.DataFrame,
+        timeout: float | None = ...,
+        *,
+        batch_rows: int = ...,
+        allow_nan: bool = ...,
     ) -> pd.DataFrame: ...
     @overload
     def infer(
-        self, data: pa.Table | pa.RecordBatch, timeout: float | None = ..., *, batch_rows: int = ...
+        self,
+        data: pa.Table | pa.RecordBatch,
+        timeout: float | None = ...,
+        *,
+        batch_rows: int = ...,
+        allow_nan: bool = ...,
     ) -> pa.Table: ...
     def infer(
         self,
@@ -280,6 +304,7 @@ class Pipeline:
         timeout: float | None = None,
         *,
         batch_rows: int = DEFAULT_BATCH_ROWS,
+        allow_nan: bool = False,
     ) -> pd.DataFrame | pa.Table:
         """Runs the deployed pipeline on ``data``.
 
@@ -289,6 +314,10 @@ class Pipeline:
             timeout: Seconds to wait for each request (default 15); on expiry
                 :class:`InferenceTimeoutError` says what to do.
             batch_rows: Inputs with more rows are sent as several requests.
+            allow_nan: Send NaN and infinite input values as they are. By default they are
+                refused with :class:`InvalidInputError` naming the column and row, since
+                most models turn them into wrong answers without a word; allow them for
+                models that read NaN as "missing" (XGBoost does).
 
         Returns:
             pandas in, pandas out (``out.<name>`` columns hold a list per row, float32 shown
@@ -297,7 +326,7 @@ class Pipeline:
         """
         if is_dataframe(data):
             table = table_from_pandas(data)
-            return self._to_pandas(self._infer_arrow(table, timeout, batch_rows))
+            return self._to_pandas(self._infer_arrow(table, timeout, batch_rows, allow_nan))
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])
         if not isinstance(data, pa.Table):
@@ -305,13 +334,15 @@ class Pipeline:
                 f"infer() takes a pandas DataFrame or a pyarrow Table/RecordBatch, not "
                 f"{type(data).__name__}; for files use infer_from_file(path)"
             )
-        return self._infer_arrow(data, timeout, batch_rows)
+        return self._infer_arrow(data, timeout, batch_rows, allow_nan)
 
     def infer_from_file(
         self,
         path: str | Path,
         data_format: Literal["pandas", "arrow"] | None = None,
         timeout: float | None = None,
+        *,
+        allow_nan: bool = False,
     ) -> pd.DataFrame | pa.Table:
         """Runs the pipeline on an ``.arrow`` (IPC file or stream) or ``.df.json`` file.
 
@@ -319,16 +350,21 @@ class Pipeline:
             path: The input file.
             data_format: What to return; by default pandas for JSON and Arrow for ``.arrow``.
             timeout: As for :meth:`infer`.
+            allow_nan: As for :meth:`infer`.
         """
         table, natural = read_table_file(path)
-        result = self._infer_arrow(table, timeout, DEFAULT_BATCH_ROWS)
+        result = self._infer_arrow(table, timeout, DEFAULT_BATCH_ROWS, allow_nan)
         if (data_format or natural) == "pandas":
             return self._to_pandas(result)
         return result
 
-    def _infer_arrow(self, table: pa.Table, timeout: float | None, batch_rows: int) -> pa.Table:
+    def _infer_arrow(
+        self, table: pa.Table, timeout: float | None, batch_rows: int, allow_nan: bool
+    ) -> pa.Table:
         if batch_rows < 1:
             raise InvalidInputError(f"batch_rows must be at least 1, got {batch_rows}")
+        if not allow_nan:
+            refuse_non_finite(table)
         renames = self._steps[0].column_renames() if self._steps else {}
         if renames:
             table = table.rename_columns([renames.get(n, n) for n in table.column_names])
@@ -458,3 +494,17 @@ class PipelineList(list[Pipeline]):
 
     def _repr_html_(self) -> str:
         return grid_html(self._HEADERS, self._rows())
+
+
+def _check_model(model: object, method: str) -> Model:
+    """`model` if it is a Model; else a plain sentence saying how to get one."""
+    if isinstance(model, Model):
+        return model
+    hint = (
+        f"wl.get_model({model!r})"
+        if isinstance(model, str)
+        else "wl.upload_model(name, path) or wl.get_model(name)"
+    )
+    raise InvalidInputError(
+        f"{method}() takes a Model, not {type(model).__name__} {model!r}: get one with {hint}"
+    )

@@ -198,7 +198,8 @@ class Unary(Generic[_Req, _Resp]):
                 metadata=((REQUEST_ID_HEADER, request_id or new_request_id()),),
             )
         except grpc.RpcError as err:
-            raise from_rpc_error(err, target=self._target) from None
+            limit = self._timeout if timeout is None else timeout
+            raise from_rpc_error(err, target=self._target, timeout=limit) from None
 
 
 class StreamUnary(Generic[_Req, _Resp]):

@@ -250,9 +250,13 @@ def main_up(argv: list[str]) -> int:
         return 1
     print(
         f"control plane  {stack.control_address}   (export HOTSWAP_ADDRESS={stack.control_address})"
+        f"   metrics http://{stack.metrics_address('control')}/metrics"
     )
     for name in stack.engine_names:
-        print(f"{name:<14} {stack.address_of(name)}")
+        print(
+            f"{name:<14} {stack.address_of(name)}"
+            f"   metrics http://{stack.metrics_address(name)}/metrics"
+        )
     print(f"data and logs  {args.data_dir}   — Ctrl-C stops everything", flush=True)
     try:
         while not stopping.wait(0.5):

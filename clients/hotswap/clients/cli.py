@@ -138,13 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=int, help="version number (default: the one before the deployed)")
 
     p = add(sub, "infer", "run a deployed pipeline on a file", commands.infer)
-    p.add_argument("--pipeline", required=True)
+    p.add_argument("pipeline")
     p.add_argument("--input", required=True, help=".arrow (IPC file or stream) or .df.json")
-    p.add_argument("--output", help="write the result here instead of stdout")
+    p.add_argument(
+        "--output",
+        help="write every row here, in the format its suffix names: .csv, .json (pandas "
+        "records), .arrow (IPC file) or .parquet",
+    )
     p.add_argument(
         "--format",
         choices=("table", "json", "arrow"),
-        help="result format (default: from --output's suffix, else table)",
+        help="how to print the result on stdout (default table; --json is the same as json)",
+    )
+    p.add_argument(
+        "--allow-nan",
+        action="store_true",
+        help="send NaN/inf inputs as they are (refused by default; some models read NaN as "
+        "'missing')",
     )
     p.add_argument("--timeout", type=float, help="seconds per request (default 15)")
 

@@ -58,9 +58,10 @@ def refuse_external_data(path: Path) -> None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # the protobuf parser raises several types for bad bytes
+        detail = str(exc).replace(str(path), "the model")[:300] or type(exc).__name__
         raise InvalidArgument(
-            f"not a loadable ONNX model: {str(exc)[:300] or type(exc).__name__} (export it "
-            "again, e.g. with skl2onnx or torch.onnx, and check it loads in onnxruntime)"
+            f"not a loadable ONNX model: {detail} (export it again, e.g. with skl2onnx or "
+            "torch.onnx, and check it loads in onnxruntime)"
         ) from None
     tensors = itertools.chain(
         _tensors(model.graph),
@@ -97,7 +98,8 @@ def _inspect(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises several unrelated types for bad models
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).replace(str(path.parent), "").replace(str(path), "the model")
+        detail = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         if "xternal data" in detail or "No such file" in detail:
             raise InvalidArgument(
                 "the model references external data files, which hotswap does not accept: "
