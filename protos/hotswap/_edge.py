@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
+import ipaddress
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -160,6 +162,17 @@ def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentia
     return port
 
 
+def is_loopback(address: str) -> bool:
+    """Whether host:port names this machine's loopback (where cleartext never leaves it)."""
+    host = address.rsplit(":", 1)[0].strip("[]").lower()
+    for prefix in ("dns:///", "ipv4:", "ipv6:"):
+        host = host.removeprefix(prefix)
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class StartupError(Exception):
     """A server could not start (a busy port, a data dir in use, an unreadable file)."""
 
@@ -291,26 +304,39 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
             return _rewrap(handler, stream_unary=stream_unary)
         if handler.unary_stream:
-            inner_us: Any = handler.unary_stream
+            return _rewrap(handler, unary_stream=_around_stream(handler.unary_stream, check))
+        return _rewrap(handler, stream_stream=_around_stream(handler.stream_stream, check, False))
 
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                await check(request, context)
-                async for item in inner_us(request, context):
+
+def _around_stream(
+    inner: Any,
+    before: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]],
+    pass_request: bool = True,
+    after: Callable[[], None] = lambda: None,
+) -> Any:
+    """A streaming handler that awaits `before(request or None, context)`, runs `inner`, then
+    `after()`; whichever way `inner` streams (an async generator that yields, or a coroutine
+    that calls ``context.write``, as grpcio-health-checking's Watch does)."""
+    if inspect.isasyncgenfunction(inner):
+
+        async def generator(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                await before(request if pass_request else None, context)
+                async for item in inner(request, context):
                     yield item
+            finally:
+                after()
 
-            return _rewrap(handler, unary_stream=unary_stream)
-        inner_ss: Any = handler.stream_stream
+        return generator
 
-        async def stream_stream(
-            requests: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            await check(None, context)
-            async for item in inner_ss(requests, context):
-                yield item
+    async def writer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            await before(request if pass_request else None, context)
+            return await inner(request, context)
+        finally:
+            after()
 
-        return _rewrap(handler, stream_stream=stream_stream)
+    return writer
 
 
 def _refuse(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
@@ -330,3 +356,53 @@ def _refuse(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     if handler.unary_stream:
         return _rewrap(handler, unary_stream=abort_stream)
     return _rewrap(handler, stream_stream=abort_stream)
+
+
+# Open (token-free) methods that hold a stream for as long as the caller likes.
+OPEN_STREAMS = frozenset(
+    {
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+MAX_OPEN_STREAMS = 64
+
+
+class OpenStreamLimit(grpc.aio.ServerInterceptor):
+    """Caps the streams anyone may hold open without a token (health Watch, reflection), so
+    they cannot take the server's whole `maximum_concurrent_rpcs` from callers who have one."""
+
+    def __init__(self, limit: int = MAX_OPEN_STREAMS) -> None:
+        self._limit = limit
+        self.active = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None or details.method not in OPEN_STREAMS:
+            return handler
+        if self.active >= self._limit:
+            return _refuse(
+                handler,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._limit} health/reflection streams are open already: close one, or "
+                "poll with Health.Check",
+            )
+
+        async def hold(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            self.active += 1
+
+        def release() -> None:
+            self.active -= 1
+
+        if handler.unary_stream:
+            return _rewrap(
+                handler, unary_stream=_around_stream(handler.unary_stream, hold, after=release)
+            )
+        return _rewrap(
+            handler, stream_stream=_around_stream(handler.stream_stream, hold, after=release)
+        )

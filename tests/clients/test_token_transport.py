@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 import hotswap
-from hotswap.clients._rpc import Security, check_token_transport, is_loopback
+from hotswap._edge import is_loopback
+from hotswap.clients._rpc import Security, check_token_transport
 
 
 @pytest.mark.parametrize(
@@ -49,3 +50,21 @@ def test_opting_in_warns() -> None:
             "198.18.0.5:50051", token="a-token-of-sixteen-chars", allow_plaintext_token=True
         )
     client.close()
+
+
+def test_an_engine_will_not_send_its_credential_in_cleartext_off_the_host(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    token = tmp_path / "engine.token"
+    token.write_text("engine-token-0123456789abcdef")
+    # Refused at start, before anything is bound or dialled.
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "hotswap.engine", "--control", "198.18.0.1:50051",
+            "--control-token-file", str(token), "--cache-dir", str(tmp_path / "cache"),
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "refusing to send the engine credential to 198.18.0.1:50051" in proc.stderr

@@ -72,3 +72,41 @@ async def test_a_full_inference_queue_refuses_at_once() -> None:
         release.set()
         assert await asyncio.gather(*running) == [True, True]
         assert queue.queued == 0
+
+
+def test_a_file_is_read_as_the_stream_it_holds_not_by_its_footer() -> None:
+    small = _table(10)
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, small.schema) as writer:
+        writer.write_table(small)
+    assert decode_ipc(bytes(sink.getvalue().to_pybytes()), max_rows=10).num_rows == 10
+    # A file of a compressed 100,000-row batch whose stream is cut short right after the
+    # magic by an end-of-stream marker: the stream holds nothing, the footer still points at
+    # the batch. Read by its footer, the 10-row limit and the compression check are bypassed.
+    forged = pa.BufferOutputStream()
+    options = ipc.IpcWriteOptions(compression="zstd")
+    with ipc.new_file(forged, small.schema, options=options) as writer:
+        writer.write_table(_table(100_000))
+    data = bytes(forged.getvalue().to_pybytes())
+    end_of_stream = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+    crafted = data[:8] + end_of_stream + data[16:]
+    assert ipc.open_file(pa.py_buffer(crafted)).read_all().num_rows == 100_000  # the trap
+    with pytest.raises((InvalidInput, RequestTooLarge)):
+        decode_ipc(data, max_rows=10)
+    with pytest.raises(InvalidInput):
+        decode_ipc(crafted, max_rows=10)
+
+
+async def test_queued_bytes_are_bounded_too() -> None:
+    release = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        queue = InferenceQueue(executor, max_queued=100, max_queued_bytes=1000)
+        first = asyncio.ensure_future(queue.run(release.wait, 10, nbytes=900))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="900 bytes"):
+            await queue.run(release.wait, 10, nbytes=200)
+        small = asyncio.ensure_future(queue.run(release.wait, 10, nbytes=50))
+        await asyncio.sleep(0)
+        release.set()
+        assert list(await asyncio.gather(first, small)) == [True, True]
+        assert queue.queued_bytes == 0

@@ -285,6 +285,10 @@ def _bad(**fields: Any) -> oip.ModelInferRequest:
         (_bad(tensor={"datatype": "FP8"}), "INVALID_ARGUMENT", "datatype 'FP8'"),
         (_bad(tensor={"datatype": "BYTES"}), "INVALID_ARGUMENT", "datatype 'BYTES'"),
         (_bad(tensor={"shape": [-1, 18]}), "INVALID_ARGUMENT", "give every dim"),
+        # Zero-size dims and element counts past what a message holds: refused, not crashed.
+        (_bad(tensor={"shape": [1, 0]}), "INVALID_ARGUMENT", "each at least 1"),
+        (_bad(tensor={"shape": [2**31, 0]}), "INVALID_ARGUMENT", "each at least 1"),
+        (_bad(tensor={"shape": [2**20, 2**20]}), "INVALID_ARGUMENT", "more than one request"),
         (_bad(raw_input_contents=[b"\0" * 8]), "INVALID_ARGUMENT", "72 raw bytes expected"),
         (_bad(raw_input_contents=[b"", b""]), "INVALID_ARGUMENT", "2 entries for 1 input"),
         (

@@ -46,3 +46,42 @@ def custom_domain() -> bytes:
         [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example.custom")],
         domain="com.example.custom",
     )
+
+
+def external_in_function_default(location: str) -> bytes:
+    """A local function whose Constant takes its value from the function's attribute default,
+    and that default keeps its bytes in an external file at `location`."""
+    from onnx import AttributeProto, FunctionProto
+
+    weight = numpy_helper.from_array(np.ones((1,), np.float32), "w")
+    weight.data_location = TensorProto.EXTERNAL
+    weight.ClearField("raw_data")
+    for key, value in (("location", location), ("length", "4")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    constant = helper.make_node("Constant", [], ["c"])
+    ref = AttributeProto(name="value", ref_attr_name="w", type=AttributeProto.TENSOR)
+    constant.attribute.append(ref)
+    function = FunctionProto(
+        name="Scale",
+        domain="local",
+        input=["a"],
+        output=["b"],
+        node=[constant, helper.make_node("Mul", ["a", "c"], ["b"])],
+        opset_import=[helper.make_opsetid("", 15)],
+    )
+    default = AttributeProto(name="w", type=AttributeProto.TENSOR, t=weight)
+    function.attribute_proto.append(default)
+    graph = helper.make_graph(
+        [helper.make_node("Scale", ["x"], ["y"], domain="local")],
+        "hostile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)],
+        functions=[function],
+    )
+    model.ir_version = 8
+    return bytes(model.SerializeToString())

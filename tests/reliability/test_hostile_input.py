@@ -75,6 +75,8 @@ def _serves_rf(stack: LocalStack, assets: Path) -> None:
         # The file itself, which exists wherever the model is loaded from: ONNX Runtime would
         # read these bytes as the weight, so only hotswap's own inspection refuses it.
         ("ext-itself", _onnx.external_data("model.onnx"), "tensor 'w' keeps its data"),
+        # The same, hidden in a local function's attribute default.
+        ("ext-function", _onnx.external_in_function_default("model.onnx"), "tensor 'w' keeps"),
     ],
 )
 def test_hostile_models_are_refused(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from concurrent import futures
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +230,90 @@ def test_listings_and_timeline_name_the_authenticated_caller(
     swaps = control.ListSwaps(c.ListSwapsRequest(workspace="alice-ws", pipeline="p"))
     assert [s.requested_by for s in swaps.swaps] == ["alice (admin)", "alice"]
     assert alice.status()["status"] == "Running"
+
+
+def test_log_gathering_never_sends_a_callers_token_to_an_engine_address(
+    secured: tuple[LocalStack, Path], assets: Path
+) -> None:
+    """An engine credential may claim any address; the control plane asks engines for logs
+    over their own streams, so a spy listening at a claimed address hears nothing."""
+    stack, _ = secured
+    _deploy(stack, ALICE, "alice-ws", assets / "models" / "rf_model.onnx")
+    heard: list[tuple[str, str]] = []
+
+    class Spy(grpc.GenericRpcHandler):
+        def service(self, details: Any) -> None:
+            heard.extend((k, v) for k, v in details.invocation_metadata if k == "authorization")
+            return None
+
+    spy = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[Spy()])
+    port = spy.add_insecure_port("127.0.0.1:0")
+    spy.start()
+    peer = ScriptedEngine(
+        stack.control_address, "engine-7", token=ENGINE, address=f"127.0.0.1:{port}"
+    ).connect()
+    try:
+        peer.next("access")
+        alice = hotswap.Client(stack.control_address, token=ALICE)
+        alice.set_current_workspace("alice-ws")
+        pipeline = alice.get_pipeline("p")
+        rows: dict[str, Any] = {}
+
+        def read() -> None:
+            rows["logs"] = pipeline.logs(limit=5)
+
+        import threading
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        # The scripted engine is asked on its stream, answers, and the merge goes on.
+        query = peer.next("logs").logs
+        assert (query.request.workspace, query.request.pipeline) == ("alice-ws", "p")
+        peer.send(f.EngineMessage(logs=f.LogsResult(query_id=query.query_id)))
+        reader.join(30)
+        assert "logs" in rows
+        assert heard == []
+    finally:
+        peer.close()
+        spy.stop(0)
+
+
+def test_open_streams_cannot_starve_callers_and_health_hides_pipelines(
+    secured: tuple[LocalStack, Path], assets: Path
+) -> None:
+    stack, _ = secured
+    _deploy(stack, ALICE, "alice-ws", assets / "models" / "rf_model.onnx")
+    for address in (stack.engine_addresses[0], stack.control_address):
+        channel = grpc.insecure_channel(address)
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(64)]
+        try:
+            for watch in watches:
+                next(watch)  # each stream is open and has its first status
+            extra = health.Watch(health_pb2.HealthCheckRequest())
+            assert _code(partial(next, extra)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Callers with a token are still served.
+            if address == stack.control_address:
+                control: Any = cg.ControlPlaneStub(channel)  # type: ignore[arg-type]
+                control.ListWorkspaces(c.ListWorkspacesRequest(), metadata=_auth(ADMIN))
+            else:
+                engine: Any = eg.EngineStub(channel)  # type: ignore[arg-type]
+                request = e.InferRequest(workspace="alice-ws", pipeline="p", arrow=_body())
+                assert engine.Infer(request, metadata=_auth(ALICE)).workspace == "alice-ws"
+        finally:
+            for watch in watches:
+                watch.cancel()
+            channel.close()
+    # Without a token, health tells nothing about which pipelines an engine serves.
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(stack.engine_addresses[0]))
+    for name in ("hotswap.pipeline/alice-ws/p", "hotswap.pipeline/alice-ws/nope"):
+        check = partial(health.Check, health_pb2.HealthCheckRequest(service=name))
+        assert _code(check) == grpc.StatusCode.NOT_FOUND
+
+
+def test_engine_names_and_addresses_are_checked(secured: tuple[LocalStack, Path]) -> None:
+    stack, _ = secured
+    for name, address in (("engine-" + "x" * 200, "127.0.0.1:1"), ("engine-5", "a" * 300)):
+        peer = ScriptedEngine(stack.control_address, name, token=ENGINE, address=address)
+        error = peer.connect().wait_closed()
+        assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT

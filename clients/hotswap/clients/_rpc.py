@@ -7,7 +7,6 @@ needs are bound here by their full names, with the error mapping in one place.
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -18,6 +17,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from hotswap._edge import is_loopback
 from hotswap.clients._errors import (
     InsecureTransportError,
     InsecureTransportWarning,
@@ -75,17 +75,6 @@ class Security:
                 else environ.get("HOTSWAP_ALLOW_PLAINTEXT_TOKEN", "") in ("1", "true", "yes")
             ),
         )
-
-
-def is_loopback(address: str) -> bool:
-    """Whether host:port names this machine's loopback (where cleartext never leaves it)."""
-    host = address.rsplit(":", 1)[0].strip("[]").lower()
-    for prefix in ("dns:///", "ipv4:", "ipv6:"):
-        host = host.removeprefix(prefix)
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_token_transport(address: str, security: Security) -> None:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hotswap.control.domain import check_name
+from hotswap.control.errors import InvalidArgument
 from hotswap.control.metrics import ControlMetrics
 from hotswap.v1 import fleet_pb2
 
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 # Messages waiting for one engine: far above what a live engine leaves unread (a desired state,
 # a few swap messages and heartbeats), far below what would hold real memory.
 OUTBOX_LIMIT = 1024
+# Engines remembered at once (live ones and recently gone ones): each is a few KB.
+MAX_SESSIONS = 4096
+_ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,255}")
 
 
 class EngineGone(Exception):
@@ -115,10 +121,22 @@ class Fleet:
     def connect(self, hello: fleet_pb2.Hello, principal: str = "") -> EngineSession:
         """Registers a Hello's stream. Raises EngineRefused when another live engine instance
         holds the name: the live one keeps its stream (an engine's own reconnect, with the same
-        instance id, replaces its stale stream)."""
+        instance id and credential, replaces its stale stream). Raises InvalidArgument for a
+        name or address that is not one."""
+        check_name("engine", hello.name)
+        if not _ADDRESS.fullmatch(hello.address) or ":" not in hello.address:
+            raise InvalidArgument(
+                f"engine address {hello.address[:60]!r} is not host:port: pass --advertise"
+            )
         old = self.sessions.get(hello.name)
-        if old is not None and not old.lost(self.lost_after):
-            same = bool(hello.instance_id) and hello.instance_id == old.instance_id
+        if old is None:
+            self._make_room()
+        elif not old.lost(self.lost_after):
+            same = (
+                bool(hello.instance_id)
+                and hello.instance_id == old.instance_id
+                and principal == old.principal
+            )
             if not same:
                 raise EngineRefused(
                     f"engine name {hello.name!r} is in use by another live engine (from "
@@ -139,6 +157,16 @@ class Fleet:
         self.on_connect(hello.name)
         self.send_desired(hello.name)
         return session
+
+    def _make_room(self) -> None:
+        """Forgets the longest-gone engine when the registry is full; refuses when every
+        remembered engine is connected."""
+        if len(self.sessions) < MAX_SESSIONS:
+            return
+        gone = [s for s in self.sessions.values() if not s.connected]
+        if not gone:
+            raise EngineRefused(f"{MAX_SESSIONS} engines are connected already")
+        del self.sessions[min(gone, key=lambda s: s.disconnected_at).name]
 
     def disconnect(self, session: EngineSession) -> None:
         if session.connected:
@@ -211,6 +239,8 @@ class Fleet:
             self._resolve(session, ("prepare", message.prepared.swap_id), message)
         elif kind == "committed":
             self._resolve(session, ("commit", message.committed.swap_id), message)
+        elif kind == "logs":
+            self._resolve(session, ("logs", message.logs.query_id), message)
         elif kind == "state":
             session.serving = {f"{s.workspace}/{s.pipeline}": s for s in message.state.serving}
             session.reported.set()

@@ -65,7 +65,15 @@ def refuse_external_data(path: Path) -> None:
         ) from None
     tensors = itertools.chain(
         _tensors(model.graph),
+        # Local functions: their nodes' attributes and their attributes' default values.
         *(_attribute_tensors(n.attribute) for f in model.functions for n in f.node),
+        *(_attribute_tensors(f.attribute_proto) for f in model.functions),
+        # Training graphs: runtimes may ignore them today, but they are part of the file.
+        *(
+            _tensors(graph)
+            for info in model.training_info
+            for graph in (info.initialization, info.algorithm)
+        ),
     )
     for tensor in tensors:
         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):

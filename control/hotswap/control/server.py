@@ -12,7 +12,7 @@ from typing import TextIO
 
 import grpc
 
-from hotswap._edge import bind, server_credentials, server_options
+from hotswap._edge import OpenStreamLimit, bind, server_credentials, server_options
 from hotswap._logs import RequestIdInterceptor
 from hotswap._metrics_http import MetricsEndpoint
 from hotswap._probes import Health, add_probes
@@ -69,7 +69,7 @@ class ControlPlaneServer:
         self.logs = LogGatherer(self.fleet)
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         uploads = ModelUploads(self.store, self.blobs, settings.max_model_bytes)
-        interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [OpenStreamLimit(), RequestIdInterceptor()]
         if self.tokens is not None:
             interceptors.append(AuthInterceptor(self.tokens))
         self._server = grpc.aio.server(
@@ -153,8 +153,7 @@ class ControlPlaneServer:
             self.fleet.push_access()
         self.deployer.refill_lost()
         assigned = {e for d in self.store.deployments() for e in d.engines}
-        if self.fleet.forget_gone(keep=assigned.__contains__):
-            self.logs.forget_except({s.address for s in self.fleet.sessions.values()})
+        self.fleet.forget_gone(keep=assigned.__contains__)
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -169,7 +168,6 @@ class ControlPlaneServer:
         await self.deployer.close()
         await self._server.stop(grace)
         self.metrics_endpoint.stop()
-        await self.logs.close()
         self.timeline.close()
         self.store.close()
         self._dir_lock.close()

@@ -322,13 +322,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         self, request: types_pb2.GetLogsRequest, context: Context
     ) -> types_pb2.LogsResponse:
         self._store.get_pipeline(request.workspace, request.pipeline)  # NOT_FOUND when unknown
-        if request.limit < 0:
-            raise InvalidArgument("limit must be 0 (default 100) or more")
-        metadata = dict(context.invocation_metadata() or ())
-        authorization = metadata.get("authorization", "")
-        return await self._logs.gather(
-            request, authorization if isinstance(authorization, str) else ""
-        )
+        return await self._logs.gather(request)
 
     @unary
     async def ListSwaps(
@@ -367,6 +361,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             session = self._fleet.connect(hello, "" if principal is auth.OPEN else principal.name)
         except EngineRefused as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
 
         async def read() -> None:

@@ -59,7 +59,8 @@ _PLAIN_TYPES: dict[np.dtype[Any], pa.DataType] = {
 def decode_ipc(data: bytes, max_rows: int = 2**62) -> pa.Table:
     """Read a table from Arrow IPC bytes, stream or file format (told apart by the file magic).
 
-    Before anything is decoded, the messages' metadata is read (`check_ipc`): more than
+    A file is read as the stream it holds (its footer is not trusted). Before anything is
+    decoded, the messages' metadata is read (`check_ipc`): more than
     `max_rows` rows, compressed bodies (their decompressed size is the sender's choice) and
     array lengths the body cannot hold are refused. Then the buffers are validated in full:
     offsets in a hostile list column could otherwise point outside the message and crash the
@@ -80,10 +81,10 @@ def decode_ipc(data: bytes, max_rows: int = 2**62) -> pa.Table:
             "(split it into batches, or raise --max-rows)"
         )
     try:
-        if is_file:
-            table = ipc.open_file(buffer, options=_READ_OPTIONS).read_all()
-        else:
-            table = ipc.open_stream(buffer, options=_READ_OPTIONS).read_all()
+        # A file is read as the stream it holds after its magic, the very messages checked
+        # above: its footer could point at other bytes (a compressed or bigger batch).
+        stream = buffer[8:] if is_file else buffer
+        table = ipc.open_stream(stream, options=_READ_OPTIONS).read_all()
         table.validate(full=True)
     except (pa.ArrowException, ValueError, OSError) as exc:
         raise InvalidInput(

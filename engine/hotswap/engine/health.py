@@ -9,7 +9,9 @@ never become ready, and rollouts would stall.
 
 Each pipeline also gets its own status, under ``hotswap.pipeline/<workspace>/<pipeline>``:
 SERVING while a version of it is active here, NOT_SERVING while assigned but not loaded (or
-after it was released); unknown before it was ever assigned here.
+after it was released); unknown before it was ever assigned here. An engine of a secured
+stack (one with a control-plane credential) leaves these out: health needs no token, and
+they would tell anyone which workspaces and pipelines it serves.
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ class EngineHealth:
     host wakes one task that re-reads the whole state, so bursts of changes coalesce and a
     missed one cannot leave a stale status."""
 
-    def __init__(self, host: EngineHost, health: Health, services: Sequence[str]) -> None:
+    def __init__(
+        self,
+        host: EngineHost,
+        health: Health,
+        services: Sequence[str],
+        *,
+        per_pipeline: bool = True,
+    ) -> None:
+        self._per_pipeline = per_pipeline
         self._host = host
         self._health = health
         self._services = ("", *services)
@@ -57,6 +67,8 @@ class EngineHealth:
         ready, pipelines = readiness(self._host)
         for name in self._services:
             await self._health.set(name, ready)
+        if not self._per_pipeline:
+            return
         statuses = {pipeline_service(key): up for key, up in pipelines.items()}
         statuses.update({name: False for name in self._known - statuses.keys()})
         for name, up in statuses.items():

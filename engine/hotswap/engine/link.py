@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -19,15 +19,18 @@ import grpc
 from hotswap import _logs
 from hotswap._edge import channel_options
 from hotswap.engine import _convert, access
-from hotswap.engine.errors import BlobError, PrepareError
+from hotswap.engine.errors import BlobError, EngineError, PrepareError
 from hotswap.engine.host import EngineHost
 from hotswap.engine.metrics import EngineMetrics
-from hotswap.v1 import fleet_pb2, fleet_pb2_grpc
+from hotswap.v1 import fleet_pb2, fleet_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
 
 BACKOFF_START = 0.1
 BACKOFF_MAX = 2.0
+
+# Answers the control plane's LogsQuery from this engine's inference log.
+LogsAnswer = Callable[[types_pb2.GetLogsRequest], Awaitable[types_pb2.LogsResponse]]
 
 
 class ControlLink:
@@ -43,7 +46,9 @@ class ControlLink:
         channel: grpc.aio.Channel | None = None,
         token: str = "",
         rules: access.Rules | None = None,
+        logs: LogsAnswer | None = None,
     ) -> None:
+        self._logs = logs
         self._metrics = metrics or EngineMetrics()
         # The engine credential, sent on every Fleet call (never logged).
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
@@ -163,6 +168,8 @@ class ControlLink:
                     for g in message.access.grants
                 ),
             )
+        elif kind == "logs":
+            self._spawn(self._answer_logs(message.logs))
         elif kind == "desired":
             self._spawn(self._apply_desired(message.desired))
         elif kind == "prepare":
@@ -181,6 +188,15 @@ class ControlLink:
                 log.info("swap %s aborted: %s", message.abort.swap_id, message.abort.reason)
             finally:
                 _logs.request_id.reset(token)
+
+    async def _answer_logs(self, query: fleet_pb2.LogsQuery) -> None:
+        result = fleet_pb2.LogsResult(query_id=query.query_id)
+        try:
+            if self._logs is not None:
+                result.logs.CopyFrom(await self._logs(query.request))
+        except EngineError as exc:
+            result.error = str(exc)
+        self._send(fleet_pb2.EngineMessage(logs=result))
 
     async def _apply_desired(self, desired: fleet_pb2.DesiredState) -> None:
         self._report(desired.revision)  # shows "Loading" while it builds

@@ -44,6 +44,8 @@ unary = unary_errors(STATUS)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 PLATFORM = "onnxruntime_onnx"
+# Elements one input tensor may declare (what a 64 MiB message could hold, in bytes).
+MAX_ELEMENTS = 64 * 1024 * 1024
 EXTENSIONS = ("model_repository",)
 
 # The protocol's datatypes, from ONNX Runtime's element types and numpy's dtypes.
@@ -133,11 +135,17 @@ def input_tensors(request: oip.ModelInferRequest) -> list[tuple[str, Array]]:
             known = ", ".join(_DTYPES)
             raise InvalidInput(f"{what} has datatype {tensor.datatype!r}; send one of {known}")
         shape = tuple(tensor.shape)
-        if not shape or min(shape) < 0:
+        if not shape or min(shape) < 1:
             raise InvalidInput(
-                f"{what} has shape {list(shape)}: give every dim, the first being the rows"
+                f"{what} has shape {list(shape)}: give every dim (each at least 1), the first "
+                "being the rows"
             )
         count = math.prod(shape)
+        if count > MAX_ELEMENTS:
+            raise InvalidInput(
+                f"{what} has shape {list(shape)}: {count} elements, more than one request "
+                f"may carry ({MAX_ELEMENTS}); send fewer rows per request"
+            )
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"{what} has contents and raw_input_contents: send one")
@@ -386,8 +394,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             # Looked up once: this request runs on this version even if a swap commits meanwhile.
             loaded = self._lookup(request.model_name, request.model_version, workspace)
             bound = metrics.bind(loaded)
+            size = sum(len(raw) for raw in request.raw_input_contents)
             response, result, elapsed_ns = await self._executor.run(
-                _infer, loaded, request, self._max_rows
+                _infer, loaded, request, self._max_rows, nbytes=size
             )
         except BaseException as exc:
             _count_failure(metrics, bound, exc)

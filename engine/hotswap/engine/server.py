@@ -11,7 +11,15 @@ from pathlib import Path
 
 import grpc
 
-from hotswap._edge import bind, client_channel, server_credentials, server_options
+from hotswap._edge import (
+    OpenStreamLimit,
+    StartupError,
+    bind,
+    client_channel,
+    is_loopback,
+    server_credentials,
+    server_options,
+)
 from hotswap._metrics_http import MetricsEndpoint
 from hotswap._probes import Health, add_probes
 from hotswap.engine import access
@@ -54,7 +62,7 @@ class EngineServer:
         guard = [EngineAuthInterceptor(self.access_rules)] if settings.control_token else []
         self._server = grpc.aio.server(
             options=server_options(),
-            interceptors=guard,
+            interceptors=[OpenStreamLimit(), *guard],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self._queue = InferenceQueue(self._executor, settings.max_queued)
@@ -72,7 +80,19 @@ class EngineServer:
         self._health: Health | None = None
         self._health_task: asyncio.Task[None] | None = None
 
+    def _check_credential_transport(self) -> None:
+        settings = self.settings
+        if not settings.control_token or settings.control_ca or is_loopback(settings.control):
+            return
+        if not settings.allow_plaintext_token:
+            raise StartupError(
+                f"refusing to send the engine credential to {settings.control} over plaintext: "
+                "pass --control-ca (TLS), or --allow-plaintext-token to accept the risk"
+            )
+        log.warning("sending the engine credential to %s over plaintext", settings.control)
+
     async def start(self) -> str:
+        self._check_credential_transport()
         port = bind(
             self._server,
             self.settings.listen,
@@ -95,23 +115,6 @@ class EngineServer:
             self.settings.retain_seconds,
             self.settings.retain_versions,
         )
-        self.link = ControlLink(
-            self.host,
-            self.settings.control,
-            self.name,
-            self.address,
-            self.settings.heartbeat_interval,
-            self.metrics,
-            channel=client_channel(
-                self.settings.control,
-                ca=self.settings.control_ca,
-                cert=self.settings.control_cert,
-                key=self.settings.control_key,
-            ),
-            token=self.settings.control_token,
-            rules=self.access_rules,
-        )
-        link_ref.append(self.link)
         self.metrics.watch(self.host.loaded_versions, lambda: _dir_bytes(cache_dir / "blobs"))
         if self.settings.inference_log:
             self.inference_log = InferenceLog(
@@ -129,21 +132,37 @@ class EngineServer:
                 lambda: stats.pending_bytes,
                 lambda: stats.disk_bytes,
             )
+        engine = EngineServicer(
+            self.host,
+            self._queue,
+            self._identity,
+            self.settings.max_rows,
+            inline_bytes=self.settings.inline_bytes,
+            metrics=self.metrics,
+            inference_log=self.inference_log,
+        )
+        self.link = ControlLink(
+            self.host,
+            self.settings.control,
+            self.name,
+            self.address,
+            self.settings.heartbeat_interval,
+            self.metrics,
+            channel=client_channel(
+                self.settings.control,
+                ca=self.settings.control_ca,
+                cert=self.settings.control_cert,
+                key=self.settings.control_key,
+            ),
+            token=self.settings.control_token,
+            rules=self.access_rules,
+            logs=engine.logs,
+        )
+        link_ref.append(self.link)
         self._identity.name = self.name
         self._identity.address = self.address
         self._identity.connected = self.link.connected.is_set
-        engine_pb2_grpc.add_EngineServicer_to_server(
-            EngineServicer(
-                self.host,
-                self._queue,
-                self._identity,
-                self.settings.max_rows,
-                inline_bytes=self.settings.inline_bytes,
-                metrics=self.metrics,
-                inference_log=self.inference_log,
-            ),
-            self._server,
-        )
+        engine_pb2_grpc.add_EngineServicer_to_server(engine, self._server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
                 self.host,
@@ -156,7 +175,11 @@ class EngineServer:
         )
         self._health = await add_probes(self._server, SERVICES)
         self._health_task = asyncio.create_task(
-            EngineHealth(self.host, self._health, SERVICES).run_forever()
+            # A secured engine does not answer per-pipeline names: anyone may ask health, and
+            # the answers would tell them which workspaces and pipelines exist here.
+            EngineHealth(
+                self.host, self._health, SERVICES, per_pipeline=not self.settings.control_token
+            ).run_forever()
         )
         await self._server.start()
         self._link_task = asyncio.create_task(self.link.run_forever())

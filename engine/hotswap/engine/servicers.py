@@ -44,28 +44,40 @@ _T = TypeVar("_T")
 INLINE_MAX_MS = 0.5
 # Answers an InferStream keeps in flight at once; more requests wait (back-pressure).
 STREAM_WINDOW = 64
+# Most log rows one GetLogs returns (a bound on what one call makes the engine read).
+MAX_LOG_ROWS = 10_000
 
 
 class InferenceQueue:
     """The inference threads, with a bound on the requests waiting for one: past it, a
     request is refused at once (RESOURCE_EXHAUSTED) instead of queued in memory without end."""
 
-    def __init__(self, executor: Executor, max_queued: int) -> None:
+    def __init__(
+        self, executor: Executor, max_queued: int, max_queued_bytes: int = 512 * 1024**2
+    ) -> None:
         self._executor = executor
         self._max_queued = max_queued
+        self._max_queued_bytes = max_queued_bytes
         self.queued = 0
+        self.queued_bytes = 0
 
-    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        if self.queued >= self._max_queued:
+    async def run(self, fn: Callable[..., _T], *args: Any, nbytes: int = 0) -> _T:
+        """Runs `fn(*args)` on an inference thread; `nbytes` is the request's size."""
+        if self.queued >= self._max_queued or (
+            self.queued and self.queued_bytes + nbytes > self._max_queued_bytes
+        ):
             raise Overloaded(
-                f"this engine is at capacity ({self.queued} requests waiting for an inference "
-                "thread): retry with backoff, or serve on more engines"
+                f"this engine is at capacity ({self.queued} requests, {self.queued_bytes} "
+                "bytes waiting for an inference thread): retry with backoff, or serve on more "
+                "engines"
             )
         self.queued += 1
+        self.queued_bytes += nbytes
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
             self.queued -= 1
+            self.queued_bytes -= nbytes
 
 
 def _run(loaded: LoadedPipeline, data: bytes, max_rows: int) -> tuple[bytes, pa.Table, int]:
@@ -113,7 +125,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 arrow, table, elapsed_ns = _run(loaded, request.arrow, self._max_rows)
             else:
                 arrow, table, elapsed_ns = await self._executor.run(
-                    _run, loaded, request.arrow, self._max_rows
+                    _run, loaded, request.arrow, self._max_rows, nbytes=len(request.arrow)
                 )
         except Exception as exc:
             code = status_for(STATUS, exc)
@@ -193,10 +205,19 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def GetLogs(
         self, request: types_pb2.GetLogsRequest, context: Context
     ) -> types_pb2.LogsResponse:
+        return await self.logs(request, access.current.get().may_use)
+
+    async def logs(
+        self,
+        request: types_pb2.GetLogsRequest,
+        visible: Callable[[str], bool] = lambda workspace: True,
+    ) -> types_pb2.LogsResponse:
+        """The log rows `request` asks for, among the workspaces `visible` admits (also what
+        the control plane's LogsQuery gets, over the fleet stream)."""
         if self._log is None:
             return types_pb2.LogsResponse()
-        if request.limit < 0:
-            raise InvalidInput("limit must be 0 (default 100) or more")
+        if not 0 <= request.limit <= MAX_LOG_ROWS:
+            raise InvalidInput(f"limit must be 0 (default 100) to {MAX_LOG_ROWS}")
         table = await asyncio.to_thread(
             self._log.query,
             request.workspace,
@@ -204,7 +225,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             request.limit or 100,
             request.start_ms,
             request.end_ms,
-            access.current.get().may_use,
+            visible,
         )
         arrow = await asyncio.to_thread(encode, table)
         return types_pb2.LogsResponse(arrow=arrow, dropped_rows=self._log.stats.dropped_rows)

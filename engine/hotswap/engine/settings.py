@@ -37,6 +37,8 @@ class Settings:
     control_key: Path | None = None
     # The engine credential for Fleet.Connect (from --control-token-file or env).
     control_token: str = ""
+    # Send the credential over plaintext to a non-loopback control plane (refused otherwise).
+    allow_plaintext_token: bool = False
     address_file: Path | None = None
     # Inference log (docs/observability.md): on by default, under <cache-dir>/inference-logs.
     inference_log: bool = True
@@ -175,6 +177,13 @@ class Settings:
             default=env("HOTSWAP_LOG_FORMAT", d.log_format),
             help="service log lines: readable text or one JSON object per line (%(default)s)",
         )
+        parser.add_argument(
+            "--allow-plaintext-token",
+            action="store_true",
+            default=env("HOTSWAP_ALLOW_PLAINTEXT_TOKEN", "") in ("1", "true", "yes"),
+            help="send the engine credential to a non-loopback control plane without TLS "
+            "(refused otherwise: anyone on the network could read it)",
+        )
         parser.add_argument("--address-file", type=Path, default=None, help=argparse.SUPPRESS)
         for flag, variable, text in (
             ("--tls-cert", "HOTSWAP_TLS_CERT", "PEM certificate to serve Infer over TLS"),
@@ -212,6 +221,7 @@ class Settings:
             control_cert=args.control_cert,
             control_key=args.control_key,
             control_token=token,
+            allow_plaintext_token=args.allow_plaintext_token,
             inference_log=args.inference_log,
             log_dir=Path(args.log_dir) if args.log_dir else None,
             log_memory_bytes=args.log_memory_bytes,

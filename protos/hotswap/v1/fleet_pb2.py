@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hotswap.v1 import types_pb2 as hotswap_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hotswap/v1/fleet.proto\x12\nhotswap.v1\x1a\x16hotswap/v1/types.proto\"\xa1\x01\n\x0fServingPipeline\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0e\n\x06number\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\'\n\x06models\x18\x07 \x03(\x0b\x32\x17.hotswap.v1.ServedModel\"\xef\x01\n\rEngineMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.hotswap.v1.HelloH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.hotswap.v1.HeartbeatH\x00\x12-\n\x08prepared\x18\x03 \x01(\x0b\x32\x19.hotswap.v1.PrepareResultH\x00\x12-\n\tcommitted\x18\x04 \x01(\x0b\x32\x18.hotswap.v1.CommitResultH\x00\x12(\n\x05state\x18\x05 \x01(\x0b\x32\x17.hotswap.v1.StateReportH\x00\x42\x06\n\x04kind\"i\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12,\n\x07serving\x18\x03 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\x1c\n\tHeartbeat\x12\x0f\n\x07sent_ms\x18\x01 \x01(\x03\"\x81\x01\n\rPrepareResult\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\x12\x0f\n\x07load_ms\x18\x05 \x01(\x01\x12\x11\n\twarmup_ms\x18\x06 \x01(\x01\x12\x0e\n\x06reused\x18\x07 \x01(\x08\"M\n\x0c\x43ommitResult\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tswitch_us\x18\x04 \x01(\x01\"M\n\x0bStateReport\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x07serving\x18\x02 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline\"\x8e\x02\n\x0e\x43ontrolMessage\x12+\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.hotswap.v1.DesiredStateH\x00\x12&\n\x07prepare\x18\x02 \x01(\x0b\x32\x13.hotswap.v1.PrepareH\x00\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x12.hotswap.v1.CommitH\x00\x12\"\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x11.hotswap.v1.AbortH\x00\x12*\n\theartbeat\x18\x05 \x01(\x0b\x32\x15.hotswap.v1.HeartbeatH\x00\x12)\n\x06\x61\x63\x63\x65ss\x18\x06 \x01(\x0b\x32\x17.hotswap.v1.AccessRulesH\x00\x42\x06\n\x04kind\"G\n\x0b\x41\x63\x63\x65ssRules\x12\x10\n\x08required\x18\x01 \x01(\x08\x12&\n\x06grants\x18\x02 \x03(\x0b\x32\x16.hotswap.v1.TokenGrant\"D\n\nTokenGrant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\x0c\x12\x12\n\nworkspaces\x18\x03 \x03(\t\"P\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\tpipelines\x18\x02 \x03(\x0b\x32\x1b.hotswap.v1.PipelineVersion\"\\\n\x07Prepare\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12,\n\x07version\x18\x02 \x01(\x0b\x32\x1b.hotswap.v1.PipelineVersion\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"-\n\x06\x43ommit\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"<\n\x05\x41\x62ort\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"W\n\x10\x46\x65tchBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"=\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32\x91\x01\n\x05\x46leet\x12\x44\n\x07\x43onnect\x12\x19.hotswap.v1.EngineMessage\x1a\x1a.hotswap.v1.ControlMessage(\x01\x30\x01\x12\x42\n\tFetchBlob\x12\x1c.hotswap.v1.FetchBlobRequest\x1a\x15.hotswap.v1.BlobChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hotswap/v1/fleet.proto\x12\nhotswap.v1\x1a\x16hotswap/v1/types.proto\"\xa1\x01\n\x0fServingPipeline\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0e\n\x06number\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\'\n\x06models\x18\x07 \x03(\x0b\x32\x17.hotswap.v1.ServedModel\"\x97\x02\n\rEngineMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.hotswap.v1.HelloH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.hotswap.v1.HeartbeatH\x00\x12-\n\x08prepared\x18\x03 \x01(\x0b\x32\x19.hotswap.v1.PrepareResultH\x00\x12-\n\tcommitted\x18\x04 \x01(\x0b\x32\x18.hotswap.v1.CommitResultH\x00\x12(\n\x05state\x18\x05 \x01(\x0b\x32\x17.hotswap.v1.StateReportH\x00\x12&\n\x04logs\x18\x06 \x01(\x0b\x32\x16.hotswap.v1.LogsResultH\x00\x42\x06\n\x04kind\"i\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12,\n\x07serving\x18\x03 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\x1c\n\tHeartbeat\x12\x0f\n\x07sent_ms\x18\x01 \x01(\x03\"\x81\x01\n\rPrepareResult\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\x12\x0f\n\x07load_ms\x18\x05 \x01(\x01\x12\x11\n\twarmup_ms\x18\x06 \x01(\x01\x12\x0e\n\x06reused\x18\x07 \x01(\x08\"M\n\x0c\x43ommitResult\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tswitch_us\x18\x04 \x01(\x01\"M\n\x0bStateReport\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x07serving\x18\x02 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline\"\xb5\x02\n\x0e\x43ontrolMessage\x12+\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.hotswap.v1.DesiredStateH\x00\x12&\n\x07prepare\x18\x02 \x01(\x0b\x32\x13.hotswap.v1.PrepareH\x00\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x12.hotswap.v1.CommitH\x00\x12\"\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x11.hotswap.v1.AbortH\x00\x12*\n\theartbeat\x18\x05 \x01(\x0b\x32\x15.hotswap.v1.HeartbeatH\x00\x12)\n\x06\x61\x63\x63\x65ss\x18\x06 \x01(\x0b\x32\x17.hotswap.v1.AccessRulesH\x00\x12%\n\x04logs\x18\x07 \x01(\x0b\x32\x15.hotswap.v1.LogsQueryH\x00\x42\x06\n\x04kind\"J\n\tLogsQuery\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.hotswap.v1.GetLogsRequest\"U\n\nLogsResult\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12&\n\x04logs\x18\x02 \x01(\x0b\x32\x18.hotswap.v1.LogsResponse\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"G\n\x0b\x41\x63\x63\x65ssRules\x12\x10\n\x08required\x18\x01 \x01(\x08\x12&\n\x06grants\x18\x02 \x03(\x0b\x32\x16.hotswap.v1.TokenGrant\"D\n\nTokenGrant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\x0c\x12\x12\n\nworkspaces\x18\x03 \x03(\t\"P\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\tpipelines\x18\x02 \x03(\x0b\x32\x1b.hotswap.v1.PipelineVersion\"\\\n\x07Prepare\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12,\n\x07version\x18\x02 \x01(\x0b\x32\x1b.hotswap.v1.PipelineVersion\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"-\n\x06\x43ommit\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"<\n\x05\x41\x62ort\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"W\n\x10\x46\x65tchBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"=\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32\x91\x01\n\x05\x46leet\x12\x44\n\x07\x43onnect\x12\x19.hotswap.v1.EngineMessage\x1a\x1a.hotswap.v1.ControlMessage(\x01\x30\x01\x12\x42\n\tFetchBlob\x12\x1c.hotswap.v1.FetchBlobRequest\x1a\x15.hotswap.v1.BlobChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,35 +35,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVINGPIPELINE']._serialized_start=63
   _globals['_SERVINGPIPELINE']._serialized_end=224
   _globals['_ENGINEMESSAGE']._serialized_start=227
-  _globals['_ENGINEMESSAGE']._serialized_end=466
-  _globals['_HELLO']._serialized_start=468
-  _globals['_HELLO']._serialized_end=573
-  _globals['_HEARTBEAT']._serialized_start=575
-  _globals['_HEARTBEAT']._serialized_end=603
-  _globals['_PREPARERESULT']._serialized_start=606
-  _globals['_PREPARERESULT']._serialized_end=735
-  _globals['_COMMITRESULT']._serialized_start=737
-  _globals['_COMMITRESULT']._serialized_end=814
-  _globals['_STATEREPORT']._serialized_start=816
-  _globals['_STATEREPORT']._serialized_end=893
-  _globals['_CONTROLMESSAGE']._serialized_start=896
-  _globals['_CONTROLMESSAGE']._serialized_end=1166
-  _globals['_ACCESSRULES']._serialized_start=1168
-  _globals['_ACCESSRULES']._serialized_end=1239
-  _globals['_TOKENGRANT']._serialized_start=1241
-  _globals['_TOKENGRANT']._serialized_end=1309
-  _globals['_DESIREDSTATE']._serialized_start=1311
-  _globals['_DESIREDSTATE']._serialized_end=1391
-  _globals['_PREPARE']._serialized_start=1393
-  _globals['_PREPARE']._serialized_end=1485
-  _globals['_COMMIT']._serialized_start=1487
-  _globals['_COMMIT']._serialized_end=1532
-  _globals['_ABORT']._serialized_start=1534
-  _globals['_ABORT']._serialized_end=1594
-  _globals['_FETCHBLOBREQUEST']._serialized_start=1596
-  _globals['_FETCHBLOBREQUEST']._serialized_end=1683
-  _globals['_BLOBCHUNK']._serialized_start=1685
-  _globals['_BLOBCHUNK']._serialized_end=1746
-  _globals['_FLEET']._serialized_start=1749
-  _globals['_FLEET']._serialized_end=1894
+  _globals['_ENGINEMESSAGE']._serialized_end=506
+  _globals['_HELLO']._serialized_start=508
+  _globals['_HELLO']._serialized_end=613
+  _globals['_HEARTBEAT']._serialized_start=615
+  _globals['_HEARTBEAT']._serialized_end=643
+  _globals['_PREPARERESULT']._serialized_start=646
+  _globals['_PREPARERESULT']._serialized_end=775
+  _globals['_COMMITRESULT']._serialized_start=777
+  _globals['_COMMITRESULT']._serialized_end=854
+  _globals['_STATEREPORT']._serialized_start=856
+  _globals['_STATEREPORT']._serialized_end=933
+  _globals['_CONTROLMESSAGE']._serialized_start=936
+  _globals['_CONTROLMESSAGE']._serialized_end=1245
+  _globals['_LOGSQUERY']._serialized_start=1247
+  _globals['_LOGSQUERY']._serialized_end=1321
+  _globals['_LOGSRESULT']._serialized_start=1323
+  _globals['_LOGSRESULT']._serialized_end=1408
+  _globals['_ACCESSRULES']._serialized_start=1410
+  _globals['_ACCESSRULES']._serialized_end=1481
+  _globals['_TOKENGRANT']._serialized_start=1483
+  _globals['_TOKENGRANT']._serialized_end=1551
+  _globals['_DESIREDSTATE']._serialized_start=1553
+  _globals['_DESIREDSTATE']._serialized_end=1633
+  _globals['_PREPARE']._serialized_start=1635
+  _globals['_PREPARE']._serialized_end=1727
+  _globals['_COMMIT']._serialized_start=1729
+  _globals['_COMMIT']._serialized_end=1774
+  _globals['_ABORT']._serialized_start=1776
+  _globals['_ABORT']._serialized_end=1836
+  _globals['_FETCHBLOBREQUEST']._serialized_start=1838
+  _globals['_FETCHBLOBREQUEST']._serialized_end=1925
+  _globals['_BLOBCHUNK']._serialized_start=1927
+  _globals['_BLOBCHUNK']._serialized_end=1988
+  _globals['_FLEET']._serialized_start=1991
+  _globals['_FLEET']._serialized_end=2136
 # @@protoc_insertion_point(module_scope)

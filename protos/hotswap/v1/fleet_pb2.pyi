@@ -79,6 +79,7 @@ class EngineMessage(_message.Message):
     PREPARED_FIELD_NUMBER: _builtins.int
     COMMITTED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    LOGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -89,6 +90,8 @@ class EngineMessage(_message.Message):
     def committed(self) -> Global___CommitResult: ...
     @_builtins.property
     def state(self) -> Global___StateReport: ...
+    @_builtins.property
+    def logs(self) -> Global___LogsResult: ...
     def __init__(
         self,
         *,
@@ -97,12 +100,13 @@ class EngineMessage(_message.Message):
         prepared: Global___PrepareResult | None = ...,
         committed: Global___CommitResult | None = ...,
         state: Global___StateReport | None = ...,
+        logs: Global___LogsResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "prepared", b"prepared", "state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "logs", b"logs", "prepared", b"prepared", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "prepared", b"prepared", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "logs", b"logs", "prepared", b"prepared", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "prepared", "committed", "state"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "prepared", "committed", "state", "logs"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -281,6 +285,7 @@ class ControlMessage(_message.Message):
     ABORT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     ACCESS_FIELD_NUMBER: _builtins.int
+    LOGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def desired(self) -> Global___DesiredState: ...
     @_builtins.property
@@ -293,6 +298,8 @@ class ControlMessage(_message.Message):
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def access(self) -> Global___AccessRules: ...
+    @_builtins.property
+    def logs(self) -> Global___LogsQuery: ...
     def __init__(
         self,
         *,
@@ -302,16 +309,75 @@ class ControlMessage(_message.Message):
         abort: Global___Abort | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         access: Global___AccessRules | None = ...,
+        logs: Global___LogsQuery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "prepare", b"prepare"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "logs", b"logs", "prepare", b"prepare"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "prepare", b"prepare"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "logs", b"logs", "prepare", b"prepare"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["desired", "prepare", "commit", "abort", "heartbeat", "access"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["desired", "prepare", "commit", "abort", "heartbeat", "access", "logs"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ControlMessage: _TypeAlias = ControlMessage  # noqa: Y015
+
+@_typing.final
+class LogsQuery(_message.Message):
+    """The control plane gathering a pipeline's inference log for ControlPlane.GetPipelineLogs
+    (the caller's rights were checked there). Asked over this stream, not by dialling the
+    engine, so no caller's token ever leaves the control plane.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    """Matches LogsResult.query_id."""
+    @_builtins.property
+    def request(self) -> _types_pb2.GetLogsRequest: ...
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        request: _types_pb2.GetLogsRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query_id", b"query_id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogsQuery: _TypeAlias = LogsQuery  # noqa: Y015
+
+@_typing.final
+class LogsResult(_message.Message):
+    """The answer to LogsQuery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    LOGS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    error: _builtins.str
+    """Why the engine could not answer (empty when it did)."""
+    @_builtins.property
+    def logs(self) -> _types_pb2.LogsResponse: ...
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        logs: _types_pb2.LogsResponse | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logs", b"logs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "logs", b"logs", "query_id", b"query_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogsResult: _TypeAlias = LogsResult  # noqa: Y015
 
 @_typing.final
 class AccessRules(_message.Message):
