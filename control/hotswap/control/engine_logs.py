@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 100
 # Most rows one call gathers (each engine reads at most this many).
-MAX_LIMIT = 10_000
+MAX_LIMIT = 100_000
 
 
 class LogGatherer:

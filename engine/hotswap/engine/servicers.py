@@ -45,7 +45,7 @@ INLINE_MAX_MS = 0.5
 # Answers an InferStream keeps in flight at once; more requests wait (back-pressure).
 STREAM_WINDOW = 64
 # Most log rows one GetLogs returns (a bound on what one call makes the engine read).
-MAX_LOG_ROWS = 10_000
+MAX_LOG_ROWS = 100_000
 
 
 class InferenceQueue:
