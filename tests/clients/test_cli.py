@@ -154,6 +154,11 @@ def test_pipeline_lifecycle_and_infer(cli: Cli, assets: Path, tmp_path: Path) ->
 
     rolled = cli.json("pipeline", "rollback", "p")
     assert (rolled["version"], rolled["previous"]) == (1, 2)
+    again = _run(
+        "pipeline", "deploy", "p", "--version", "1", "--workspace", cli.workspace,
+        address=cli.address,
+    ).stdout  # fmt: skip
+    assert "redeployed (it was already live; nothing changed) version 1" in again
     out = tmp_path / "out.arrow"
     summary = cli.json("infer", "p", "--input", houses, "--output", str(out))
     assert summary == {
