@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PROTOS := $(shell find protos -name '*.proto' | sort)
 MODELS := examples/housing/models/.stamp
 
-.PHONY: install proto proto-check fmt lint test test-all demo models bench clean
+.PHONY: install proto proto-check fmt lint test test-all demo models bench bench-auth clean
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ $(MODELS): $(STAMP) examples/housing/make_models.py
 # Benchmarks write bench/results/<date>-<host>.{json,md}; QUICK=1 for the short run.
 bench: $(STAMP)
 	$(PY) bench/run.py $(if $(QUICK),--quick)
+
+# The token check's cost alone (make bench includes it): bench/results/<date>-<host>-auth.md.
+bench-auth: $(STAMP)
+	$(PY) -m bench._auth
 
 demo: $(STAMP) $(MODELS)
 	$(VENV)/bin/hotswap demo --models examples/housing/models

@@ -36,6 +36,50 @@ def admission_us(calls: int = 200_000) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def intercept_us(calls: int = 50_000) -> float:
+    """The whole interceptor on one call: build the checked handler, run it around a handler
+    that does nothing (what the engine adds to every RPC besides the admission above)."""
+    import asyncio
+    import hashlib
+
+    import grpc
+
+    rules = access.Rules(fail_closed=True)
+    digest = hashlib.sha256(TOKEN.encode()).digest()
+    rules.update(True, [access.Grant("bench", digest, frozenset({_cells.WS}))])
+    guard = EngineAuthInterceptor(rules)
+
+    async def nothing(request: Any, context: Any) -> None:
+        return None
+
+    handler: Any = grpc.unary_unary_rpc_method_handler(nothing)
+
+    async def continuation(details: Any) -> Any:
+        return handler
+
+    class Details:
+        method = "/hotswap.v1.Engine/Infer"
+        invocation_metadata = (("authorization", f"Bearer {TOKEN}"),)
+
+    request = engine_pb2.InferRequest(workspace=_cells.WS, pipeline=_cells.PIPELINE)
+
+    async def measure() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            checked: Any = await guard.intercept_service(continuation, Details())  # type: ignore[arg-type]
+            await checked.unary_unary(request, None)
+        return (time.perf_counter() - start) / calls * 1e6
+
+    async def baseline() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            found = await continuation(Details())
+            await found.unary_unary(request, None)
+        return (time.perf_counter() - start) / calls * 1e6
+
+    return asyncio.run(measure()) - asyncio.run(baseline())
+
+
 def phase(models: dict[str, Path], tmp: Path, table: Any, seconds: float) -> dict[str, Any]:
     tokens = tmp / "tokens.json"
     tokens.write_text(
@@ -69,7 +113,7 @@ def phase(models: dict[str, Path], tmp: Path, table: Any, seconds: float) -> dic
                 ):
                     got = _cells.cell(address, False, table, concurrency, seconds, token=token)
                     cells.append({"mode": mode, **got})
-    return {"admission_us": admission_us(), "cells": cells}
+    return {"admission_us": admission_us(), "intercept_us": intercept_us(), "cells": cells}
 
 
 def summary(auth: dict[str, Any]) -> list[str]:
@@ -78,7 +122,8 @@ def summary(auth: dict[str, Any]) -> list[str]:
         "## Token check on the engine (1 row; open vs token file, alternated)",
         "",
         f"In-process admission of one call (hash, look-up, workspace check): "
-        f"{auth['admission_us']:.2f} µs.",
+        f"{auth['admission_us']:.2f} µs; the whole interceptor around a call (admission, "
+        f"the checked handler built and run): {auth.get('intercept_us', 0):.2f} µs.",
         "",
         "| concurrency | mode | req/s | p50 ms | p99 ms |",
         "|---|---|---|---|---|",
@@ -89,3 +134,27 @@ def summary(auth: dict[str, Any]) -> list[str]:
             f"| {c['p99_ms']:.3f} |"
         )
     return lines
+
+
+def main() -> int:
+    """`make bench-auth`: this phase alone, written to bench/results/<date>-<host>-auth."""
+    import socket
+    import sys
+    import tempfile
+
+    from bench import run
+
+    with tempfile.TemporaryDirectory(prefix="hotswap-bench-auth-") as scratch:
+        tmp = Path(scratch)
+        result = phase(run.tutorial_models(tmp), tmp, run.rows_table(1), 4.0)
+    out = run.ROOT / "bench" / "results"
+    stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-auth"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    text = "\n".join(["# hotswap bench: the engine's token check", *summary(result), ""])
+    (out / f"{stem}.md").write_text(text)
+    print(text, file=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
