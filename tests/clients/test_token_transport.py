@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 import hotswap
-from hotswap._edge import is_loopback
 from hotswap.clients._rpc import Security, check_token_transport
+from hotswap.service.edge import is_loopback
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from hotswap import _edge
 from hotswap.control import errors as control_errors
 from hotswap.control.servicers import STATUS as CONTROL_STATUS
 from hotswap.engine import errors as engine_errors
 from hotswap.engine.servicers import STATUS as ENGINE_STATUS
+from hotswap.service import edge as _edge
 
 
 def _subclasses(base: type[Exception]) -> list[type[Exception]]:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hotswap._probes import add_probes
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.health import EngineHealth, pipeline_service
 from hotswap.engine.host import EngineHost, ModelRef, VersionRef
@@ -26,6 +25,7 @@ from hotswap.engine.runtime import RuntimeOptions
 from hotswap.engine.servicers import InferenceQueue
 from hotswap.oip import grpc_service_pb2 as oip
 from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
+from hotswap.service.probes import add_probes
 from tests.e2e import _api
 from tests.engine.test_runtime import two_outputs
 

@@ -17,7 +17,6 @@ from hotswap.clients._history import fetch_logs, last_model_name, list_swaps
 from hotswap.clients._render import grid_text
 
 FOLLOW_INTERVAL = 1.0
-_COLUMNS = ("time", "metadata.pipeline_version", "metadata.last_model", "check_failures")
 
 
 def add_parsers(

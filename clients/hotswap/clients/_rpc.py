@@ -17,12 +17,12 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from hotswap._edge import is_loopback
 from hotswap.clients._errors import (
     InsecureTransportError,
     InsecureTransportWarning,
     from_rpc_error,
 )
+from hotswap.service.edge import is_loopback
 from hotswap.v1 import control_pb2, engine_pb2, types_pb2
 
 _Req = TypeVar("_Req", bound=Message)

@@ -7,10 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from hotswap import _logs
-from hotswap._edge import StartupError, serve_until_signalled
 from hotswap.control.server import ControlPlaneServer
 from hotswap.control.settings import Settings
+from hotswap.service import log_config as _logs
+from hotswap.service.edge import StartupError, serve_until_signalled
 
 
 def main(argv: Sequence[str] | None = None) -> int:

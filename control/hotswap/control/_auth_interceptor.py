@@ -9,8 +9,9 @@ from typing import Any
 
 import grpc
 
-from hotswap._edge import Enter, GuardInterceptor, StatusTable
 from hotswap.control import auth
+from hotswap.service.edge import StatusTable
+from hotswap.service.interceptors import Enter, GuardInterceptor
 
 PROTECTED = {"hotswap.v1.ControlPlane": False, "hotswap.v1.Fleet": True}  # service -> engine?
 DENIALS: StatusTable = {

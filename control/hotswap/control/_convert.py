@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from hotswap.control.domain import (
-    Deployment,
     ModelVersion,
     Pipeline,
     PipelineVersion,
@@ -59,10 +58,6 @@ def pipeline(p: Pipeline) -> control_pb2.Pipeline:
         message.deployed.CopyFrom(pipeline_version(p.deployment.version))
         message.replicas = p.deployment.replicas
     return message
-
-
-def deployment_version(deployment: Deployment | None) -> types_pb2.PipelineVersion | None:
-    return None if deployment is None else pipeline_version(deployment.version)
 
 
 def engine_stage(stage: EngineStage) -> control_pb2.EngineSwapTiming:

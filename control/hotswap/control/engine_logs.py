@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from hotswap._tables import concat_logs
 from hotswap.control.errors import InvalidArgument
 from hotswap.control.fleet import EngineGone, EngineSession, Fleet
+from hotswap.service.log_tables import concat_logs
 from hotswap.v1 import fleet_pb2, types_pb2
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,6 @@ from typing import TextIO
 
 import grpc
 
-from hotswap._edge import OpenStreamLimit, bind, server_credentials, server_options
-from hotswap._logs import RequestIdInterceptor
-from hotswap._metrics_http import MetricsEndpoint
-from hotswap._probes import Health, add_probes
 from hotswap.control._auth_interceptor import AuthInterceptor
 from hotswap.control.auth import TokenFile
 from hotswap.control.blobs import BlobStore
@@ -28,6 +24,11 @@ from hotswap.control.settings import Settings
 from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
 from hotswap.control.uploads import ModelUploads
+from hotswap.service.edge import bind, server_credentials, server_options
+from hotswap.service.interceptors import OpenStreamLimit
+from hotswap.service.log_config import RequestIdInterceptor
+from hotswap.service.metrics_http import MetricsEndpoint
+from hotswap.service.probes import Health, add_probes
 from hotswap.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)

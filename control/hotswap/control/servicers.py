@@ -12,8 +12,6 @@ from typing import Any
 
 import grpc
 
-from hotswap import _logs
-from hotswap._edge import StatusTable, stream_errors, unary_errors
 from hotswap.control import _convert, auth
 from hotswap.control.blobs import BlobStore, check_sha256
 from hotswap.control.deployer import Deployer
@@ -33,6 +31,8 @@ from hotswap.control.status import StatusBoard
 from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
 from hotswap.control.uploads import ModelUploads, UploadHeader
+from hotswap.service import log_config as _logs
+from hotswap.service.edge import StatusTable, stream_errors, unary_errors
 from hotswap.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Stages of one engine in a swap, in order; "failed" and "cancelled" end it early.
-STAGES = ("preparing", "prepared", "committing", "committed", "failed", "cancelled")
-
 
 def now_ms() -> int:
     return int(time.time() * 1000)

@@ -9,8 +9,9 @@ from typing import Any
 
 import grpc
 
-from hotswap._edge import Enter, GuardInterceptor, StatusTable
 from hotswap.engine import access
+from hotswap.service.edge import StatusTable
+from hotswap.service.interceptors import Enter, GuardInterceptor
 
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
 DENIALS: StatusTable = {

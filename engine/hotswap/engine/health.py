@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from hotswap._probes import Health
 from hotswap.engine.host import EngineHost
+from hotswap.service.probes import Health
 
 PIPELINE_PREFIX = "hotswap.pipeline/"
 

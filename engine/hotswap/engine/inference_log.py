@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from hotswap._tables import concat_logs
 from hotswap.engine.runtime import LoadedPipeline
+from hotswap.service.log_tables import concat_logs
 
 log = logging.getLogger(__name__)
 

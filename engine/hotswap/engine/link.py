@@ -16,12 +16,12 @@ from typing import Any
 
 import grpc
 
-from hotswap import _logs
-from hotswap._edge import channel_options
 from hotswap.engine import _convert, access
 from hotswap.engine.errors import BlobError, EngineError, PrepareError
 from hotswap.engine.host import EngineHost
 from hotswap.engine.metrics import EngineMetrics
+from hotswap.service import log_config as _logs
+from hotswap.service.edge import channel_options
 from hotswap.v1 import fleet_pb2, fleet_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)

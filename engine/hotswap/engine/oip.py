@@ -27,7 +27,6 @@ import grpc
 import numpy as np
 import pyarrow as pa
 
-from hotswap._edge import status_for, unary_errors
 from hotswap.engine import access
 from hotswap.engine.arrow_io import Array, column_to_ndarray, ndarray_to_arrow
 from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed, RequestTooLarge
@@ -39,6 +38,7 @@ from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, TensorInfo
 from hotswap.engine.servicers import STATUS, InferenceQueue
 from hotswap.oip import grpc_service_pb2 as oip
 from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
+from hotswap.service.edge import status_for, unary_errors
 
 unary = unary_errors(STATUS)
 Context = grpc.aio.ServicerContext[Any, Any]

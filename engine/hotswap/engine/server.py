@@ -11,17 +11,6 @@ from pathlib import Path
 
 import grpc
 
-from hotswap._edge import (
-    OpenStreamLimit,
-    StartupError,
-    bind,
-    client_channel,
-    is_loopback,
-    server_credentials,
-    server_options,
-)
-from hotswap._metrics_http import MetricsEndpoint
-from hotswap._probes import Health, add_probes
 from hotswap.engine import access
 from hotswap.engine._auth_interceptor import EngineAuthInterceptor
 from hotswap.engine.blob_cache import BlobCache
@@ -35,6 +24,17 @@ from hotswap.engine.runtime import RuntimeOptions
 from hotswap.engine.servicers import EngineIdentity, EngineServicer, InferenceQueue
 from hotswap.engine.settings import Settings
 from hotswap.oip import grpc_service_pb2, grpc_service_pb2_grpc
+from hotswap.service.edge import (
+    StartupError,
+    bind,
+    client_channel,
+    is_loopback,
+    server_credentials,
+    server_options,
+)
+from hotswap.service.interceptors import OpenStreamLimit
+from hotswap.service.metrics_http import MetricsEndpoint
+from hotswap.service.probes import Health, add_probes
 from hotswap.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import grpc
 import pyarrow as pa
 
-from hotswap._edge import StatusTable, status_for, unary_errors
 from hotswap.engine import _convert, access
 from hotswap.engine.errors import (
     InvalidInput,
@@ -25,6 +24,7 @@ from hotswap.engine.host import EngineHost
 from hotswap.engine.inference_log import InferenceLog, encode
 from hotswap.engine.metrics import Bound, EngineMetrics
 from hotswap.engine.runtime import LoadedPipeline, decode_ipc, encode_ipc
+from hotswap.service.edge import StatusTable, status_for, unary_errors
 from hotswap.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 
 STATUS: StatusTable = {

@@ -56,8 +56,3 @@ def raw_tensor(table: pa.Table) -> bytes:
     """The `tensor` column as C-order float32 bytes: what the bare reference server takes."""
     column = table.column("tensor").combine_chunks()
     return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).tobytes()
-
-
-def width_of(table: pa.Table) -> int:
-    column_type = table.schema.field("tensor").type
-    return int(column_type.list_size)
