@@ -104,7 +104,7 @@ def _codes_the_servers_send() -> set[grpc.StatusCode]:
     sources = [
         *(repo / "control").rglob("*.py"),
         *(repo / "engine").rglob("*.py"),
-        repo / "protos" / "hotswap" / "_edge.py",
+        *(repo / "protos" / "hotswap" / "service").rglob("*.py"),
     ]
     names = {
         name
