@@ -1,58 +1,89 @@
 """The fleet registry without a network: names bound to instances, bounded outboxes, blob
-scopes, forgetting engines gone for good."""
+scopes, applied revisions, forgetting engines gone for good."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from hotswap.control.domain import ModelVersion, PipelineVersion
+from hotswap.control.engine_port import EngineGone
 from hotswap.control.fleet import OUTBOX_LIMIT, EngineRefused, Fleet
 from hotswap.v1 import fleet_pb2 as f
-from hotswap.v1 import types_pb2 as t
 
 
 def _fleet(forget_after: float = 3600.0) -> Fleet:
-    return Fleet(lambda name: f.DesiredState(), lost_after=5.0, forget_after=forget_after)
+    return Fleet(lost_after=5.0, forget_after=forget_after)
 
 
 def _hello(name: str, instance: str) -> f.Hello:
     return f.Hello(name=name, address="127.0.0.1:1", instance_id=instance)
 
 
+def _version(sha: str) -> PipelineVersion:
+    model = ModelVersion("ws", "m", "mv", sha, 1, (), (), 0)
+    return PipelineVersion("ws", "p", "id", 1, (model,), 0)
+
+
 async def test_a_live_name_is_not_taken_by_another_instance() -> None:
     fleet = _fleet()
-    live = fleet.connect(_hello("e1", "a"))
+    live = fleet.connect(_hello("e1", "a"), principal="fleet")
     with pytest.raises(EngineRefused, match="in use by another live engine"):
-        fleet.connect(_hello("e1", "b"))
+        fleet.connect(_hello("e1", "b"), principal="fleet")
+    # The same instance id under another credential is not the same engine either.
+    with pytest.raises(EngineRefused):
+        fleet.connect(_hello("e1", "a"), principal="other")
     assert live.connected and fleet.sessions["e1"] is live
     # The same instance reconnecting replaces its own stale stream.
-    again = fleet.connect(_hello("e1", "a"))
+    again = fleet.connect(_hello("e1", "a"), principal="fleet")
     assert not live.connected and fleet.sessions["e1"] is again
     # Once the holder is gone, a new instance may have the name.
     fleet.disconnect(again)
-    assert fleet.connect(_hello("e1", "b")).connected
+    assert fleet.connect(_hello("e1", "b"), principal="fleet").connected
 
 
 async def test_an_engine_that_stops_reading_is_disconnected_not_buffered() -> None:
     fleet = _fleet()
-    session = fleet.connect(_hello("e1", "a"))
-    beat = f.ControlMessage(heartbeat=f.Heartbeat())
-    for _ in range(OUTBOX_LIMIT + 10):
-        fleet.send(session, beat)
-    assert not session.connected
-    assert session.outbox.qsize() == 1  # only the end-of-stream marker is left
+    connection = fleet.connect(_hello("e1", "a"))
+    for revision in range(OUTBOX_LIMIT + 10):
+        fleet.push_desired("e1", [], revision)
+    assert not connection.connected
+    assert connection.outbox.qsize() == 1  # only the end-of-stream marker is left
 
 
 async def test_blobs_an_engine_may_fetch_follow_its_desired_state_and_prepares() -> None:
     fleet = _fleet()
-    session = fleet.connect(_hello("e1", "a"))
-    version = t.PipelineVersion(steps=[t.ModelVersion(sha256="1" * 64)])
-    assert not session.may_fetch("1" * 64)
-    fleet.send(session, f.ControlMessage(prepare=f.Prepare(swap_id="s", version=version)))
-    assert session.may_fetch("1" * 64)
-    fleet.send(session, f.ControlMessage(abort=f.Abort(swap_id="s")))
-    assert not session.may_fetch("1" * 64)
-    fleet.send(session, f.ControlMessage(desired=f.DesiredState(pipelines=[version])))
-    assert session.may_fetch("1" * 64) and not session.may_fetch("2" * 64)
+    connection = fleet.connect(_hello("e1", "a"))
+    sha = "1" * 64
+    assert not connection.may_fetch(sha)
+    preparing = asyncio.ensure_future(fleet.prepare("e1", "s", _version(sha), "", 10))
+    await asyncio.sleep(0)
+    assert connection.may_fetch(sha)
+    fleet.abort("e1", "s", "test", "")
+    assert not connection.may_fetch(sha)
+    fleet.push_desired("e1", [_version(sha)], 1)
+    assert connection.may_fetch(sha) and not connection.may_fetch("2" * 64)
+    fleet.disconnect(connection)
+    with pytest.raises(EngineGone):
+        await preparing
+
+
+async def test_waiters_see_an_applied_revision_or_a_disconnect() -> None:
+    fleet = _fleet()
+    connection = fleet.connect(_hello("e1", "a"))
+    waiting = asyncio.ensure_future(fleet.wait_applied("e1", 7, timeout=5))
+    await asyncio.sleep(0)
+    fleet.handle(connection, f.EngineMessage(state=f.StateReport(revision=6)))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    fleet.handle(connection, f.EngineMessage(state=f.StateReport(revision=7)))
+    assert await waiting is True
+    assert await fleet.wait_applied("e1", 8, timeout=0.05) is False  # a timeout is an answer
+    late = asyncio.ensure_future(fleet.wait_applied("e1", 9, timeout=5))
+    await asyncio.sleep(0)
+    fleet.disconnect(connection)
+    assert await late is False  # woken by the disconnect, not by the timeout
 
 
 async def test_engines_gone_for_good_are_forgotten_unless_kept() -> None:

@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from hotswap.control.engine_port import EngineGone
 from hotswap.control.errors import InvalidArgument
-from hotswap.control.fleet import EngineGone, EngineSession, Fleet
+from hotswap.control.fleet import Fleet
 from hotswap.service.log_tables import concat_logs
-from hotswap.v1 import fleet_pb2, types_pb2
+from hotswap.v1 import types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +35,28 @@ class LogGatherer:
         self._fleet = fleet
         self._timeout = timeout
 
-    async def _ask(
-        self, session: EngineSession, request: types_pb2.GetLogsRequest
-    ) -> types_pb2.LogsResponse:
-        query_id = uuid.uuid4().hex
-        message = fleet_pb2.ControlMessage(
-            logs=fleet_pb2.LogsQuery(query_id=query_id, request=request)
-        )
-        answer = await self._fleet.ask(session, message, ("logs", query_id), self._timeout)
-        if answer.logs.error:
-            raise EngineGone(f"engine {session.name} could not read its log: {answer.logs.error}")
-        return answer.logs.logs
-
     async def gather(self, request: types_pb2.GetLogsRequest) -> types_pb2.LogsResponse:
         if not 0 <= request.limit <= MAX_LIMIT:
             raise InvalidArgument(f"limit must be 0 (default {DEFAULT_LIMIT}) to {MAX_LIMIT}")
         limit = request.limit or DEFAULT_LIMIT
-        sessions = [s for s in self._fleet.sessions.values() if s.connected]
+        engines = [s.name for s in self._fleet.sessions.values() if s.connected]
         # Each engine returns at most `limit` rows: the newest `limit` overall are among them.
         ask = types_pb2.GetLogsRequest()
         ask.CopyFrom(request)
         ask.limit = limit
         answers = await asyncio.gather(
-            *(self._ask(s, ask) for s in sessions), return_exceptions=True
+            *(
+                self._fleet.query_logs(name, ask, uuid.uuid4().hex, self._timeout)
+                for name in engines
+            ),
+            return_exceptions=True,
         )
         payloads: list[bytes] = []
         dropped = 0
         unreachable = []
-        for session, answer in zip(sessions, answers, strict=True):
+        for name, answer in zip(engines, answers, strict=True):
             if isinstance(answer, EngineGone | TimeoutError):
-                unreachable.append(f"{session.name}: {answer or 'no answer in time'}")
+                unreachable.append(f"{name}: {answer or 'no answer in time'}")
                 continue
             if isinstance(answer, BaseException):
                 raise answer

@@ -1,13 +1,15 @@
-"""The registry of engines connected over ``Fleet.Connect`` and the request/answer plumbing on
-their streams.
+"""The engines connected over ``Fleet.Connect``: a registry of their streams, and the
+`EnginePort` the swap coordinator drives them through.
 
-The fleet protocol is itself the wire contract with engines, so this module speaks in
-``hotswap.v1.fleet_pb2`` messages (protobuf values, no grpc): the servicer only pumps them
-between the stream and an `EngineSession`.
+This is the one module that speaks the fleet protocol (``hotswap.v1.fleet_pb2``): it turns
+the coordinator's calls into control messages, engines' answers into dataclasses, and their
+reports into `Serving` values. The servicer only pumps messages between a stream and an
+`EngineConnection`.
 
 Every engine stream is bounded (its outbox holds at most `OUTBOX_LIMIT` messages: an engine
-that stops reading is disconnected, not buffered for), and sessions of engines gone for longer
-than `forget_after` are dropped.
+that stops reading is disconnected, not buffered for), and connections of engines gone for
+longer than `forget_after` are dropped. Waiters for an engine's reports wait on one
+`asyncio.Condition`, notified on every report and every disconnect.
 """
 
 from __future__ import annotations
@@ -16,13 +18,22 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from hotswap.control.domain import check_name
+from hotswap.control import _convert
+from hotswap.control.auth import Grant
+from hotswap.control.domain import PipelineVersion, check_name
+from hotswap.control.engine_port import (
+    CommitDone,
+    EngineGone,
+    EngineRef,
+    EngineRefusedSwap,
+    PrepareDone,
+)
 from hotswap.control.errors import InvalidArgument
 from hotswap.control.metrics import ControlMetrics
-from hotswap.v1 import fleet_pb2
+from hotswap.v1 import fleet_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +44,49 @@ OUTBOX_LIMIT = 1024
 MAX_SESSIONS = 4096
 _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,255}")
 
-
-class EngineGone(Exception):
-    """The engine's stream closed while the control plane waited for its answer."""
+# What the access rules are made from: whether tokens are required, and the user tokens.
+AccessSource = Callable[[], tuple[bool, Sequence[Grant]]]
 
 
 class EngineRefused(Exception):
-    """A Hello that may not become a session (the name is taken, or not this credential's)."""
+    """A Hello that may not become a connection (the name is taken, or not this credential's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What an engine reports for one pipeline."""
+
+    workspace: str
+    pipeline: str
+    version_id: str  # the version serving now ("" when none yet)
+    number: int
+    state: str  # Running | Loading | Error
+    error: str
+    models: tuple[ServedModel, ...]
+
+
+def _serving(message: fleet_pb2.ServingPipeline) -> Serving:
+    return Serving(
+        message.workspace,
+        message.pipeline,
+        message.version_id,
+        message.number,
+        message.state,
+        message.error,
+        tuple(ServedModel(m.name, m.version, m.sha256) for m in message.models),
+    )
 
 
 @dataclass(eq=False)
-class EngineSession:
-    """One engine's live stream. A reconnecting engine gets a new session under the same name."""
+class EngineConnection:
+    """One engine's live stream. A reconnecting engine gets a new one under the same name."""
 
     name: str
     address: str
@@ -58,13 +100,13 @@ class EngineSession:
     last_seen: float = field(default_factory=time.monotonic)
     last_seen_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     disconnected_at: float = 0.0
-    serving: dict[str, fleet_pb2.ServingPipeline] = field(default_factory=dict)
-    # Futures for answers, keyed by (kind, swap_id).
+    serving: dict[str, Serving] = field(default_factory=dict)
+    # The newest desired-state revision the engine reported as applied.
+    applied_revision: int = 0
+    # Futures for answers, keyed by (kind, swap or query id).
     pending: dict[tuple[str, str], asyncio.Future[fleet_pb2.EngineMessage]] = field(
         default_factory=dict
     )
-    # Set whenever a StateReport arrives or the stream closes, so callers can wait for a change.
-    reported: asyncio.Event = field(default_factory=asyncio.Event)
     # The blobs this engine may fetch: those of its desired state and of swaps in progress.
     desired_blobs: frozenset[str] = frozenset()
     prepare_blobs: dict[str, frozenset[str]] = field(default_factory=dict)
@@ -96,33 +138,31 @@ class EngineSession:
 
 
 class Fleet:
-    """Engines by name, their latest reports, and awaited answers to prepare/commit."""
+    """Engines by name, their latest reports, and awaited answers; an `EnginePort`."""
 
     def __init__(
         self,
-        desired_state: Callable[[str], fleet_pb2.DesiredState],
         lost_after: float,
         metrics: ControlMetrics | None = None,
         *,
-        access_rules: Callable[[], fleet_pb2.AccessRules] = fleet_pb2.AccessRules,
+        access: AccessSource = lambda: (False, ()),
         forget_after: float = 3600.0,
     ) -> None:
-        self._desired_state = desired_state
-        self._access_rules = access_rules
+        self._access = access
         self.lost_after = lost_after
         self.forget_after = forget_after
         self._metrics = metrics or ControlMetrics()
         self._metrics.watch_engines(lambda: len(self.live()))
-        self.sessions: dict[str, EngineSession] = {}
-        # Called with an engine's name right after it (re)connects, before its desired state
-        # is sent: lets the deployer give a fresh engine a deployment that lacks replicas.
-        self.on_connect: Callable[[str], None] = lambda name: None
+        self.sessions: dict[str, EngineConnection] = {}
+        self._reports = asyncio.Condition()
 
-    def connect(self, hello: fleet_pb2.Hello, principal: str = "") -> EngineSession:
-        """Registers a Hello's stream. Raises EngineRefused when another live engine instance
-        holds the name: the live one keeps its stream (an engine's own reconnect, with the same
-        instance id and credential, replaces its stale stream). Raises InvalidArgument for a
-        name or address that is not one."""
+    # -- connections ----------------------------------------------------------------------
+
+    def connect(self, hello: fleet_pb2.Hello, principal: str = "") -> EngineConnection:
+        """Registers a Hello's stream and sends it the access rules. Raises EngineRefused when
+        another live engine instance holds the name: the live one keeps its stream (an engine's
+        own reconnect, with the same instance id and credential, replaces its stale stream).
+        Raises InvalidArgument for a name or address that is not one."""
         check_name("engine", hello.name)
         if not _ADDRESS.fullmatch(hello.address) or ":" not in hello.address:
             raise InvalidArgument(
@@ -148,15 +188,13 @@ class Fleet:
             if old.connected:
                 log.warning("engine %s reconnected; closing its previous stream", hello.name)
                 self._close(old, "replaced by a new connection from the same engine")
-        session = EngineSession(hello.name, hello.address, hello.instance_id, principal)
+        connection = EngineConnection(hello.name, hello.address, hello.instance_id, principal)
         for serving in hello.serving:
-            session.serving[f"{serving.workspace}/{serving.pipeline}"] = serving
-        self.sessions[hello.name] = session
+            connection.serving[f"{serving.workspace}/{serving.pipeline}"] = _serving(serving)
+        self.sessions[hello.name] = connection
         log.info("engine %s connected from %s", hello.name, hello.address)
-        self._send(session, fleet_pb2.ControlMessage(access=self._access_rules()))
-        self.on_connect(hello.name)
-        self.send_desired(hello.name)
-        return session
+        self._send(connection, fleet_pb2.ControlMessage(access=self._access_rules()))
+        return connection
 
     def _make_room(self) -> None:
         """Forgets the longest-gone engine when the registry is full; refuses when every
@@ -168,57 +206,53 @@ class Fleet:
             raise EngineRefused(f"{MAX_SESSIONS} engines are connected already")
         del self.sessions[min(gone, key=lambda s: s.disconnected_at).name]
 
-    def disconnect(self, session: EngineSession) -> None:
-        if session.connected:
-            log.warning("engine %s disconnected", session.name)
-            self._close(session, "disconnected")
+    def disconnect(self, connection: EngineConnection) -> None:
+        if connection.connected:
+            log.warning("engine %s disconnected", connection.name)
+            self._close(connection, "disconnected")
 
-    def _close(self, session: EngineSession, why: str) -> None:
-        session.connected = False
-        session.disconnected_at = time.monotonic()
-        session.prepare_blobs.clear()
-        while not session.outbox.empty():  # nothing queued is worth keeping for a dead stream
-            session.outbox.get_nowait()
-        session.outbox.put_nowait(None)
-        for future in session.pending.values():
+    def _close(self, connection: EngineConnection, why: str) -> None:
+        connection.connected = False
+        connection.disconnected_at = time.monotonic()
+        connection.prepare_blobs.clear()
+        while not connection.outbox.empty():  # nothing queued is worth keeping for a dead stream
+            connection.outbox.get_nowait()
+        connection.outbox.put_nowait(None)
+        for future in connection.pending.values():
             if not future.done():
-                future.set_exception(EngineGone(f"engine {session.name} {why}"))
-        session.pending.clear()
-        session.reported.set()  # waiters on this engine's reports must look again
+                future.set_exception(EngineGone(f"engine {connection.name} {why}"))
+        connection.pending.clear()
+        self._notify()  # waiters on this engine's reports must look again
 
-    def _send(self, session: EngineSession, message: fleet_pb2.ControlMessage) -> None:
-        if not session.connected:
+    def _send(self, connection: EngineConnection, message: fleet_pb2.ControlMessage) -> None:
+        if not connection.connected:
             return
         try:
-            session.send(message)
+            connection.send(message)
         except OverflowError as exc:
             log.error("%s: closing its stream", exc)
-            self._close(session, "stopped reading its stream")
+            self._close(connection, "stopped reading its stream")
 
-    def send(self, session: EngineSession, message: fleet_pb2.ControlMessage) -> None:
-        """Queues `message` for `session` (dropped if the stream is closed)."""
-        self._send(session, message)
-
-    def send_desired(self, name: str) -> None:
-        session = self.sessions.get(name)
-        if session is not None:
-            self._send(session, fleet_pb2.ControlMessage(desired=self._desired_state(name)))
+    def _access_rules(self) -> fleet_pb2.AccessRules:
+        required, grants = self._access()
+        return fleet_pb2.AccessRules(
+            required=required,
+            grants=[
+                fleet_pb2.TokenGrant(
+                    name=g.name, token_sha256=g.token_sha256, workspaces=sorted(g.workspaces)
+                )
+                for g in grants
+            ],
+        )
 
     def push_access(self) -> None:
         """Sends the current access rules to every connected engine (after a token change)."""
         message = fleet_pb2.ControlMessage(access=self._access_rules())
-        for session in list(self.sessions.values()):
-            self._send(session, message)
-
-    def live(self) -> list[EngineSession]:
-        """Connected engines whose heartbeats are current, by name."""
-        return sorted(
-            (s for s in self.sessions.values() if not s.lost(self.lost_after)),
-            key=lambda s: s.name,
-        )
+        for connection in list(self.sessions.values()):
+            self._send(connection, message)
 
     def forget_gone(self, keep: Callable[[str], bool] = lambda name: False) -> list[str]:
-        """Drops sessions closed for longer than `forget_after`, except those `keep` names
+        """Drops connections closed for longer than `forget_after`, except those `keep` names
         (e.g. engines a deployment still lists). Returns the names dropped."""
         now = time.monotonic()
         gone = [
@@ -230,33 +264,44 @@ class Fleet:
             del self.sessions[name]
         return gone
 
-    def handle(self, session: EngineSession, message: fleet_pb2.EngineMessage) -> None:
+    # -- what engines say -------------------------------------------------------------------
+
+    def handle(self, connection: EngineConnection, message: fleet_pb2.EngineMessage) -> None:
         """Applies one message from an engine's stream."""
-        session.last_seen = time.monotonic()
-        session.last_seen_ms = int(time.time() * 1000)
+        connection.last_seen = time.monotonic()
+        connection.last_seen_ms = int(time.time() * 1000)
         kind = message.WhichOneof("kind")
         if kind == "prepared":
-            self._resolve(session, ("prepare", message.prepared.swap_id), message)
+            self._resolve(connection, ("prepare", message.prepared.swap_id), message)
         elif kind == "committed":
-            self._resolve(session, ("commit", message.committed.swap_id), message)
+            self._resolve(connection, ("commit", message.committed.swap_id), message)
         elif kind == "logs":
-            self._resolve(session, ("logs", message.logs.query_id), message)
+            self._resolve(connection, ("logs", message.logs.query_id), message)
         elif kind == "state":
-            session.serving = {f"{s.workspace}/{s.pipeline}": s for s in message.state.serving}
-            session.reported.set()
-            session.reported = asyncio.Event()
+            state = message.state
+            connection.serving = {f"{s.workspace}/{s.pipeline}": _serving(s) for s in state.serving}
+            connection.applied_revision = max(connection.applied_revision, state.revision)
+            self._notify()
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self._reports:
+                self._reports.notify_all()
+
+        # Called from synchronous code on the loop: the notification runs right after.
+        asyncio.get_running_loop().create_task(notify())
 
     @staticmethod
     def _resolve(
-        session: EngineSession, key: tuple[str, str], message: fleet_pb2.EngineMessage
+        connection: EngineConnection, key: tuple[str, str], message: fleet_pb2.EngineMessage
     ) -> None:
-        future = session.pending.pop(key, None)
+        future = connection.pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(message)
 
-    async def ask(
+    async def _ask(
         self,
-        session: EngineSession,
+        engine: str,
         message: fleet_pb2.ControlMessage,
         key: tuple[str, str],
         timeout: float,
@@ -265,15 +310,99 @@ class Fleet:
 
         Raises EngineGone if the stream drops, TimeoutError after `timeout` seconds.
         """
-        if not session.connected:
-            raise EngineGone(f"engine {session.name} is not connected")
+        connection = self.sessions.get(engine)
+        if connection is None or not connection.connected:
+            raise EngineGone(f"engine {engine} is not connected")
         future: asyncio.Future[fleet_pb2.EngineMessage] = asyncio.get_running_loop().create_future()
-        session.pending[key] = future
-        self._send(session, message)
+        connection.pending[key] = future
+        self._send(connection, message)
         try:
             return await asyncio.wait_for(future, timeout)
         finally:
-            session.pending.pop(key, None)
+            connection.pending.pop(key, None)
+
+    # -- the EnginePort -----------------------------------------------------------------------
+
+    def live(self) -> list[EngineRef]:
+        """Connected engines whose heartbeats are current, by name."""
+        return [
+            EngineRef(s.name, s.address)
+            for s in sorted(self.sessions.values(), key=lambda s: s.name)
+            if not s.lost(self.lost_after)
+        ]
+
+    def known(self, name: str) -> bool:
+        return name in self.sessions
+
+    def address_of(self, name: str) -> str:
+        connection = self.sessions.get(name)
+        return connection.address if connection else ""
+
+    async def prepare(
+        self, engine: str, swap_id: str, version: PipelineVersion, request_id: str, timeout: float
+    ) -> PrepareDone:
+        message = fleet_pb2.ControlMessage(
+            prepare=fleet_pb2.Prepare(
+                swap_id=swap_id, version=_convert.pipeline_version(version), request_id=request_id
+            )
+        )
+        answer = (await self._ask(engine, message, ("prepare", swap_id), timeout)).prepared
+        if not answer.ok:
+            raise EngineRefusedSwap(answer.error)
+        return PrepareDone(answer.fetch_ms, answer.load_ms, answer.warmup_ms, answer.reused)
+
+    async def commit(
+        self, engine: str, swap_id: str, request_id: str, timeout: float
+    ) -> CommitDone:
+        message = fleet_pb2.ControlMessage(
+            commit=fleet_pb2.Commit(swap_id=swap_id, request_id=request_id)
+        )
+        answer = (await self._ask(engine, message, ("commit", swap_id), timeout)).committed
+        if not answer.ok:
+            raise EngineRefusedSwap(answer.error)
+        return CommitDone(answer.switch_us)
+
+    def abort(self, engine: str, swap_id: str, reason: str, request_id: str) -> None:
+        connection = self.sessions.get(engine)
+        if connection is not None:
+            abort = fleet_pb2.Abort(swap_id=swap_id, reason=reason, request_id=request_id)
+            self._send(connection, fleet_pb2.ControlMessage(abort=abort))
+
+    def push_desired(self, engine: str, versions: Sequence[PipelineVersion], revision: int) -> None:
+        connection = self.sessions.get(engine)
+        if connection is not None:
+            desired = fleet_pb2.DesiredState(
+                revision=revision, pipelines=[_convert.pipeline_version(v) for v in versions]
+            )
+            self._send(connection, fleet_pb2.ControlMessage(desired=desired))
+
+    async def wait_applied(self, engine: str, revision: int, timeout: float) -> bool:
+        connection = self.sessions.get(engine)
+        if connection is None:
+            return False
+
+        def settled() -> bool:
+            return not connection.connected or connection.applied_revision >= revision
+
+        try:
+            async with self._reports:
+                await asyncio.wait_for(self._reports.wait_for(settled), timeout)
+        except TimeoutError:
+            return False
+        return connection.connected and connection.applied_revision >= revision
+
+    async def query_logs(
+        self, engine: str, request: types_pb2.GetLogsRequest, query_id: str, timeout: float
+    ) -> types_pb2.LogsResponse:
+        """One engine's inference log rows, asked over its own stream. Raises EngineGone (or
+        TimeoutError) when it cannot answer."""
+        message = fleet_pb2.ControlMessage(
+            logs=fleet_pb2.LogsQuery(query_id=query_id, request=request)
+        )
+        answer = (await self._ask(engine, message, ("logs", query_id), timeout)).logs
+        if answer.error:
+            raise EngineGone(f"engine {engine} could not read its log: {answer.error}")
+        return answer.logs
 
     async def heartbeat_forever(
         self, interval: float, every_beat: Callable[[], None] = lambda: None
@@ -285,6 +414,6 @@ class Fleet:
             beat = fleet_pb2.ControlMessage(
                 heartbeat=fleet_pb2.Heartbeat(sent_ms=int(time.time() * 1000))
             )
-            for session in list(self.sessions.values()):
-                self._send(session, beat)
+            for connection in list(self.sessions.values()):
+                self._send(connection, beat)
             every_beat()

@@ -13,9 +13,9 @@ from typing import TextIO
 import grpc
 
 from hotswap.control._auth_interceptor import AuthInterceptor
-from hotswap.control.auth import TokenFile
+from hotswap.control.auth import Grant, TokenFile
 from hotswap.control.blobs import BlobStore
-from hotswap.control.deployer import Deployer
+from hotswap.control.coordinator import SwapCoordinator
 from hotswap.control.engine_logs import LogGatherer
 from hotswap.control.fleet import Fleet
 from hotswap.control.metrics import ControlMetrics
@@ -53,13 +53,12 @@ class ControlPlaneServer:
         self.metrics = ControlMetrics()
         self.timeline = SwapTimeline(settings.data_dir / "hotswap.db")
         self.fleet = Fleet(
-            lambda name: self.deployer.desired_state(name),
             settings.lost_after,
             self.metrics,
-            access_rules=self._access_rules,
+            access=self._access,
             forget_after=settings.forget_after,
         )
-        self.deployer = Deployer(
+        self.coordinator = SwapCoordinator(
             self.store,
             self.fleet,
             prepare_timeout=settings.prepare_timeout,
@@ -82,7 +81,7 @@ class ControlPlaneServer:
             ControlPlaneServicer(
                 self.store,
                 uploads,
-                self.deployer,
+                self.coordinator,
                 self.fleet,
                 timeline=self.timeline,
                 logs=self.logs,
@@ -90,7 +89,7 @@ class ControlPlaneServer:
             self._server,
         )
         fleet_pb2_grpc.add_FleetServicer_to_server(
-            FleetServicer(self.fleet, self.blobs, self.store), self._server
+            FleetServicer(self.fleet, self.coordinator, self.blobs, self.store), self._server
         )
         self.address = ""
         self._heartbeat: asyncio.Task[None] | None = None
@@ -133,26 +132,18 @@ class ControlPlaneServer:
             tmp.replace(self.settings.address_file)
         return self.address
 
-    def _access_rules(self) -> fleet_pb2.AccessRules:
+    def _access(self) -> tuple[bool, list[Grant]]:
         """What engines need to check user tokens themselves: digests, never tokens."""
         if self.tokens is None:
-            return fleet_pb2.AccessRules(required=False)
-        return fleet_pb2.AccessRules(
-            required=True,
-            grants=[
-                fleet_pb2.TokenGrant(
-                    name=g.name, token_sha256=g.token_sha256, workspaces=sorted(g.workspaces)
-                )
-                for g in self.tokens.book.grants()
-            ],
-        )
+            return False, []
+        return True, self.tokens.book.grants()
 
     def _housekeeping(self) -> None:
         """Once per heartbeat: token file changes reach engines, lost replicas move to spare
         engines, and state of engines gone for good is dropped."""
         if self.tokens is not None and self.tokens.reload_if_changed():
             self.fleet.push_access()
-        self.deployer.refill_lost()
+        self.coordinator.refill_lost()
         assigned = {e for d in self.store.deployments() for e in d.engines}
         self.fleet.forget_gone(keep=assigned.__contains__)
 
@@ -166,7 +157,7 @@ class ControlPlaneServer:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-        await self.deployer.close()
+        await self.coordinator.close()
         await self._server.stop(grace)
         self.metrics_endpoint.stop()
         self.timeline.close()

@@ -14,7 +14,7 @@ import grpc
 
 from hotswap.control import _convert, auth
 from hotswap.control.blobs import BlobStore, check_sha256
-from hotswap.control.deployer import Deployer
+from hotswap.control.coordinator import SwapCoordinator
 from hotswap.control.engine_logs import LogGatherer
 from hotswap.control.errors import (
     AlreadyExists,
@@ -71,16 +71,16 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         self,
         store: Store,
         uploads: ModelUploads,
-        deployer: Deployer,
+        coordinator: SwapCoordinator,
         fleet: Fleet,
         *,
         timeline: SwapTimeline,
         logs: LogGatherer,
     ) -> None:
-        self._status = StatusBoard(store, fleet, deployer.running)
+        self._status = StatusBoard(store, fleet, coordinator.running)
         self._store = store
         self._uploads = uploads
-        self._deployer = deployer
+        self._coordinator = coordinator
         self._fleet = fleet
         self._timeline = timeline
         self._logs = logs
@@ -207,7 +207,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
             if request.HasField("expected_current_version")
             else None
         )
-        result = await self._deployer.deploy(
+        result = await self._coordinator.deploy(
             request.workspace,
             request.pipeline,
             request.version,
@@ -245,7 +245,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     async def Undeploy(
         self, request: control_pb2.UndeployRequest, context: Context
     ) -> control_pb2.UndeployResponse:
-        unconfirmed = await self._deployer.undeploy(
+        unconfirmed = await self._coordinator.undeploy(
             request.workspace,
             request.pipeline,
             requested_by=_requested_by("", context),
@@ -334,8 +334,11 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, fleet: Fleet, blobs: BlobStore, store: Store) -> None:
+    def __init__(
+        self, fleet: Fleet, coordinator: SwapCoordinator, blobs: BlobStore, store: Store
+    ) -> None:
         self._fleet = fleet
+        self._coordinator = coordinator
         self._blobs = blobs
         self._store = store
 
@@ -365,6 +368,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
+        self._coordinator.engine_connected(session.name)
 
         async def read() -> None:
             try:

@@ -199,9 +199,9 @@ class ControlLink:
         self._send(fleet_pb2.EngineMessage(logs=result))
 
     async def _apply_desired(self, desired: fleet_pb2.DesiredState) -> None:
-        self._report(desired.revision)  # shows "Loading" while it builds
+        self._report()  # shows "Loading" while it builds; nothing applied yet (revision 0)
         await self._host.reconcile([_convert.version_ref(v) for v in desired.pipelines])
-        self._report(desired.revision)
+        self._report(desired.revision)  # applied: the control plane's waiters may go on
         served = {tuple(s.key.split("/", 1)) for s in self._host.states()}
         self._metrics.forget_except({(w, p) for w, p in served})
 

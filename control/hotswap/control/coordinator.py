@@ -1,4 +1,4 @@
-"""The swap coordinator: two-phase deploys across engines, and undeploys.
+"""The swap coordinator: two-phase deploys across engines, undeploys, and the desired state.
 
 Deploy = prepare on every assigned engine (old version keeps serving), then — only if all
 prepared — record the new version as desired (the commit point, in SQLite) and commit on every
@@ -8,6 +8,9 @@ caller has gone, and engines that did not confirm are named in the result.
 
 An engine that replaces a lost one gets the deployment the same way: a redeploy of the current
 version under the pipeline's lock, prepared before it is committed.
+
+Transport-free: engines are reached through an `EnginePort` (the fleet in production, plain
+Python engines in tests), and everything here is domain values and dataclasses.
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from hotswap.control import _convert
+from hotswap.control import placement
 from hotswap.control.domain import Deployment, PipelineVersion, pipeline_key
+from hotswap.control.engine_port import (
+    EngineGone,
+    EnginePort,
+    EngineRefusedSwap,
+    PrepareDone,
+)
 from hotswap.control.errors import DeployConflict, DeployFailed, NoEngines
-from hotswap.control.fleet import EngineGone, EngineSession, Fleet
 from hotswap.control.metrics import ControlMetrics
 from hotswap.control.store import Store
 from hotswap.control.timeline import EngineStage, Swap, SwapTimeline, swap_kind
-from hotswap.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +70,11 @@ def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-class Deployer:
+class SwapCoordinator:
     def __init__(
         self,
         store: Store,
-        fleet: Fleet,
+        engines: EnginePort,
         *,
         prepare_timeout: float,
         commit_timeout: float,
@@ -75,7 +82,7 @@ class Deployer:
         metrics: ControlMetrics | None = None,
     ) -> None:
         self._store = store
-        self._fleet = fleet
+        self._engines = engines
         self._timeline = timeline
         self._metrics = metrics or ControlMetrics()
         # The swap running per pipeline key, for GetPipelineStatus.
@@ -84,56 +91,48 @@ class Deployer:
         self._commit_timeout = commit_timeout
         # Deploys of one pipeline run one at a time; different pipelines swap concurrently.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._revision = int(time.time() * 1000)
+        # Desired-state revisions only grow, across restarts too (they start at the clock).
+        self.revision = int(time.time() * 1000)
         self._started = time.monotonic()
         self._background: set[asyncio.Task[None]] = set()
         self._refilling: set[str] = set()
         self._refilled_at: dict[str, float] = {}
-        fleet.on_connect = self._assign_to_new_engine
 
     # -- desired state (level-triggered) -------------------------------------------------
 
-    def desired_state(self, engine: str) -> fleet_pb2.DesiredState:
+    def desired(self, engine: str) -> list[PipelineVersion]:
         """Everything `engine` must serve now, per the store."""
-        return fleet_pb2.DesiredState(
-            revision=self._revision,
-            pipelines=[
-                _convert.pipeline_version(d.version)
-                for d in self._store.deployments()
-                if engine in d.engines
-            ],
-        )
+        return [d.version for d in self._store.deployments() if engine in d.engines]
 
-    def _bump(self, engines: set[str]) -> None:
-        self._revision += 1
-        for name in sorted(engines):
-            self._fleet.send_desired(name)
+    def resync(self, engine: str) -> None:
+        """Sends `engine` its whole desired state (on every connect: level-triggered)."""
+        self._engines.push_desired(engine, self.desired(engine), self.revision)
 
-    def _lacking_replicas(self) -> list[Deployment]:
-        """Deployments with fewer live engines than replicas (after a control-plane restart,
-        engines that have not reconnected yet still count: they are still serving)."""
-        starting = time.monotonic() - self._started < 2 * self._fleet.lost_after
-        live = {s.name for s in self._fleet.live()}
-        return [
-            d
-            for d in self._store.deployments()
-            if len(
-                [e for e in d.engines if e in live or (starting and e not in self._fleet.sessions)]
-            )
-            < d.replicas
-        ]
-
-    def _assign_to_new_engine(self, engine: str) -> None:
-        """Gives deployments that lack replicas to a (re)connecting engine, each by a full
-        two-phase redeploy under the pipeline's lock (never by assignment alone)."""
+    def engine_connected(self, engine: str) -> None:
+        """An engine (re)connected: it gets its desired state, and deployments that lack
+        replicas get it by a full two-phase redeploy under the pipeline's lock."""
         for deployment in self._lacking_replicas():
             if engine not in deployment.engines:
                 self._start_refill(deployment)
+        self.resync(engine)
+
+    def _bump(self, engines: set[str]) -> int:
+        self.revision += 1
+        for name in sorted(engines):
+            self.resync(name)
+        return self.revision
+
+    def _lacking_replicas(self) -> list[Deployment]:
+        starting = time.monotonic() - self._started < 2 * self._engines.lost_after
+        deployments = self._store.deployments()
+        known = {e for d in deployments for e in d.engines if self._engines.known(e)}
+        live = {e.name for e in self._engines.live()}
+        return placement.lacking_replicas(deployments, live, starting, known)
 
     def refill_lost(self) -> None:
         """Moves replicas of lost engines to live spares (called once per heartbeat). A
         pipeline is tried again at most every `REFILL_BACKOFF` seconds."""
-        live = {s.name for s in self._fleet.live()}
+        live = {e.name for e in self._engines.live()}
         for deployment in self._lacking_replicas():
             if live - set(deployment.engines):
                 self._start_refill(deployment)
@@ -141,10 +140,8 @@ class Deployer:
     def _start_refill(self, deployment: Deployment) -> None:
         key = deployment.version.key
         now = time.monotonic()
-        if (
-            key in self._refilling
-            or now - self._refilled_at.get(key, -REFILL_BACKOFF) < REFILL_BACKOFF
-        ):
+        recent = now - self._refilled_at.get(key, -REFILL_BACKOFF) < REFILL_BACKOFF
+        if key in self._refilling or recent:
             return
         self._refilling.add(key)
         self._refilled_at[key] = now
@@ -175,21 +172,15 @@ class Deployer:
 
     # -- deploy -----------------------------------------------------------------------------
 
-    def _choose_engines(self, current: Deployment | None, replicas: int) -> list[EngineSession]:
-        live = self._fleet.live()
+    def _choose_engines(self, current: Deployment | None, replicas: int) -> list[str]:
+        live = [e.name for e in self._engines.live()]
         if not live:
             raise NoEngines(
                 "no engine is connected to the control plane: start one with "
                 "'hotswap engine --control HOST:PORT' (or use 'hotswap up')"
             )
         assigned = set(current.engines) if current else set()
-        load: defaultdict[str, int] = defaultdict(int)
-        for deployment in self._store.deployments():
-            for name in deployment.engines:
-                load[name] += 1
-        # Engines already serving the pipeline first (no cold start), then the least loaded.
-        ranked = sorted(live, key=lambda s: (s.name not in assigned, load[s.name], s.name))
-        return ranked[:replicas]
+        return placement.choose_engines(live, assigned, self._store.deployments(), replicas)
 
     async def deploy(
         self,
@@ -246,6 +237,19 @@ class Deployer:
         self._metrics.deploys.labels(swap.kind, outcome).inc()
         self._metrics.deploy_seconds.labels(outcome).observe(seconds)
 
+    def _begin(self, swap: Swap, version: PipelineVersion, engines: list[str]) -> None:
+        swap.engines = {e: EngineStage(e, self._engines.address_of(e)) for e in engines}
+        self.running[version.key] = swap
+        if self._timeline is not None:
+            self._timeline.write(swap)
+        log.info(
+            "deploy %s v%d (swap %s) on %s",
+            version.key,
+            version.number,
+            swap.swap_id,
+            ", ".join(engines),
+        )
+
     async def _swap(
         self,
         swap: Swap,
@@ -263,18 +267,7 @@ class Deployer:
             )
         replicas = replicas or (current.replicas if current else 1)
         engines = self._choose_engines(current, replicas)
-        swap_id = swap.swap_id
-        swap.engines = {e.name: EngineStage(e.name, e.address) for e in engines}
-        self.running[version.key] = swap
-        if self._timeline is not None:
-            self._timeline.write(swap)
-        log.info(
-            "deploy %s v%d (swap %s) on %s",
-            version.key,
-            version.number,
-            swap_id,
-            ", ".join(e.name for e in engines),
-        )
+        self._begin(swap, version, engines)
 
         prepare_start = time.perf_counter()
         try:
@@ -282,12 +275,12 @@ class Deployer:
         except asyncio.CancelledError:
             self._abort_all(engines, swap, "the caller cancelled the deploy")
             raise
-        swap.prepare_ms = prepare_ms = _ms_since(prepare_start)
-        self._metrics.swap_phase_seconds.labels("prepare").observe(prepare_ms / 1000)
+        swap.prepare_ms = _ms_since(prepare_start)
+        self._metrics.swap_phase_seconds.labels("prepare").observe(swap.prepare_ms / 1000)
 
         # Commit point: from here the new version is what every engine must serve, and the
         # commit runs to its end even if the caller cancels (it is shielded below).
-        self._store.set_deployment(version, replicas, [e.name for e in engines])
+        self._store.set_deployment(version, replicas, engines)
         swap.committed = True
         commit_start = time.perf_counter()
         commit = asyncio.ensure_future(self._commit_all(engines, swap))
@@ -297,45 +290,21 @@ class Deployer:
             await commit
             raise
         finally:
-            dropped = set(current.engines if current else ()) - {e.name for e in engines}
-            self._bump(dropped | {e.name for e in engines})
-        swap.commit_ms = commit_ms = _ms_since(commit_start)
-        self._metrics.swap_phase_seconds.labels("commit").observe(commit_ms / 1000)
+            dropped = set(current.engines if current else ()) - set(engines)
+            self._bump(dropped | set(engines))
+        swap.commit_ms = _ms_since(commit_start)
+        self._metrics.swap_phase_seconds.labels("commit").observe(swap.commit_ms / 1000)
+        return _result(swap, version, current, _ms_since(started))
 
-        timings = tuple(
-            EngineTiming(
-                engine=st.engine,
-                address=st.address,
-                prepare_ms=st.prepare_ms,
-                fetch_ms=st.fetch_ms,
-                load_ms=st.load_ms,
-                warmup_ms=st.warmup_ms,
-                commit_ms=st.commit_ms,
-                switch_us=st.switch_us,
-                reused=st.reused,
-            )
-            for st in swap.engines.values()
-        )
-        unconfirmed = tuple(st.engine for st in swap.engines.values() if st.stage != "committed")
-        return DeployResult(
-            version,
-            current.version if current else None,
-            timings,
-            prepare_ms,
-            commit_ms,
-            _ms_since(started),
-            unconfirmed,
-        )
-
-    async def _prepare_one(
-        self, engine: EngineSession, swap: Swap, version: PipelineVersion
-    ) -> None:
-        stage = swap.engines[engine.name]
+    async def _prepare_one(self, engine: str, swap: Swap, version: PipelineVersion) -> None:
+        stage = swap.engines[engine]
+        start = time.perf_counter()
         try:
-            stage.prepare_ms, answer = await self._ask_prepare(engine, swap, version)
+            answer = await self._ask_prepare(engine, swap, version)
         except DeployFailed as exc:
             stage.stage, stage.error = "failed", str(exc)
             raise
+        stage.prepare_ms = _ms_since(start)
         stage.stage = "prepared"
         stage.fetch_ms, stage.load_ms = answer.fetch_ms, answer.load_ms
         stage.warmup_ms, stage.reused = answer.warmup_ms, answer.reused
@@ -346,36 +315,25 @@ class Deployer:
             observe("build").observe(answer.load_ms / 1000)
             observe("warmup").observe(answer.warmup_ms / 1000)
 
-    async def _ask_prepare(
-        self, engine: EngineSession, swap: Swap, version: PipelineVersion
-    ) -> tuple[float, fleet_pb2.PrepareResult]:
-        start = time.perf_counter()
-        swap_id = swap.swap_id
-        message = fleet_pb2.ControlMessage(
-            prepare=fleet_pb2.Prepare(
-                swap_id=swap_id,
-                version=_convert.pipeline_version(version),
-                request_id=swap.request_id,
-            )
-        )
+    async def _ask_prepare(self, engine: str, swap: Swap, version: PipelineVersion) -> PrepareDone:
+        timeout = self._prepare_timeout
         try:
-            answer = await self._fleet.ask(
-                engine, message, ("prepare", swap_id), self._prepare_timeout
+            return await self._engines.prepare(
+                engine, swap.swap_id, version, swap.request_id, timeout
             )
         except TimeoutError:
             raise DeployFailed(
-                f"engine {engine.name} did not prepare within {self._prepare_timeout:g}s "
+                f"engine {engine} did not prepare within {timeout:g}s "
                 "(raise --prepare-timeout for large models, or check the engine)"
             ) from None
         except EngineGone as exc:
             raise DeployFailed(f"{exc} while preparing") from None
-        if not answer.prepared.ok:
-            raise DeployFailed(f"engine {engine.name} failed to prepare: {answer.prepared.error}")
-        return _ms_since(start), answer.prepared
+        except EngineRefusedSwap as exc:
+            raise DeployFailed(f"engine {engine} failed to prepare: {exc}") from None
 
     async def _prepare_all(
         self,
-        engines: list[EngineSession],
+        engines: list[str],
         swap: Swap,
         version: PipelineVersion,
         current: Deployment | None,
@@ -400,40 +358,34 @@ class Deployer:
             f"deploy of {version.pipeline!r} version {version.number} aborted: {failure}; {kept}"
         )
 
-    def _abort_all(self, engines: list[EngineSession], swap: Swap, reason: str) -> None:
-        abort = fleet_pb2.ControlMessage(
-            abort=fleet_pb2.Abort(swap_id=swap.swap_id, reason=reason, request_id=swap.request_id)
-        )
+    def _abort_all(self, engines: list[str], swap: Swap, reason: str) -> None:
         for engine in engines:
-            self._fleet.send(engine, abort)
+            self._engines.abort(engine, swap.swap_id, reason, swap.request_id)
 
-    async def _commit_one(self, engine: EngineSession, swap: Swap) -> None:
+    async def _commit_one(self, engine: str, swap: Swap) -> None:
         start = time.perf_counter()
-        stage = swap.engines[engine.name]
+        stage = swap.engines[engine]
         stage.stage = "committing"
-        swap_id = swap.swap_id
-        message = fleet_pb2.ControlMessage(
-            commit=fleet_pb2.Commit(swap_id=swap_id, request_id=swap.request_id)
-        )
         try:
-            answer = await self._fleet.ask(
-                engine, message, ("commit", swap_id), self._commit_timeout
+            answer = await self._engines.commit(
+                engine, swap.swap_id, swap.request_id, self._commit_timeout
             )
         except (TimeoutError, EngineGone) as exc:
             # Past the commit point the engine converges from its desired state on reconnect;
             # until then GetPipelineEndpoints leaves it out, so reads still see the new version.
-            log.warning("engine %s did not confirm commit %s: %s", engine.name, swap_id, exc)
+            log.warning("engine %s did not confirm commit %s: %s", engine, swap.swap_id, exc)
             stage.stage, stage.error = "failed", f"no commit confirmation: {exc or 'timeout'}"
             stage.commit_ms = stage.switch_us = -1.0
             return
-        stage.commit_ms, stage.switch_us = _ms_since(start), answer.committed.switch_us
-        if answer.committed.ok:
-            stage.stage = "committed"
-        else:
-            stage.stage, stage.error = "failed", answer.committed.error
+        except EngineRefusedSwap as exc:
+            stage.stage, stage.error = "failed", str(exc)
+            stage.commit_ms = _ms_since(start)
+            return
+        stage.commit_ms, stage.switch_us = _ms_since(start), answer.switch_us
+        stage.stage = "committed"
         self._metrics.engine_stage_seconds.labels("commit").observe(stage.commit_ms / 1000)
 
-    async def _commit_all(self, engines: list[EngineSession], swap: Swap) -> None:
+    async def _commit_all(self, engines: list[str], swap: Swap) -> None:
         await asyncio.gather(*(self._commit_one(e, swap) for e in engines))
 
     # -- undeploy -------------------------------------------------------------------------
@@ -472,42 +424,50 @@ class Deployer:
         return unconfirmed
 
     async def _undeploy(self, swap: Swap, timeout: float) -> list[str]:
-        workspace, pipeline = swap.workspace, swap.pipeline
-        previous = self._store.delete_deployment(workspace, pipeline)
+        previous = self._store.delete_deployment(swap.workspace, swap.pipeline)
         if previous is None:
-            raise DeployFailed(f"pipeline {pipeline!r} is not deployed")
+            raise DeployFailed(f"pipeline {swap.pipeline!r} is not deployed")
         for name in previous.engines:
-            session = self._fleet.sessions.get(name)
-            stage = EngineStage(name, session.address if session else "", "committed")
-            swap.engines[name] = stage
-        key = previous.version.key
-        waits = {}
-        for name in previous.engines:
-            session = self._fleet.sessions.get(name)
-            if session is not None and session.connected:
-                waits[name] = asyncio.ensure_future(self._wait_released(session, key))
-        self._bump(set(previous.engines))
+            swap.engines[name] = EngineStage(name, self._engines.address_of(name), "committed")
+        revision = self._bump(set(previous.engines))
         # Best effort: an engine that is away releases on reconnect (level-triggered).
-        if waits:
-            await asyncio.wait(waits.values(), timeout=timeout)
-        unconfirmed = []
-        for name in previous.engines:
-            wait = waits.get(name)
-            released = wait is not None and wait.done() and wait.result()
-            if not released:
-                unconfirmed.append(name)
-                swap.engines[name].stage = "failed"
-                swap.engines[name].error = "did not confirm the release"
-            if wait is not None:
-                wait.cancel()
+        applied = await asyncio.gather(
+            *(self._engines.wait_applied(name, revision, timeout) for name in previous.engines)
+        )
+        unconfirmed = [name for name, ok in zip(previous.engines, applied, strict=True) if not ok]
+        for name in unconfirmed:
+            swap.engines[name].stage = "failed"
+            swap.engines[name].error = "did not confirm the release"
         return unconfirmed
 
-    @staticmethod
-    async def _wait_released(session: EngineSession, key: str) -> bool:
-        """True once the engine reports it no longer serves `key`; False if it disconnects."""
-        while session.connected and key in session.serving:
-            await session.reported.wait()
-        return key not in session.serving
+
+def _result(
+    swap: Swap, version: PipelineVersion, current: Deployment | None, total_ms: float
+) -> DeployResult:
+    timings = tuple(
+        EngineTiming(
+            engine=st.engine,
+            address=st.address,
+            prepare_ms=st.prepare_ms,
+            fetch_ms=st.fetch_ms,
+            load_ms=st.load_ms,
+            warmup_ms=st.warmup_ms,
+            commit_ms=st.commit_ms,
+            switch_us=st.switch_us,
+            reused=st.reused,
+        )
+        for st in swap.engines.values()
+    )
+    unconfirmed = tuple(st.engine for st in swap.engines.values() if st.stage != "committed")
+    return DeployResult(
+        version,
+        current.version if current else None,
+        timings,
+        swap.prepare_ms,
+        swap.commit_ms,
+        total_ms,
+        unconfirmed,
+    )
 
 
 def _unconfirmed_reason(engines: tuple[str, ...] | list[str], what: str = "commit") -> str:
