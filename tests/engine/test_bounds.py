@@ -13,8 +13,8 @@ import pyarrow.ipc as ipc
 import pytest
 
 from hotswap.engine.arrow_io import check_ipc, decode_ipc
+from hotswap.engine.dataplane import InferenceQueue
 from hotswap.engine.errors import InvalidInput, Overloaded, RequestTooLarge
-from hotswap.engine.servicers import InferenceQueue
 
 
 def _table(rows: int) -> pa.Table:

@@ -17,12 +17,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hotswap.engine.blob_cache import BlobCache
+from hotswap.engine.dataplane import DataPlane, InferenceQueue
 from hotswap.engine.health import EngineHealth, pipeline_service
 from hotswap.engine.host import EngineHost, ModelRef, VersionRef
 from hotswap.engine.inference_log import InferenceLog, LogSettings
+from hotswap.engine.metrics import EngineMetrics
 from hotswap.engine.oip import InferenceServicer
 from hotswap.engine.runtime import RuntimeOptions
-from hotswap.engine.servicers import InferenceQueue
+from hotswap.engine.servicers import code_name
 from hotswap.oip import grpc_service_pb2 as oip
 from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
 from hotswap.service.probes import add_probes
@@ -73,7 +75,17 @@ async def engine(tmp_path: Path, assets: Path) -> AsyncIterator[Engine]:
     server = grpc.aio.server()
     log = InferenceLog(LogSettings(tmp_path / "logs"), "engine-test")
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(host, InferenceQueue(executor, 64), MAX_ROWS, inference_log=log), server
+        InferenceServicer(
+            host,
+            DataPlane(
+                InferenceQueue(executor, 64),
+                EngineMetrics(),
+                log,
+                max_rows=MAX_ROWS,
+                code_of=code_name,
+            ),
+        ),
+        server,
     )
     health = await add_probes(server, ["inference.GRPCInferenceService"])
     watcher = asyncio.create_task(

@@ -14,7 +14,6 @@ Tensors arrive as typed `contents` or `raw_input_contents` and leave as `raw_out
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import math
@@ -29,16 +28,15 @@ import pyarrow as pa
 
 from hotswap.engine import access
 from hotswap.engine.arrow_io import Array, column_to_ndarray, ndarray_to_arrow
-from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed, RequestTooLarge
+from hotswap.engine.dataplane import DataPlane, Ran, check_rows
+from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed
 from hotswap.engine.health import readiness
 from hotswap.engine.host import EngineHost
-from hotswap.engine.inference_log import InferenceLog
-from hotswap.engine.metrics import Bound, EngineMetrics
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, TensorInfo
-from hotswap.engine.servicers import STATUS, InferenceQueue
+from hotswap.engine.servicers import STATUS
 from hotswap.oip import grpc_service_pb2 as oip
 from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
-from hotswap.service.edge import status_for, unary_errors
+from hotswap.service.edge import unary_errors
 
 unary = unary_errors(STATUS)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -278,15 +276,11 @@ def tensor_metadata(spec: TensorInfo) -> oip.ModelMetadataResponse.TensorMetadat
 
 def _infer(
     loaded: LoadedPipeline, request: oip.ModelInferRequest, max_rows: int
-) -> tuple[oip.ModelInferResponse, pa.Table, int]:
-    """Decode, infer, encode one request, wholly on `loaded`, in a worker thread."""
+) -> Ran[oip.ModelInferResponse]:
+    """Decode, infer, encode one request, wholly on `loaded`."""
     started = time.perf_counter_ns()
     table = input_table(loaded, input_tensors(request))
-    if table.num_rows > max_rows:
-        raise RequestTooLarge(
-            f"the request has {table.num_rows} rows; this engine takes at most {max_rows} per "
-            "call (split it into batches, or raise --max-rows)"
-        )
+    check_rows(table.num_rows, max_rows)
     result = loaded.infer(table)
     outputs, raws = output_tensors(result, loaded, [o.name for o in request.outputs])
     spec = loaded.spec
@@ -300,7 +294,7 @@ def _infer(
     )
     elapsed_ns = time.perf_counter_ns() - started
     response.parameters["elapsed_ns"].int64_param = elapsed_ns
-    return response, result, elapsed_ns
+    return Ran(response, result, elapsed_ns, result.nbytes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -319,19 +313,9 @@ def _served_by(spec: PipelineSpec) -> dict[str, oip.InferParameter]:
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """Decode, call the host and the loaded pipeline, encode: nothing else."""
 
-    def __init__(
-        self,
-        host: EngineHost,
-        executor: InferenceQueue,
-        max_rows: int,
-        metrics: EngineMetrics | None = None,
-        inference_log: InferenceLog | None = None,
-    ) -> None:
-        self._log = inference_log
+    def __init__(self, host: EngineHost, plane: DataPlane) -> None:
         self._host = host
-        self._executor = executor
-        self._max_rows = max_rows
-        self._metrics = metrics or EngineMetrics()
+        self._plane = plane
 
     def _lookup(self, name: str, version: str, workspace: str = "") -> LoadedPipeline:
         caller = access.current.get()
@@ -386,28 +370,14 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: Context
     ) -> oip.ModelInferResponse:
-        started = time.perf_counter()
-        metrics, bound = self._metrics, None
-        metrics.in_flight.inc()
-        try:
-            workspace = _workspace(request)
-            # Looked up once: this request runs on this version even if a swap commits meanwhile.
-            loaded = self._lookup(request.model_name, request.model_version, workspace)
-            bound = metrics.bind(loaded)
-            size = sum(len(raw) for raw in request.raw_input_contents)
-            response, result, elapsed_ns = await self._executor.run(
-                _infer, loaded, request, self._max_rows, nbytes=size
-            )
-        except BaseException as exc:
-            _count_failure(metrics, bound, exc)
-            raise
-        finally:
-            metrics.in_flight.dec()
-        _count_success(bound, started, result.num_rows)
-        if self._log is not None:
-            # Same record as Engine.Infer's: OIP answers show up in pipeline.logs() too.
-            self._log.append(loaded, result, elapsed_ns, result.nbytes)
-        return response
+        workspace = _workspace(request)
+        max_rows = self._plane.max_rows
+        served = await self._plane.serve(
+            lambda: self._lookup(request.model_name, request.model_version, workspace),
+            lambda loaded: _infer(loaded, request, max_rows),
+            nbytes=sum(len(raw) for raw in request.raw_input_contents),
+        )
+        return served.answer
 
     async def RepositoryIndex(
         self, request: oip.RepositoryIndexRequest, context: Context
@@ -436,21 +406,6 @@ def _workspace(request: oip.ModelInferRequest) -> str:
     if not isinstance(value, str):
         raise InvalidInput("the 'workspace' parameter must be a string")
     return value
-
-
-def _count_failure(metrics: EngineMetrics, bound: Bound | None, exc: BaseException) -> None:
-    if isinstance(exc, asyncio.CancelledError):
-        metrics.failed(bound, "CANCELLED")
-    elif isinstance(exc, Exception):
-        code = status_for(STATUS, exc)
-        metrics.failed(bound, code.name if code is not None else "UNKNOWN")
-
-
-def _count_success(bound: Bound | None, started: float, rows: int) -> None:
-    if bound is not None:
-        bound.ok.inc()
-        bound.latency.observe(time.perf_counter() - started)
-        bound.rows.inc(rows)
 
 
 def _version() -> str:

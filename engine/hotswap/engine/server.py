@@ -14,6 +14,7 @@ import grpc
 from hotswap.engine import access
 from hotswap.engine._auth_interceptor import EngineAuthInterceptor
 from hotswap.engine.blob_cache import BlobCache
+from hotswap.engine.dataplane import DataPlane, InferenceQueue
 from hotswap.engine.health import EngineHealth
 from hotswap.engine.host import EngineHost
 from hotswap.engine.inference_log import InferenceLog, LogSettings
@@ -21,7 +22,7 @@ from hotswap.engine.link import ControlLink
 from hotswap.engine.metrics import EngineMetrics
 from hotswap.engine.oip import InferenceServicer
 from hotswap.engine.runtime import RuntimeOptions
-from hotswap.engine.servicers import EngineIdentity, EngineServicer, InferenceQueue
+from hotswap.engine.servicers import EngineIdentity, EngineServicer, code_name
 from hotswap.engine.settings import Settings
 from hotswap.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from hotswap.service.edge import (
@@ -132,15 +133,15 @@ class EngineServer:
                 lambda: stats.pending_bytes,
                 lambda: stats.disk_bytes,
             )
-        engine = EngineServicer(
-            self.host,
+        plane = DataPlane(
             self._queue,
-            self._identity,
-            self.settings.max_rows,
+            self.metrics,
+            self.inference_log,
+            max_rows=self.settings.max_rows,
             inline_bytes=self.settings.inline_bytes,
-            metrics=self.metrics,
-            inference_log=self.inference_log,
+            code_of=code_name,
         )
+        engine = EngineServicer(self.host, plane, self._identity, inference_log=self.inference_log)
         self.link = ControlLink(
             self.host,
             self.settings.control,
@@ -164,13 +165,7 @@ class EngineServer:
         self._identity.connected = self.link.connected.is_set
         engine_pb2_grpc.add_EngineServicer_to_server(engine, self._server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.host,
-                self._queue,
-                self.settings.max_rows,
-                self.metrics,
-                inference_log=self.inference_log,
-            ),
+            InferenceServicer(self.host, plane),
             self._server,
         )
         self._health = await add_probes(self._server, SERVICES)

@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-import pyarrow as pa
 
 from hotswap.engine import _convert, access
+from hotswap.engine.dataplane import DataPlane, Ran
 from hotswap.engine.errors import (
     InvalidInput,
     Overloaded,
@@ -22,7 +21,6 @@ from hotswap.engine.errors import (
 )
 from hotswap.engine.host import EngineHost
 from hotswap.engine.inference_log import InferenceLog, encode
-from hotswap.engine.metrics import Bound, EngineMetrics
 from hotswap.engine.runtime import LoadedPipeline, decode_ipc, encode_ipc
 from hotswap.service.edge import StatusTable, status_for, unary_errors
 from hotswap.v1 import engine_pb2, engine_pb2_grpc, types_pb2
@@ -39,118 +37,59 @@ STATUS: StatusTable = {
 unary = unary_errors(STATUS)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-_T = TypeVar("_T")
-# Small requests run on the event loop only for pipelines whose 1-row inference takes less.
-INLINE_MAX_MS = 0.5
 # Answers an InferStream keeps in flight at once; more requests wait (back-pressure).
 STREAM_WINDOW = 64
 # Most log rows one GetLogs returns (a bound on what one call makes the engine read).
 MAX_LOG_ROWS = 100_000
 
 
-class InferenceQueue:
-    """The inference threads, with a bound on the requests waiting for one: past it, a
-    request is refused at once (RESOURCE_EXHAUSTED) instead of queued in memory without end."""
-
-    def __init__(
-        self, executor: Executor, max_queued: int, max_queued_bytes: int = 512 * 1024**2
-    ) -> None:
-        self._executor = executor
-        self._max_queued = max_queued
-        self._max_queued_bytes = max_queued_bytes
-        self.queued = 0
-        self.queued_bytes = 0
-
-    async def run(self, fn: Callable[..., _T], *args: Any, nbytes: int = 0) -> _T:
-        """Runs `fn(*args)` on an inference thread; `nbytes` is the request's size."""
-        if self.queued >= self._max_queued or (
-            self.queued and self.queued_bytes + nbytes > self._max_queued_bytes
-        ):
-            raise Overloaded(
-                f"this engine is at capacity ({self.queued} requests, {self.queued_bytes} "
-                "bytes waiting for an inference thread): retry with backoff, or serve on more "
-                "engines"
-            )
-        self.queued += 1
-        self.queued_bytes += nbytes
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            self.queued -= 1
-            self.queued_bytes -= nbytes
-
-
-def _run(loaded: LoadedPipeline, data: bytes, max_rows: int) -> tuple[bytes, pa.Table, int]:
-    """Decode, infer, encode: one request, wholly on `loaded`, in a worker thread."""
+def _run(loaded: LoadedPipeline, data: bytes, max_rows: int) -> Ran[bytes]:
+    """Decode, infer, encode: one request, wholly on `loaded`."""
     start = time.perf_counter_ns()
     table = decode_ipc(data, max_rows)
     result = loaded.infer(table)
     out = encode_ipc(result)
-    return out, result, time.perf_counter_ns() - start
+    return Ran(out, result, time.perf_counter_ns() - start, len(out))
+
+
+def code_name(exc: Exception) -> str:
+    """The status code name `exc` is answered with (the metrics' `code` label)."""
+    code = status_for(STATUS, exc)
+    return code.name if code is not None else "UNKNOWN"
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
     def __init__(
         self,
         host: EngineHost,
-        executor: InferenceQueue,
+        plane: DataPlane,
         state: EngineIdentity,
-        max_rows: int,
         *,
-        inline_bytes: int = 0,
-        metrics: EngineMetrics | None = None,
         inference_log: InferenceLog | None = None,
     ) -> None:
-        self._metrics = metrics or EngineMetrics()
-        self._log = inference_log
-        self._max_rows = max_rows
-        self._inline_bytes = inline_bytes
         self._host = host
-        self._executor = executor
+        self._plane = plane
+        self._log = inference_log
         self._identity = state
 
     async def _infer(self, request: engine_pb2.InferRequest) -> engine_pb2.InferResponse:
-        started = time.perf_counter()
-        bound: Bound | None = None
-        metrics = self._metrics
-        metrics.in_flight.inc()
-        try:
-            # Looked up once: this request runs on this version even if a swap commits meanwhile.
-            caller = access.current.get()
-            loaded = self._host.lookup(request.workspace, request.pipeline, caller.may_use)
-            bound = metrics.bind(loaded)
-            if len(request.arrow) <= self._inline_bytes and loaded.row_ms < INLINE_MAX_MS:
-                # Small request on a fast model: handing it to a thread and back costs more
-                # than running it (tens of µs), so it runs here, keeping the loop's stall tiny.
-                arrow, table, elapsed_ns = _run(loaded, request.arrow, self._max_rows)
-            else:
-                arrow, table, elapsed_ns = await self._executor.run(
-                    _run, loaded, request.arrow, self._max_rows, nbytes=len(request.arrow)
-                )
-        except Exception as exc:
-            code = status_for(STATUS, exc)
-            metrics.failed(bound, code.name if code is not None else "UNKNOWN")
-            raise
-        except asyncio.CancelledError:
-            metrics.failed(bound, "CANCELLED")
-            raise
-        finally:
-            metrics.in_flight.dec()
-        bound.ok.inc()
-        bound.latency.observe(time.perf_counter() - started)
-        bound.rows.inc(table.num_rows)
-        if self._log is not None:
-            # A reference to the finished table: the log copies nothing on this path.
-            self._log.append(loaded, table, elapsed_ns, len(arrow), request.source)
-        spec = loaded.spec
+        caller = access.current.get()
+        max_rows = self._plane.max_rows
+        served = await self._plane.serve(
+            lambda: self._host.lookup(request.workspace, request.pipeline, caller.may_use),
+            lambda loaded: _run(loaded, request.arrow, max_rows),
+            nbytes=len(request.arrow),
+            source=request.source,
+        )
+        spec = served.loaded.spec
         return engine_pb2.InferResponse(
-            arrow=arrow,
+            arrow=served.answer,
             workspace=spec.workspace,
             pipeline=spec.pipeline,
             pipeline_version=spec.number,
             pipeline_version_id=spec.version_id,
-            models=_convert.served_models(loaded),
-            elapsed_ns=elapsed_ns,
+            models=_convert.served_models(served.loaded),
+            elapsed_ns=served.elapsed_ns,
             request_id=request.request_id,
         )
 
