@@ -94,7 +94,7 @@ def test_a_stalled_control_plane_is_named_with_the_time_waited(stack: LocalStack
     stack.kill("control", signal.SIGSTOP)
     try:
         with pytest.raises(hotswap.HotswapTimeoutError) as excinfo:
-            client._session.control.list_workspaces(c.ListWorkspacesRequest(), timeout=1)
+            client._channels.control.list_workspaces(c.ListWorkspacesRequest(), timeout=1)
     finally:
         stack.kill("control", signal.SIGCONT)
     message = str(excinfo.value)

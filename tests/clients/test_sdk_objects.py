@@ -9,20 +9,20 @@ from collections.abc import Iterator
 import pytest
 
 import hotswap
+from hotswap.clients._channels import Channels
 from hotswap.clients._deploy import DeployResult, status_dict
 from hotswap.clients._model import Model, ModelList
 from hotswap.clients._pipeline_version import PipelineVersion, PipelineVersionList
 from hotswap.clients._render import format_cell, grid_text, kv_html
-from hotswap.clients._session import Session
 from hotswap.v1 import control_pb2, types_pb2
 
 SHA = "e22a0831aafd9917f3cc87a15ed267797f80e2afa12ad7d8810ca58f173b8cc6"
 
 
 @pytest.fixture
-def session() -> Iterator[Session]:
+def session() -> Iterator[Channels]:
     # A channel is lazy: nothing connects unless an RPC is made.
-    s = Session("127.0.0.1:1")
+    s = Channels("127.0.0.1:1")
     yield s
     s.close()
 
@@ -99,7 +99,7 @@ def test_status_carries_details_and_reasons() -> None:
     assert status["engines"][0]["ip"] == "::1"
 
 
-def test_model_renders_in_a_terminal_and_in_jupyter(session: Session) -> None:
+def test_model_renders_in_a_terminal_and_in_jupyter(session: Channels) -> None:
     model = Model(session, _model_version())
     assert (model.name(), model.version(), model.sha()) == ("housing-rf", "v-1", SHA)
     assert model.inputs()[0].shape == (-1, 18)
@@ -109,7 +109,7 @@ def test_model_renders_in_a_terminal_and_in_jupyter(session: Session) -> None:
     assert html.startswith("<table>") and "<th>SHA</th>" in html
 
 
-def test_configure_binds_columns_by_position(session: Session) -> None:
+def test_configure_binds_columns_by_position(session: Channels) -> None:
     model = Model(session, _model_version())
     assert model.configure(tensor_fields=["features"]) is model
     assert model.column_renames() == {"features": "tensor"}
@@ -118,7 +118,7 @@ def test_configure_binds_columns_by_position(session: Session) -> None:
         model.configure(tensor_fields=["a", "b"])
 
 
-def test_lists_render_as_tables(session: Session) -> None:
+def test_lists_render_as_tables(session: Channels) -> None:
     models = ModelList([Model(session, _model_version(), 2)])
     assert "# of Versions" in repr(models)
     assert "<td>housing-rf</td>" in models._repr_html_()

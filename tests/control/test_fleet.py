@@ -34,10 +34,10 @@ async def test_a_live_name_is_not_taken_by_another_instance() -> None:
     # The same instance id under another credential is not the same engine either.
     with pytest.raises(EngineRefused):
         fleet.connect(_hello("e1", "a"), principal="other")
-    assert live.connected and fleet.sessions["e1"] is live
+    assert live.connected and fleet.connections["e1"] is live
     # The same instance reconnecting replaces its own stale stream.
     again = fleet.connect(_hello("e1", "a"), principal="fleet")
-    assert not live.connected and fleet.sessions["e1"] is again
+    assert not live.connected and fleet.connections["e1"] is again
     # Once the holder is gone, a new instance may have the name.
     fleet.disconnect(again)
     assert fleet.connect(_hello("e1", "b"), principal="fleet").connected
@@ -90,7 +90,7 @@ async def test_engines_gone_for_good_are_forgotten_unless_kept() -> None:
     fleet = _fleet(forget_after=0.0)
     for name in ("gone", "assigned", "live"):
         fleet.connect(_hello(name, name))
-    fleet.disconnect(fleet.sessions["gone"])
-    fleet.disconnect(fleet.sessions["assigned"])
+    fleet.disconnect(fleet.connections["gone"])
+    fleet.disconnect(fleet.connections["assigned"])
     assert fleet.forget_gone(keep={"assigned"}.__contains__) == ["gone"]
-    assert sorted(fleet.sessions) == ["assigned", "live"]
+    assert sorted(fleet.connections) == ["assigned", "live"]

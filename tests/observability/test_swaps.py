@@ -99,7 +99,7 @@ def test_requested_by_and_undeploy(tmp_path: Path, assets: Path) -> None:
     ):
         pipeline, _ = setup_pipeline(wl, assets)
         ws = wl.get_current_workspace().name()
-        wl._session.control.deploy(
+        wl._channels.control.deploy(
             control_pb2.DeployRequest(
                 workspace=ws, pipeline="housing", version=1, requested_by="ci/job-7"
             )

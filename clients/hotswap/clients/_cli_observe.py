@@ -74,8 +74,8 @@ def logs(args: argparse.Namespace) -> Output:
     with _client(args) as wl:
         pipeline = wl.get_pipeline(args.pipeline)
         workspace = pipeline.workspace()
-        session = wl._session
-        table, resp = fetch_logs(session, workspace, args.pipeline, args.limit, None, None)
+        channels = wl._channels
+        table, resp = fetch_logs(channels, workspace, args.pipeline, args.limit, None, None)
         if not args.follow:
             text = _rows_text(table) if table.num_rows else f"no inference logs for {args.pipeline}"
             for missing in resp.unreachable:
@@ -88,7 +88,7 @@ def logs(args: argparse.Namespace) -> Output:
                 time.sleep(FOLLOW_INTERVAL)
                 start = datetime.fromtimestamp((cursor + 1) / 1000, UTC)
                 end = datetime.now(UTC) + timedelta(days=1)
-                table, _ = fetch_logs(session, workspace, args.pipeline, 10_000, start, end)
+                table, _ = fetch_logs(channels, workspace, args.pipeline, 10_000, start, end)
                 cursor = max(cursor, _show(table, args.json, header=False))
         except KeyboardInterrupt:  # the way to stop following: not an error
             return Output(None, "", binary=b"")
@@ -113,7 +113,7 @@ def _show(table: pa.Table, as_json: bool, *, header: bool) -> int:
 def swaps(args: argparse.Namespace) -> Output:
     with _client(args) as wl:
         pipeline = wl.get_pipeline(args.pipeline)
-        found = list_swaps(wl._session, pipeline.workspace(), args.pipeline, args.limit)
+        found = list_swaps(wl._channels, pipeline.workspace(), args.pipeline, args.limit)
         if not found:
             return Output([], f"no swaps recorded for {args.pipeline}")
         text = repr(found)

@@ -9,13 +9,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from hotswap.clients._channels import Channels
 from hotswap.clients._errors import EntityExistsError, EntityNotFoundError, InvalidInputError
 from hotswap.clients._model import Framework, Model, ModelList
 from hotswap.clients._pipeline import Pipeline, PipelineList
 from hotswap.clients._pipeline_version import PipelineVersion, list_versions
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
 from hotswap.clients._rpc import Security
-from hotswap.clients._session import Session
 from hotswap.v1 import control_pb2, types_pb2
 
 DEFAULT_ADDRESS = "localhost:50051"
@@ -28,8 +28,8 @@ ProgressCallback = Callable[[int, int], None]
 class Workspace:
     """A namespace for models and pipelines."""
 
-    def __init__(self, session: Session, proto: control_pb2.Workspace) -> None:
-        self._session = session
+    def __init__(self, channels: Channels, proto: control_pb2.Workspace) -> None:
+        self._channels = channels
         self._proto = proto
 
     def name(self) -> str:
@@ -42,14 +42,14 @@ class Workspace:
 
     def models(self) -> list[str]:
         """The names of the workspace's models."""
-        resp = self._session.control.list_models(
+        resp = self._channels.control.list_models(
             control_pb2.ListModelsRequest(workspace=self.name())
         )
         return [m.name for m in resp.models]
 
     def pipelines(self) -> list[str]:
         """The names of the workspace's pipelines."""
-        resp = self._session.control.list_pipelines(
+        resp = self._channels.control.list_pipelines(
             control_pb2.ListPipelinesRequest(workspace=self.name())
         )
         return [p.name for p in resp.pipelines]
@@ -129,7 +129,7 @@ class Client:
         security = Security.resolve(
             os.environ, token, tls_ca, tls_cert, tls_key, allow_plaintext_token
         )
-        self._session = Session(self._address, security)
+        self._channels = Channels(self._address, security)
         self._workspace: Workspace | None = None
 
     @property
@@ -139,7 +139,7 @@ class Client:
 
     def close(self) -> None:
         """Closes the client's connections."""
-        self._session.close()
+        self._channels.close()
 
     def __enter__(self) -> Client:
         return self
@@ -159,15 +159,15 @@ class Client:
 
     def create_workspace(self, name: str) -> Workspace:
         """Creates a workspace; :class:`EntityExistsError` when the name is taken."""
-        proto = self._session.control.create_workspace(
+        proto = self._channels.control.create_workspace(
             control_pb2.CreateWorkspaceRequest(name=name)
         )
-        return Workspace(self._session, proto)
+        return Workspace(self._channels, proto)
 
     def list_workspaces(self) -> WorkspaceList:
         """Every workspace."""
-        resp = self._session.control.list_workspaces(control_pb2.ListWorkspacesRequest())
-        return WorkspaceList(Workspace(self._session, w) for w in resp.workspaces)
+        resp = self._channels.control.list_workspaces(control_pb2.ListWorkspacesRequest())
+        return WorkspaceList(Workspace(self._channels, w) for w in resp.workspaces)
 
     def get_workspace(self, name: str, create_if_not_exist: bool = False) -> Workspace:
         """The workspace called ``name``.
@@ -240,22 +240,22 @@ class Client:
             workspace=self._ws(), name=name, sha256=sha256, size_bytes=size
         )
         try:
-            proto = self._session.control.upload_model(_upload_requests(file, header, progress))
+            proto = self._channels.control.upload_model(_upload_requests(file, header, progress))
         except InvalidInputError as err:
             # The server speaks of "the model"; the user knows it by its file.
             raise InvalidInputError(f"{file}: {err.message}") from None
-        return Model(self._session, proto)
+        return Model(self._channels, proto)
 
     def list_models(self) -> ModelList:
         """The current workspace's models, each at its latest version with its version count."""
-        resp = self._session.control.list_models(
+        resp = self._channels.control.list_models(
             control_pb2.ListModelsRequest(workspace=self._ws())
         )
-        return ModelList(Model(self._session, m.latest, m.version_count) for m in resp.models)
+        return ModelList(Model(self._channels, m.latest, m.version_count) for m in resp.models)
 
     def get_model(self, name: str, version: str | None = None) -> Model:
         """Model ``name`` at ``version`` (an id), or its latest version."""
-        resp = self._session.control.get_model(
+        resp = self._channels.control.get_model(
             control_pb2.GetModelRequest(workspace=self._ws(), name=name)
         )
         versions = list(resp.versions)
@@ -263,23 +263,23 @@ class Client:
             versions = [v for v in versions if v.version == version]
         if not versions:
             raise EntityNotFoundError(f"model {name!r} has no version {version!r}")
-        return Model(self._session, versions[-1], len(resp.versions))
+        return Model(self._channels, versions[-1], len(resp.versions))
 
     # --- pipelines ----------------------------------------------------------------------------
 
     def build_pipeline(self, name: str) -> Pipeline:
         """The pipeline called ``name`` in the current workspace, created if new."""
         try:
-            proto = self._session.control.create_pipeline(
+            proto = self._channels.control.create_pipeline(
                 control_pb2.CreatePipelineRequest(workspace=self._ws(), name=name)
             )
         except EntityExistsError:
             return self.get_pipeline(name)
-        return Pipeline(self._session, proto, [])
+        return Pipeline(self._channels, proto, [])
 
     def list_pipelines(self) -> PipelineList:
         """The current workspace's pipelines."""
-        resp = self._session.control.list_pipelines(
+        resp = self._channels.control.list_pipelines(
             control_pb2.ListPipelinesRequest(workspace=self._ws())
         )
         return PipelineList(self._pipeline(p) for p in resp.pipelines)
@@ -291,19 +291,19 @@ class Client:
     def get_pipeline(self, name: str, version: int | str | None = None) -> Pipeline:
         """Pipeline ``name``; with ``version`` (a number or id), its steps are that version's
         and ``deploy()`` without changes deploys it (a rollback)."""
-        proto = self._session.control.get_pipeline(
+        proto = self._channels.control.get_pipeline(
             control_pb2.GetPipelineRequest(workspace=self._ws(), name=name)
         )
         if version is None:
             return self._pipeline(proto)
         for v in self._versions(proto):
             if v.number == version or v.version_id == version:
-                pinned = PipelineVersion(self._session, v)
-                return Pipeline(self._session, proto, pinned.steps(), pinned)
+                pinned = PipelineVersion(self._channels, v)
+                return Pipeline(self._channels, proto, pinned.steps(), pinned)
         raise EntityNotFoundError(f"pipeline {name!r} has no version {version!r}")
 
     def _versions(self, proto: control_pb2.Pipeline) -> list[types_pb2.PipelineVersion]:
-        return list_versions(self._session, proto.workspace, proto.name)
+        return list_versions(self._channels, proto.workspace, proto.name)
 
     def _pipeline(self, proto: control_pb2.Pipeline) -> Pipeline:
         # Stage what is deployed (or else the latest version), as a reopened notebook expects.
@@ -312,8 +312,8 @@ class Client:
         elif proto.version_count:
             source = self._versions(proto)[-1]
         else:
-            return Pipeline(self._session, proto, [])
-        return Pipeline(self._session, proto, PipelineVersion(self._session, source).steps())
+            return Pipeline(self._channels, proto, [])
+        return Pipeline(self._channels, proto, PipelineVersion(self._channels, source).steps())
 
 
 def _upload_requests(

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from hotswap.clients._channels import Channels
 from hotswap.clients._convert import from_ipc, table_to_pandas, write_arrow_file
 from hotswap.clients._errors import InvalidInputError
 from hotswap.clients._render import format_ms, grid_html, grid_text
-from hotswap.clients._session import Session
 from hotswap.v1 import control_pb2, types_pb2
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def to_ms(moment: datetime) -> int:
 
 
 def fetch_logs(
-    session: Session,
+    channels: Channels,
     workspace: str,
     pipeline: str,
     limit: int,
@@ -49,7 +49,7 @@ def fetch_logs(
         request.start_ms, request.end_ms = to_ms(start), to_ms(end)
         if request.end_ms <= request.start_ms:
             raise ValueError("logs(): end must be after start")
-    resp = session.control.get_pipeline_logs(request)
+    resp = channels.control.get_pipeline_logs(request)
     table = (
         from_ipc(resp.arrow) if resp.arrow else pa.table({"time": pa.array([], pa.timestamp("ms"))})
     )
@@ -134,8 +134,8 @@ def swap_dict(swap: control_pb2.SwapRecord) -> dict[str, Any]:
     }
 
 
-def list_swaps(session: Session, workspace: str, pipeline: str, limit: int) -> SwapList:
-    resp = session.control.list_swaps(
+def list_swaps(channels: Channels, workspace: str, pipeline: str, limit: int) -> SwapList:
+    resp = channels.control.list_swaps(
         control_pb2.ListSwapsRequest(workspace=workspace, pipeline=pipeline, limit=limit)
     )
     return SwapList(swap_dict(s) for s in resp.swaps)

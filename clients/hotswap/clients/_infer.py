@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from hotswap.clients._channels import Channels
 from hotswap.clients._convert import from_ipc, to_ipc
 from hotswap.clients._errors import (
     DeploymentError,
@@ -18,7 +19,6 @@ from hotswap.clients._errors import (
     InferenceTimeoutError,
     UnavailableError,
 )
-from hotswap.clients._session import Session
 from hotswap.v1 import control_pb2, engine_pb2
 
 DEFAULT_TIMEOUT = 15.0
@@ -66,8 +66,8 @@ class Router:
     case the request is retried once.
     """
 
-    def __init__(self, session: Session, workspace: str, pipeline: str) -> None:
-        self._session = session
+    def __init__(self, channels: Channels, workspace: str, pipeline: str) -> None:
+        self._channels = channels
         self._workspace = workspace
         self._pipeline = pipeline
         self._lock = threading.Lock()
@@ -87,7 +87,7 @@ class Router:
             fresh = time.monotonic() - self._fetched_at < ENDPOINTS_TTL
             if self._addresses is not None and fresh and not refresh:
                 return self._addresses
-        resp = self._session.control.get_pipeline_endpoints(
+        resp = self._channels.control.get_pipeline_endpoints(
             control_pb2.GetPipelineEndpointsRequest(
                 workspace=self._workspace, pipeline=self._pipeline
             )
@@ -145,7 +145,7 @@ class Router:
         self, address: str, request: engine_pb2.InferRequest, timeout: float
     ) -> engine_pb2.InferResponse:
         try:
-            return self._session.infer_stub(address)(request, timeout=timeout)
+            return self._channels.infer_stub(address)(request, timeout=timeout)
         except HotswapTimeoutError:
             raise InferenceTimeoutError(
                 f"inference on pipeline {self._pipeline!r} did not finish within {timeout:g} s "
@@ -159,7 +159,7 @@ class Router:
             raise type(err)(message) from None
 
     def _not_serving(self) -> Exception:
-        pipeline = self._session.control.get_pipeline(
+        pipeline = self._channels.control.get_pipeline(
             control_pb2.GetPipelineRequest(workspace=self._workspace, name=self._pipeline)
         )
         if not pipeline.HasField("deployed"):

@@ -7,9 +7,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hotswap.clients._channels import Channels
 from hotswap.clients._errors import InvalidInputError
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
-from hotswap.clients._session import Session
 from hotswap.v1 import control_pb2, types_pb2
 
 
@@ -39,8 +39,8 @@ class Model:
     :meth:`Pipeline.add_model_step`.
     """
 
-    def __init__(self, session: Session, proto: types_pb2.ModelVersion, version_count: int = 0):
-        self._session = session
+    def __init__(self, channels: Channels, proto: types_pb2.ModelVersion, version_count: int = 0):
+        self._channels = channels
         self._proto = proto
         self._version_count = version_count
         self._tensor_fields: tuple[str, ...] | None = None
@@ -123,10 +123,10 @@ class Model:
 
     def versions(self) -> ModelList:
         """Every version of this model, oldest first."""
-        resp = self._session.control.get_model(
+        resp = self._channels.control.get_model(
             control_pb2.GetModelRequest(workspace=self.workspace(), name=self.name())
         )
-        return ModelList(Model(self._session, v) for v in resp.versions)
+        return ModelList(Model(self._channels, v) for v in resp.versions)
 
     def _pairs(self) -> list[tuple[str, Any]]:
         return [

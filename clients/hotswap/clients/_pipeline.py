@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pyarrow as pa
 
+from hotswap.clients._channels import Channels
 from hotswap.clients._convert import (
     is_dataframe,
     read_table_file,
@@ -32,7 +33,6 @@ from hotswap.clients._model import Model
 from hotswap.clients._pipeline_version import PipelineVersion, PipelineVersionList, list_versions
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
 from hotswap.clients._rpc import new_request_id
-from hotswap.clients._session import Session
 from hotswap.v1 import control_pb2
 
 if TYPE_CHECKING:
@@ -49,16 +49,16 @@ class Pipeline:
 
     def __init__(
         self,
-        session: Session,
+        channels: Channels,
         proto: control_pb2.Pipeline,
         steps: list[Model],
         pinned: PipelineVersion | None = None,
     ) -> None:
-        self._session = session
+        self._channels = channels
         self._proto = proto
         self._steps = list(steps)
         self._pinned = pinned
-        self._router = Router(session, proto.workspace, proto.name)
+        self._router = Router(channels, proto.workspace, proto.name)
         self._last_deploy: DeployResult | None = None
 
     # --- identity and state -----------------------------------------------------------------
@@ -87,20 +87,20 @@ class Pipeline:
         """The version deployed now, if any."""
         proto = self._refresh()
         return (
-            PipelineVersion(self._session, proto.deployed) if proto.HasField("deployed") else None
+            PipelineVersion(self._channels, proto.deployed) if proto.HasField("deployed") else None
         )
 
     def versions(self) -> PipelineVersionList:
         """Every version, oldest first."""
-        versions = list_versions(self._session, self.workspace(), self.name())
+        versions = list_versions(self._channels, self.workspace(), self.name())
         deployed = self._refresh().deployed.number
-        return PipelineVersionList((PipelineVersion(self._session, v) for v in versions), deployed)
+        return PipelineVersionList((PipelineVersion(self._channels, v) for v in versions), deployed)
 
     def status(self) -> dict[str, Any]:
         """The deployment's live state, shaped like the tutorial's ``pipeline.status()``:
         ``{'status', 'details', 'engines': [{'ip', 'address', 'name', 'status', 'reason',
         'details', 'pipeline_statuses', 'model_statuses'}]}``, one engine entry per replica."""
-        resp = self._session.control.get_pipeline_status(
+        resp = self._channels.control.get_pipeline_status(
             control_pb2.GetPipelineStatusRequest(workspace=self.workspace(), pipeline=self.name())
         )
         return status_dict(resp)
@@ -163,7 +163,7 @@ class Pipeline:
             raise InvalidInputError(
                 f"pipeline {self.name()!r} has no steps: add one with add_model_step(model)"
             )
-        proto = self._session.control.create_pipeline_version(
+        proto = self._channels.control.create_pipeline_version(
             control_pb2.CreatePipelineVersionRequest(
                 workspace=self.workspace(),
                 pipeline=self.name(),
@@ -172,7 +172,7 @@ class Pipeline:
                 ],
             )
         )
-        self._pinned = PipelineVersion(self._session, proto)
+        self._pinned = PipelineVersion(self._channels, proto)
         self._refresh()
         return self._pinned
 
@@ -211,7 +211,7 @@ class Pipeline:
             request.expected_current_version = expected_current_version
         request_id = new_request_id()
         try:
-            resp = self._session.control.deploy(request, request_id=request_id)
+            resp = self._channels.control.deploy(request, request_id=request_id)
         finally:
             self._router.invalidate()
         wall_ms = (time.perf_counter() - start) * 1000
@@ -233,7 +233,7 @@ class Pipeline:
                 HotswapWarning,
                 stacklevel=2,
             )
-        deployed = PipelineVersion(self._session, resp.version)
+        deployed = PipelineVersion(self._channels, resp.version)
         if deployed.step_keys() != tuple((m.name(), m.version()) for m in self._steps):
             self._steps = deployed.steps()  # else keep the staged Models and their configure()
         self._pinned = None
@@ -243,7 +243,7 @@ class Pipeline:
     def undeploy(self) -> Pipeline:
         """Stops serving the pipeline and frees its sessions on every engine."""
         try:
-            resp = self._session.control.undeploy(
+            resp = self._channels.control.undeploy(
                 control_pb2.UndeployRequest(workspace=self.workspace(), pipeline=self.name())
             )
         finally:
@@ -399,7 +399,7 @@ class Pipeline:
         Raises:
             ValueError: Only one of ``start`` and ``end``, or ``end`` not after ``start``.
         """
-        table, _ = fetch_logs(self._session, self.workspace(), self.name(), limit, start, end)
+        table, _ = fetch_logs(self._channels, self.workspace(), self.name(), limit, start, end)
         return logs_result(select(table, dataset), arrow)
 
     def export_logs(
@@ -414,18 +414,18 @@ class Pipeline:
         Returns:
             The files written.
         """
-        table, _ = fetch_logs(self._session, self.workspace(), self.name(), limit, start, end)
+        table, _ = fetch_logs(self._channels, self.workspace(), self.name(), limit, start, end)
         return export(table, directory, self.name())
 
     def swaps(self, limit: int = 100) -> SwapList:
         """The swap timeline, newest first: every deploy, rollback and undeploy with its
         outcome, reason, who asked, and per-engine stages and timings (``.to_pandas()``)."""
-        return list_swaps(self._session, self.workspace(), self.name(), limit)
+        return list_swaps(self._channels, self.workspace(), self.name(), limit)
 
     # --- rendering ----------------------------------------------------------------------------
 
     def _refresh(self) -> control_pb2.Pipeline:
-        self._proto = self._session.control.get_pipeline(
+        self._proto = self._channels.control.get_pipeline(
             control_pb2.GetPipelineRequest(workspace=self.workspace(), name=self.name())
         )
         return self._proto

@@ -5,20 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from hotswap.clients._channels import Channels
 from hotswap.clients._model import Model
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
-from hotswap.clients._session import Session
 from hotswap.v1 import control_pb2, types_pb2
 
 
 def list_versions(
-    session: Session, workspace: str, pipeline: str
+    channels: Channels, workspace: str, pipeline: str
 ) -> list[types_pb2.PipelineVersion]:
     """Every version of a pipeline, oldest first (the server sends them a page at a time)."""
     versions: list[types_pb2.PipelineVersion] = []
     token = ""
     while True:
-        page = session.control.list_pipeline_versions(
+        page = channels.control.list_pipeline_versions(
             control_pb2.ListPipelineVersionsRequest(
                 workspace=workspace, pipeline=pipeline, page_size=1000, page_token=token
             )
@@ -32,8 +32,8 @@ def list_versions(
 class PipelineVersion:
     """One immutable version of a pipeline: its number, id and steps."""
 
-    def __init__(self, session: Session, proto: types_pb2.PipelineVersion) -> None:
-        self._session = session
+    def __init__(self, channels: Channels, proto: types_pb2.PipelineVersion) -> None:
+        self._channels = channels
         self._proto = proto
 
     def number(self) -> int:
@@ -54,7 +54,7 @@ class PipelineVersion:
 
     def steps(self) -> list[Model]:
         """The version's steps, in order."""
-        return [Model(self._session, s) for s in self._proto.steps]
+        return [Model(self._channels, s) for s in self._proto.steps]
 
     def step_keys(self) -> tuple[tuple[str, str], ...]:
         """(model name, model version) per step: what makes two versions the same."""

@@ -39,7 +39,7 @@ class LogGatherer:
         if not 0 <= request.limit <= MAX_LIMIT:
             raise InvalidArgument(f"limit must be 0 (default {DEFAULT_LIMIT}) to {MAX_LIMIT}")
         limit = request.limit or DEFAULT_LIMIT
-        engines = [s.name for s in self._fleet.sessions.values() if s.connected]
+        engines = [s.name for s in self._fleet.connections.values() if s.connected]
         # Each engine returns at most `limit` rows: the newest `limit` overall are among them.
         ask = types_pb2.GetLogsRequest()
         ask.CopyFrom(request)

@@ -153,7 +153,7 @@ class Fleet:
         self.forget_after = forget_after
         self._metrics = metrics or ControlMetrics()
         self._metrics.watch_engines(lambda: len(self.live()))
-        self.sessions: dict[str, EngineConnection] = {}
+        self.connections: dict[str, EngineConnection] = {}
         self._reports = asyncio.Condition()
 
     # -- connections ----------------------------------------------------------------------
@@ -168,7 +168,7 @@ class Fleet:
             raise InvalidArgument(
                 f"engine address {hello.address[:60]!r} is not host:port: pass --advertise"
             )
-        old = self.sessions.get(hello.name)
+        old = self.connections.get(hello.name)
         if old is None:
             self._make_room()
         elif not old.lost(self.lost_after):
@@ -191,7 +191,7 @@ class Fleet:
         connection = EngineConnection(hello.name, hello.address, hello.instance_id, principal)
         for serving in hello.serving:
             connection.serving[f"{serving.workspace}/{serving.pipeline}"] = _serving(serving)
-        self.sessions[hello.name] = connection
+        self.connections[hello.name] = connection
         log.info("engine %s connected from %s", hello.name, hello.address)
         self._send(connection, fleet_pb2.ControlMessage(access=self._access_rules()))
         return connection
@@ -199,12 +199,12 @@ class Fleet:
     def _make_room(self) -> None:
         """Forgets the longest-gone engine when the registry is full; refuses when every
         remembered engine is connected."""
-        if len(self.sessions) < MAX_SESSIONS:
+        if len(self.connections) < MAX_SESSIONS:
             return
-        gone = [s for s in self.sessions.values() if not s.connected]
+        gone = [s for s in self.connections.values() if not s.connected]
         if not gone:
             raise EngineRefused(f"{MAX_SESSIONS} engines are connected already")
-        del self.sessions[min(gone, key=lambda s: s.disconnected_at).name]
+        del self.connections[min(gone, key=lambda s: s.disconnected_at).name]
 
     def disconnect(self, connection: EngineConnection) -> None:
         if connection.connected:
@@ -248,7 +248,7 @@ class Fleet:
     def push_access(self) -> None:
         """Sends the current access rules to every connected engine (after a token change)."""
         message = fleet_pb2.ControlMessage(access=self._access_rules())
-        for connection in list(self.sessions.values()):
+        for connection in list(self.connections.values()):
             self._send(connection, message)
 
     def forget_gone(self, keep: Callable[[str], bool] = lambda name: False) -> list[str]:
@@ -257,11 +257,11 @@ class Fleet:
         now = time.monotonic()
         gone = [
             name
-            for name, s in self.sessions.items()
+            for name, s in self.connections.items()
             if not s.connected and now - s.disconnected_at > self.forget_after and not keep(name)
         ]
         for name in gone:
-            del self.sessions[name]
+            del self.connections[name]
         return gone
 
     # -- what engines say -------------------------------------------------------------------
@@ -310,7 +310,7 @@ class Fleet:
 
         Raises EngineGone if the stream drops, TimeoutError after `timeout` seconds.
         """
-        connection = self.sessions.get(engine)
+        connection = self.connections.get(engine)
         if connection is None or not connection.connected:
             raise EngineGone(f"engine {engine} is not connected")
         future: asyncio.Future[fleet_pb2.EngineMessage] = asyncio.get_running_loop().create_future()
@@ -327,15 +327,15 @@ class Fleet:
         """Connected engines whose heartbeats are current, by name."""
         return [
             EngineRef(s.name, s.address)
-            for s in sorted(self.sessions.values(), key=lambda s: s.name)
+            for s in sorted(self.connections.values(), key=lambda s: s.name)
             if not s.lost(self.lost_after)
         ]
 
     def known(self, name: str) -> bool:
-        return name in self.sessions
+        return name in self.connections
 
     def address_of(self, name: str) -> str:
-        connection = self.sessions.get(name)
+        connection = self.connections.get(name)
         return connection.address if connection else ""
 
     async def prepare(
@@ -363,13 +363,13 @@ class Fleet:
         return CommitDone(answer.switch_us)
 
     def abort(self, engine: str, swap_id: str, reason: str, request_id: str) -> None:
-        connection = self.sessions.get(engine)
+        connection = self.connections.get(engine)
         if connection is not None:
             abort = fleet_pb2.Abort(swap_id=swap_id, reason=reason, request_id=request_id)
             self._send(connection, fleet_pb2.ControlMessage(abort=abort))
 
     def push_desired(self, engine: str, versions: Sequence[PipelineVersion], revision: int) -> None:
-        connection = self.sessions.get(engine)
+        connection = self.connections.get(engine)
         if connection is not None:
             desired = fleet_pb2.DesiredState(
                 revision=revision, pipelines=[_convert.pipeline_version(v) for v in versions]
@@ -377,7 +377,7 @@ class Fleet:
             self._send(connection, fleet_pb2.ControlMessage(desired=desired))
 
     async def wait_applied(self, engine: str, revision: int, timeout: float) -> bool:
-        connection = self.sessions.get(engine)
+        connection = self.connections.get(engine)
         if connection is None:
             return False
 
@@ -414,6 +414,6 @@ class Fleet:
             beat = fleet_pb2.ControlMessage(
                 heartbeat=fleet_pb2.Heartbeat(sent_ms=int(time.time() * 1000))
             )
-            for connection in list(self.sessions.values()):
+            for connection in list(self.connections.values()):
                 self._send(connection, beat)
             every_beat()

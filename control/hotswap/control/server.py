@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -29,6 +27,7 @@ from hotswap.service.interceptors import OpenStreamLimit
 from hotswap.service.log_config import RequestIdInterceptor
 from hotswap.service.metrics_http import MetricsEndpoint
 from hotswap.service.probes import Health, add_probes
+from hotswap.service.supervisor import Supervisor
 from hotswap.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class ControlPlaneServer:
             FleetServicer(self.fleet, self.coordinator, self.blobs, self.store), self._server
         )
         self.address = ""
-        self._heartbeat: asyncio.Task[None] | None = None
+        self.supervisor = Supervisor()
         self._health: Health | None = None
 
     async def start(self) -> str:
@@ -107,8 +106,9 @@ class ControlPlaneServer:
         for name in ("", *SERVICES):
             await self._health.set(name, True)
         self.address = f"{host}:{port}"
-        self._heartbeat = asyncio.create_task(
-            self.fleet.heartbeat_forever(self.settings.heartbeat_interval, self._housekeeping)
+        self.supervisor.spawn(
+            "heartbeat",
+            self.fleet.heartbeat_forever(self.settings.heartbeat_interval, self._housekeeping),
         )
         log.info(
             "control plane serving on %s with %s (data in %s)",
@@ -153,10 +153,7 @@ class ControlPlaneServer:
     async def stop(self, grace: float = 2.0) -> None:
         if self._health is not None:
             await self._health.shutdown()  # probes see NOT_SERVING while requests drain
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        await self.supervisor.cancel()
         await self.coordinator.close()
         await self._server.stop(grace)
         self.metrics_endpoint.stop()

@@ -313,7 +313,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
                         if auth.may_see(p.workspace)
                     ],
                 )
-                for s in sorted(fleet.sessions.values(), key=lambda s: s.name)
+                for s in sorted(fleet.connections.values(), key=lambda s: s.name)
             ]
         )
 
@@ -361,31 +361,33 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             )
             return
         try:
-            session = self._fleet.connect(hello, "" if principal is auth.OPEN else principal.name)
+            connection = self._fleet.connect(
+                hello, "" if principal is auth.OPEN else principal.name
+            )
         except EngineRefused as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             return
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        self._coordinator.engine_connected(session.name)
+        self._coordinator.engine_connected(connection.name)
 
         async def read() -> None:
             try:
                 async for message in request_iterator:
-                    self._fleet.handle(session, message)
+                    self._fleet.handle(connection, message)
             finally:
-                self._fleet.disconnect(session)
+                self._fleet.disconnect(connection)
 
         reader = asyncio.create_task(read())
         try:
-            while (message := await session.outbox.get()) is not None:
+            while (message := await connection.outbox.get()) is not None:
                 yield message
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            self._fleet.disconnect(session)
+            self._fleet.disconnect(connection)
 
     def _check_fetch(self, request: fleet_pb2.FetchBlobRequest) -> None:
         """A secured control plane serves an engine only what its live stream is meant to
@@ -397,18 +399,18 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             if not self._store.has_blob(request.sha256):
                 raise missing
             return
-        session = self._fleet.sessions.get(request.engine)
+        connection = self._fleet.connections.get(request.engine)
         if (
-            session is None
-            or not session.connected
-            or session.principal != principal.name
-            or session.instance_id != request.instance_id
+            connection is None
+            or not connection.connected
+            or connection.principal != principal.name
+            or connection.instance_id != request.instance_id
         ):
             raise auth.PermissionDenied(
                 f"no live engine {request.engine!r} of this credential: fetch blobs over the "
                 "engine's own Connect stream (send its name and instance_id)"
             )
-        if not session.may_fetch(request.sha256):
+        if not connection.may_fetch(request.sha256):
             raise missing
 
     @streaming

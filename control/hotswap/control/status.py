@@ -50,16 +50,16 @@ class StatusBoard:
         self._running = running
 
     def _engine_view(self, name: str, deployment: Deployment) -> EngineView:
-        session = self._fleet.sessions.get(name)
-        if session is None:
+        connection = self._fleet.connections.get(name)
+        if connection is None:
             return EngineView(name, "", "Lost", "engine has not connected", 0, (), 0)
-        serving = session.serving.get(deployment.version.key)
+        serving = connection.serving.get(deployment.version.key)
         number = serving.number if serving else 0
         models = tuple(
             ModelState(m.name, m.version, m.sha256, "Running")
             for m in (serving.models if serving else ())
         )
-        if session.lost(self._fleet.lost_after):
+        if connection.lost(self._fleet.lost_after):
             status, reason = "Lost", "no heartbeat from the engine"
         elif serving is not None and serving.state == "Error":
             status, reason = "Error", serving.error
@@ -69,7 +69,7 @@ class StatusBoard:
             status = "Starting"
             reason = f"loading version {deployment.version.number}"
         return EngineView(
-            name, session.address, status, reason, number, models, session.last_seen_ms
+            name, connection.address, status, reason, number, models, connection.last_seen_ms
         )
 
     def status(self, workspace: str, pipeline: str) -> PipelineStatus:

@@ -16,7 +16,6 @@ they would tell anyone which workspaces and pipelines it serves.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from hotswap.engine.host import EngineHost
@@ -53,15 +52,13 @@ class EngineHealth:
         self._host = host
         self._health = health
         self._services = ("", *services)
-        self._changed = asyncio.Event()
         self._known: set[str] = set()
-        host.on_change = self._changed.set
 
     async def run_forever(self) -> None:
         while True:
-            self._changed.clear()
+            seen = self._host.changes.count
             await self._apply()
-            await self._changed.wait()
+            await self._host.changes.wait_after(seen)
 
     async def _apply(self) -> None:
         ready, pipelines = readiness(self._host)

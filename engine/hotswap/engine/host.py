@@ -83,6 +83,25 @@ class PipelineState:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
+class Changes:
+    """A change counter that any number of observers can wait on (level-triggered: an
+    observer that was busy sees that something changed, not each change)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.count += 1
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait_after(self, seen: int) -> None:
+        """Returns once `count` has moved past `seen`."""
+        while self.count <= seen:
+            await self._event.wait()
+
+
 def _everything(workspace: str) -> bool:
     return True
 
@@ -118,9 +137,8 @@ class EngineHost:
         # Whether a desired state from the control plane has been applied: until then the
         # engine cannot know what it is meant to serve (health checks answer NOT_SERVING).
         self.synced = False
-        # Called (on the loop) whenever what is active or assigned changes; health checks
-        # hang off it.
-        self.on_change: Callable[[], None] = lambda: None
+        # Counts changes to what is active or assigned; health checks wait on it.
+        self.changes = Changes()
 
     # -- request path -----------------------------------------------------------------------
 
@@ -226,7 +244,7 @@ class EngineHost:
         if old is not None and old is not loaded:
             self._retain(old)
         log.info("swapped %s to version %d in %.1f us", key, loaded.spec.number, switch_us)
-        self.on_change()
+        self.changes.notify()
         return switch_us
 
     def abort_all(self) -> None:
@@ -294,7 +312,7 @@ class EngineHost:
                 if active is None or active.spec.version_id != ref.version_id:
                     self._pending.setdefault(ref.key, "Loading")
             self.synced = True
-            self.on_change()
+            self.changes.notify()
             for ref in desired:
                 active = self._active.get(ref.key)
                 if active is not None and active.spec.version_id == ref.version_id:
@@ -306,7 +324,7 @@ class EngineHost:
                 except PrepareError as exc:
                     log.error("could not load %s version %d: %s", ref.key, ref.number, exc)
                     self._pending[ref.key] = str(exc)
-                    self.on_change()
+                    self.changes.notify()
                     continue
                 if ref.key in self._pending:  # not released while loading
                     swap_id = f"desired:{ref.version_id}"

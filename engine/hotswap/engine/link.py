@@ -33,6 +33,36 @@ BACKOFF_MAX = 2.0
 LogsAnswer = Callable[[types_pb2.GetLogsRequest], Awaitable[types_pb2.LogsResponse]]
 
 
+def new_instance_id() -> str:
+    """Tells this process's streams from another engine's under the same name."""
+    return uuid.uuid4().hex
+
+
+class BlobFetcher:
+    """Fetches model blobs from the control plane (`Fleet.FetchBlob`), as this engine: what
+    the engine's BlobCache reads through. Resumable by offset."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str, name: str, instance_id: str):
+        self._stub = fleet_pb2_grpc.FleetStub(channel)
+        # The engine credential, sent on every Fleet call (never logged).
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
+        self._name = name
+        self._instance_id = instance_id
+
+    async def fetch(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        request = fleet_pb2.FetchBlobRequest(
+            sha256=sha256, offset=offset, engine=self._name, instance_id=self._instance_id
+        )
+        try:
+            async for chunk in self._stub.FetchBlob(request, metadata=self._auth):
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise BlobError(
+                f"could not fetch model blob {sha256[:12]} from the control plane: "
+                f"{exc.code().name} {exc.details()}"
+            ) from None
+
+
 class ControlLink:
     def __init__(
         self,
@@ -47,6 +77,7 @@ class ControlLink:
         token: str = "",
         rules: access.Rules | None = None,
         logs: LogsAnswer | None = None,
+        instance_id: str = "",
     ) -> None:
         self._logs = logs
         self._metrics = metrics or EngineMetrics()
@@ -54,8 +85,7 @@ class ControlLink:
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self._host = host
         self._rules = rules or access.Rules(fail_closed=bool(token))
-        # Tells this process's streams from another engine's under the same name.
-        self.instance_id = uuid.uuid4().hex
+        self.instance_id = instance_id or new_instance_id()
         self._control = control
         self.name = name
         self.address = address
@@ -65,24 +95,6 @@ class ControlLink:
         self.connected = asyncio.Event()
         self._outbox: asyncio.Queue[fleet_pb2.EngineMessage] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
-
-    # -- blobs ----------------------------------------------------------------------------
-
-    async def fetch_blob(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
-        """The blob fetcher the engine's BlobCache uses (resumable by offset)."""
-        try:
-            async for chunk in self._stub.FetchBlob(
-                fleet_pb2.FetchBlobRequest(
-                    sha256=sha256, offset=offset, engine=self.name, instance_id=self.instance_id
-                ),
-                metadata=self._auth,
-            ):
-                yield chunk.data
-        except grpc.aio.AioRpcError as exc:
-            raise BlobError(
-                f"could not fetch model blob {sha256[:12]} from the control plane: "
-                f"{exc.code().name} {exc.details()}"
-            ) from None
 
     # -- stream ---------------------------------------------------------------------------
 
@@ -113,7 +125,7 @@ class ControlLink:
         while True:
             started = time.monotonic()
             try:
-                await self._session()
+                await self._stream()
             except grpc.aio.AioRpcError as exc:
                 log.warning(
                     "control plane %s unreachable (%s); serving what we have, retrying",
@@ -129,7 +141,7 @@ class ControlLink:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _session(self) -> None:
+    async def _stream(self) -> None:
         # A fresh outbox per stream: stale answers for a previous session mean nothing now,
         # and swaps prepared for a previous stream will never be committed.
         self._outbox = asyncio.Queue()

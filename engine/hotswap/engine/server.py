@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from hotswap.engine.dataplane import DataPlane, InferenceQueue
 from hotswap.engine.health import EngineHealth
 from hotswap.engine.host import EngineHost
 from hotswap.engine.inference_log import InferenceLog, LogSettings
-from hotswap.engine.link import ControlLink
+from hotswap.engine.link import BlobFetcher, ControlLink, new_instance_id
 from hotswap.engine.metrics import EngineMetrics
 from hotswap.engine.oip import InferenceServicer
 from hotswap.engine.runtime import RuntimeOptions
@@ -36,6 +33,7 @@ from hotswap.service.edge import (
 from hotswap.service.interceptors import OpenStreamLimit
 from hotswap.service.metrics_http import MetricsEndpoint
 from hotswap.service.probes import Health, add_probes
+from hotswap.service.supervisor import Supervisor
 from hotswap.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -70,16 +68,13 @@ class EngineServer:
         self._identity = EngineIdentity()
         self.link: ControlLink | None = None
         self.host: EngineHost | None = None
-        self._link_task: asyncio.Task[None] | None = None
-        self._reap_task: asyncio.Task[None] | None = None
+        self.supervisor = Supervisor()
         self.address = ""
         self.name = ""
         self.metrics = EngineMetrics()
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         self.inference_log: InferenceLog | None = None
-        self._log_task: asyncio.Task[None] | None = None
         self._health: Health | None = None
-        self._health_task: asyncio.Task[None] | None = None
 
     def _check_credential_transport(self) -> None:
         settings = self.settings
@@ -105,13 +100,16 @@ class EngineServer:
         self.address = self.settings.advertise or f"{host_part}:{port}"
         self.name = self.settings.engine_name(port)
         cache_dir = self.settings.cache_dir or Path.home() / ".hotswap" / "engines" / self.name
-        link_ref: list[ControlLink] = []
-
-        def fetch(sha256: str, offset: int) -> AsyncIterator[bytes]:
-            return link_ref[0].fetch_blob(sha256, offset)
-
+        channel = client_channel(
+            self.settings.control,
+            ca=self.settings.control_ca,
+            cert=self.settings.control_cert,
+            key=self.settings.control_key,
+        )
+        instance_id = new_instance_id()
+        fetcher = BlobFetcher(channel, self.settings.control_token, self.name, instance_id)
         self.host = EngineHost(
-            BlobCache(cache_dir / "blobs", fetch),
+            BlobCache(cache_dir / "blobs", fetcher.fetch),
             RuntimeOptions(intra_op_threads=self.settings.threads),
             self.settings.retain_seconds,
             self.settings.retain_versions,
@@ -149,17 +147,12 @@ class EngineServer:
             self.address,
             self.settings.heartbeat_interval,
             self.metrics,
-            channel=client_channel(
-                self.settings.control,
-                ca=self.settings.control_ca,
-                cert=self.settings.control_cert,
-                key=self.settings.control_key,
-            ),
+            channel=channel,
             token=self.settings.control_token,
             rules=self.access_rules,
             logs=engine.logs,
+            instance_id=instance_id,
         )
-        link_ref.append(self.link)
         self._identity.name = self.name
         self._identity.address = self.address
         self._identity.connected = self.link.connected.is_set
@@ -169,18 +162,17 @@ class EngineServer:
             self._server,
         )
         self._health = await add_probes(self._server, SERVICES)
-        self._health_task = asyncio.create_task(
-            # A secured engine does not answer per-pipeline names: anyone may ask health, and
-            # the answers would tell them which workspaces and pipelines exist here.
-            EngineHealth(
-                self.host, self._health, SERVICES, per_pipeline=not self.settings.control_token
-            ).run_forever()
+        # A secured engine does not answer per-pipeline names: anyone may ask health, and the
+        # answers would tell them which workspaces and pipelines exist here.
+        health = EngineHealth(
+            self.host, self._health, SERVICES, per_pipeline=not self.settings.control_token
         )
+        self.supervisor.spawn("health", health.run_forever())
         await self._server.start()
-        self._link_task = asyncio.create_task(self.link.run_forever())
-        self._reap_task = asyncio.create_task(self.host.reap_forever())
+        self.supervisor.spawn("control-link", self.link.run_forever())
+        self.supervisor.spawn("reaper", self.host.reap_forever())
         if self.inference_log is not None:
-            self._log_task = asyncio.create_task(self.inference_log.run_forever())
+            self.supervisor.spawn("inference-log", self.inference_log.run_forever())
         if self.settings.metrics_port >= 0:
             self.metrics_endpoint.start(
                 self.settings.metrics_host, self.settings.metrics_port, self.settings.address_file
@@ -201,22 +193,12 @@ class EngineServer:
     async def stop(self, grace: float = 2.0) -> None:
         if self._health is not None:
             await self._health.shutdown()  # probes see NOT_SERVING while requests drain
-        if self._link_task is not None:
-            self._link_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._link_task
+        await self.supervisor.cancel("control-link")
         if self.link is not None:
             await self.link.close()
         await self._server.stop(grace)
-        if self._log_task is not None:
-            self._log_task.cancel()  # flushes what is left
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._log_task
-        for task in (self._reap_task, self._health_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self.supervisor.cancel("inference-log")  # flushes what is left
+        await self.supervisor.cancel()
         if self.host is not None:
             self.host.close()
         self.metrics_endpoint.stop()

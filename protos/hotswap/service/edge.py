@@ -17,6 +17,8 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from hotswap.service.supervisor import Supervisor
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 StatusTable = Mapping[type[Exception], grpc.StatusCode]
@@ -195,6 +197,8 @@ def client_channel(
 
 
 class Service(Protocol):
+    supervisor: Supervisor
+
     async def start(self) -> str: ...
 
     async def stop(self, grace: float = ...) -> None: ...
@@ -202,7 +206,8 @@ class Service(Protocol):
 
 async def serve_until_signalled(make: Callable[[], Service], name: str) -> None:
     """Builds the service inside the running loop, serves until SIGINT/SIGTERM, then stops
-    it gracefully (in-flight requests finish)."""
+    it gracefully (in-flight requests finish). A crashed background task stops it too, and
+    raises StartupError saying which, so the process exits non-zero."""
     try:
         service = make()
         await service.start()
@@ -212,6 +217,11 @@ async def serve_until_signalled(make: Callable[[], Service], name: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    signalled = asyncio.ensure_future(stop.wait())
+    crashed = service.supervisor.crashed
+    await asyncio.wait([signalled, crashed], return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
     logging.getLogger(name).info("shutting down")
     await service.stop()
+    if crashed.done():
+        raise StartupError(str(crashed.result()))

@@ -1,4 +1,4 @@
-"""The connections one :class:`~hotswap.Client` shares with the objects it hands out."""
+"""The gRPC channels one :class:`~hotswap.Client` shares with the objects it hands out."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hotswap.clients._rpc import ControlStub, Security, Unary, engine_infer, ope
 from hotswap.v1 import engine_pb2
 
 
-class Session:
+class Channels:
     """One channel to the control plane plus one per engine address, opened on first use."""
 
     def __init__(self, address: str, security: Security | None = None) -> None:
