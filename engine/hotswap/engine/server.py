@@ -100,6 +100,39 @@ class EngineServer:
         self.address = self.settings.advertise or f"{host_part}:{port}"
         self.name = self.settings.engine_name(port)
         cache_dir = self.settings.cache_dir or Path.home() / ".hotswap" / "engines" / self.name
+        host, link = self._assemble(cache_dir)
+        self._health = await add_probes(self._server, SERVICES)
+        # A secured engine does not answer per-pipeline names: anyone may ask health, and the
+        # answers would tell them which workspaces and pipelines exist here.
+        health = EngineHealth(
+            host, self._health, SERVICES, per_pipeline=not self.settings.control_token
+        )
+        self.supervisor.spawn("health", health.run_forever())
+        await self._server.start()
+        self.supervisor.spawn("control-link", link.run_forever())
+        self.supervisor.spawn("reaper", host.reap_forever())
+        if self.inference_log is not None:
+            self.supervisor.spawn("inference-log", self.inference_log.run_forever())
+        if self.settings.metrics_port >= 0:
+            self.metrics_endpoint.start(
+                self.settings.metrics_host, self.settings.metrics_port, self.settings.address_file
+            )
+        log.info(
+            "engine %s serving on %s, control plane %s, cache %s",
+            self.name,
+            self.address,
+            self.settings.control,
+            cache_dir,
+        )
+        if self.settings.address_file is not None:
+            tmp = self.settings.address_file.with_suffix(".tmp")
+            tmp.write_text(self.address)
+            tmp.replace(self.settings.address_file)
+        return self.address
+
+    def _assemble(self, cache_dir: Path) -> tuple[EngineHost, ControlLink]:
+        """Builds the parts in dependency order (fetcher, cache, host, log, data plane,
+        servicers, link) and adds the servicers to the server."""
         channel = client_channel(
             self.settings.control,
             ca=self.settings.control_ca,
@@ -161,34 +194,7 @@ class EngineServer:
             InferenceServicer(self.host, plane),
             self._server,
         )
-        self._health = await add_probes(self._server, SERVICES)
-        # A secured engine does not answer per-pipeline names: anyone may ask health, and the
-        # answers would tell them which workspaces and pipelines exist here.
-        health = EngineHealth(
-            self.host, self._health, SERVICES, per_pipeline=not self.settings.control_token
-        )
-        self.supervisor.spawn("health", health.run_forever())
-        await self._server.start()
-        self.supervisor.spawn("control-link", self.link.run_forever())
-        self.supervisor.spawn("reaper", self.host.reap_forever())
-        if self.inference_log is not None:
-            self.supervisor.spawn("inference-log", self.inference_log.run_forever())
-        if self.settings.metrics_port >= 0:
-            self.metrics_endpoint.start(
-                self.settings.metrics_host, self.settings.metrics_port, self.settings.address_file
-            )
-        log.info(
-            "engine %s serving on %s, control plane %s, cache %s",
-            self.name,
-            self.address,
-            self.settings.control,
-            cache_dir,
-        )
-        if self.settings.address_file is not None:
-            tmp = self.settings.address_file.with_suffix(".tmp")
-            tmp.write_text(self.address)
-            tmp.replace(self.settings.address_file)
-        return self.address
+        return self.host, self.link
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._health is not None:
