@@ -85,6 +85,8 @@ def test_engine_that_never_confirms_its_commit_is_named(
     assert _api.endpoints(control, "p") == []
     swap = control.ListSwaps(c.ListSwapsRequest(workspace=_api.WS, pipeline="p")).swaps[0]
     assert swap.outcome == "ok" and "s1 did not confirm" in swap.reason
+    assert swap.outcome_code == c.SWAP_OUTCOME_OK
+    assert [e.stage_code for e in swap.engines] == [c.SWAP_STAGE_FAILED]
 
 
 def test_engine_that_disconnects_at_commit_is_named(control: Any, engine: ScriptedEngine) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hotswap.control.domain import (
     ModelVersion,
     Pipeline,
@@ -60,6 +62,15 @@ def pipeline(p: Pipeline) -> control_pb2.Pipeline:
     return message
 
 
+def enum_value(enum: Any, prefix: str, text: str) -> Any:
+    """The enum member named `<prefix>_<TEXT>` (the typed twin of a string field)."""
+    return enum.Value(f"{prefix}_{text.upper()}")
+
+
+def serving_status(text: str) -> control_pb2.ServingStatus.ValueType:
+    return enum_value(control_pb2.ServingStatus, "SERVING_STATUS", text)  # type: ignore[no-any-return]
+
+
 def engine_stage(stage: EngineStage) -> control_pb2.EngineSwapTiming:
     return control_pb2.EngineSwapTiming(
         engine=stage.engine,
@@ -72,6 +83,7 @@ def engine_stage(stage: EngineStage) -> control_pb2.EngineSwapTiming:
         switch_us=stage.switch_us,
         reused=stage.reused,
         stage=stage.stage,
+        stage_code=enum_value(control_pb2.SwapStage, "SWAP_STAGE", stage.stage),
         error=stage.error,
     )
 
@@ -96,6 +108,7 @@ def swap_record(swap: Swap) -> control_pb2.SwapRecord:
         started_ms=swap.started_ms,
         ended_ms=swap.ended_ms,
         outcome=swap.outcome,
+        outcome_code=enum_value(control_pb2.SwapOutcome, "SWAP_OUTCOME", swap.outcome),
         reason=swap.reason,
         requested_by=swap.requested_by,
         request_id=swap.request_id,

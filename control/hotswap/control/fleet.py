@@ -72,13 +72,21 @@ class Serving:
     models: tuple[ServedModel, ...]
 
 
+_STATES = {
+    fleet_pb2.PIPELINE_STATE_RUNNING: "Running",
+    fleet_pb2.PIPELINE_STATE_LOADING: "Loading",
+    fleet_pb2.PIPELINE_STATE_ERROR: "Error",
+}
+
+
 def _serving(message: fleet_pb2.ServingPipeline) -> Serving:
     return Serving(
         message.workspace,
         message.pipeline,
         message.version_id,
         message.number,
-        message.state,
+        # The typed field; the string from engines that predate it.
+        _STATES.get(message.pipeline_state, message.state),
         message.error,
         tuple(ServedModel(m.name, m.version, m.sha256) for m in message.models),
     )

@@ -262,6 +262,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
             workspace=status.workspace,
             pipeline=status.pipeline,
             status=status.status,
+            status_code=_convert.serving_status(status.status),
             details=status.details,
             replicas=status.deployment.replicas if status.deployment else 0,
             engines=[
@@ -269,12 +270,17 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
                     name=e.name,
                     address=e.address,
                     status=e.status,
+                    status_code=_convert.serving_status(e.status),
                     reason=e.reason,
                     serving_version=e.serving_version,
                     last_seen_ms=e.last_seen_ms,
                     models=[
                         control_pb2.ModelStatus(
-                            name=m.name, version=m.version, sha256=m.sha256, status=m.status
+                            name=m.name,
+                            version=m.version,
+                            sha256=m.sha256,
+                            status=m.status,
+                            status_code=_convert.serving_status(m.status),
                         )
                         for m in e.models
                     ],
@@ -306,6 +312,11 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
                     name=s.name,
                     address=s.address,
                     state="Lost" if s.lost(fleet.lost_after) else "Connected",
+                    state_code=(
+                        control_pb2.CONNECTION_STATE_LOST
+                        if s.lost(fleet.lost_after)
+                        else control_pb2.CONNECTION_STATE_CONNECTED
+                    ),
                     last_seen_ms=s.last_seen_ms,
                     serving=[
                         f"{p.workspace}/{p.pipeline}@{p.number}"

@@ -24,10 +24,19 @@ def served_models(loaded: LoadedPipeline) -> list[types_pb2.ServedModel]:
     ]
 
 
+def failure_cause(cause: str) -> fleet_pb2.FailureCause.ValueType:
+    """`PrepareError.cause` ("fetch", "build", ...) as the protocol's enum."""
+    return fleet_pb2.FailureCause.Value(f"FAILURE_CAUSE_{cause.upper()}")
+
+
 def serving_pipeline(state: PipelineState) -> fleet_pb2.ServingPipeline:
     workspace, pipeline = state.key.split("/", 1)
     message = fleet_pb2.ServingPipeline(
-        workspace=workspace, pipeline=pipeline, state=state.state, error=state.error
+        workspace=workspace,
+        pipeline=pipeline,
+        state=state.state,
+        pipeline_state=fleet_pb2.PipelineState.Value(f"PIPELINE_STATE_{state.state.upper()}"),
+        error=state.error,
     )
     if state.active is not None:
         message.version_id = state.active.spec.version_id

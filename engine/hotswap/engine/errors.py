@@ -8,8 +8,10 @@ them to gRPC status codes once, at the edge (``hotswap.engine._convert``).
     ├── RequestTooLarge       more rows than --max-rows                    (RESOURCE_EXHAUSTED)
     ├── Overloaded            the inference queue is full                  (RESOURCE_EXHAUSTED)
     ├── access.Unauthenticated / access.PermissionDenied   token checks   (UNAUTHENTICATED, ...)
-    └── PrepareError          a version could not be fetched, built or warmed up
-        └── BlobError         a blob could not be fetched or failed its sha256 check
+    └── PrepareError          a version could not be fetched, built or warmed up (`cause`)
+        ├── BlobError         a blob could not be fetched or failed its sha256 check
+        ├── WarmupFailed      the warm-up inference failed
+        └── NotPrepared       commit of a swap this engine did not prepare
 """
 
 
@@ -38,8 +40,25 @@ class Overloaded(EngineError):
 
 
 class PrepareError(EngineError):
-    """A pipeline version could not be made ready to serve."""
+    """A pipeline version could not be made ready to serve. `cause` names the stage that
+    failed, for the fleet protocol's typed cause and the metrics."""
+
+    cause = "build"
 
 
 class BlobError(PrepareError):
     """A model blob could not be fetched, or its bytes do not match its sha256."""
+
+    cause = "fetch"
+
+
+class WarmupFailed(PrepareError):
+    """The warm-up inference of a built version failed."""
+
+    cause = "warmup"
+
+
+class NotPrepared(PrepareError):
+    """A commit named a swap this engine did not prepare (or that was aborted)."""
+
+    cause = "not_prepared"

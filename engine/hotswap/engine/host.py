@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hotswap.engine.blob_cache import BlobCache
-from hotswap.engine.errors import PipelineLoading, PipelineNotServed, PrepareError
+from hotswap.engine.errors import NotPrepared, PipelineLoading, PipelineNotServed, PrepareError
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, RuntimeOptions, StepSpec
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class EngineHost:
         """Phase 2: makes the prepared version active. Returns the switch time in µs."""
         loaded = self._prepared.pop(swap_id, None)
         if loaded is None:
-            raise PrepareError(f"swap {swap_id} was not prepared on this engine (or was aborted)")
+            raise NotPrepared(f"swap {swap_id} was not prepared on this engine (or was aborted)")
         start = time.perf_counter_ns()
         key = f"{loaded.spec.workspace}/{loaded.spec.pipeline}"
         old = self._active.get(key)

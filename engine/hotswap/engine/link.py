@@ -226,16 +226,20 @@ class ControlLink:
         try:
             done = await self._host.prepare(prepare.swap_id, ref)
         except PrepareError as exc:
-            self._metrics.swap_failed(str(exc), fetch=isinstance(exc, BlobError))
+            self._metrics.swap_failed(exc.cause)
             log.error("prepare %s of %s v%d failed: %s", prepare.swap_id, ref.key, ref.number, exc)
-            failed = fleet_pb2.PrepareResult(swap_id=prepare.swap_id, error=str(exc))
+            failed = fleet_pb2.PrepareResult(
+                swap_id=prepare.swap_id, error=str(exc), cause=_convert.failure_cause(exc.cause)
+            )
             self._send(fleet_pb2.EngineMessage(prepared=failed))
             return
         except Exception as exc:
-            self._metrics.swap_failures.labels("unexpected").inc()
+            self._metrics.swap_failed("unexpected")
             log.exception("prepare %s failed unexpectedly", prepare.swap_id)
             unexpected = fleet_pb2.PrepareResult(
-                swap_id=prepare.swap_id, error=f"unexpected {type(exc).__name__}: {exc}"
+                swap_id=prepare.swap_id,
+                error=f"unexpected {type(exc).__name__}: {exc}",
+                cause=fleet_pb2.FAILURE_CAUSE_UNEXPECTED,
             )
             self._send(fleet_pb2.EngineMessage(prepared=unexpected))
             return
@@ -275,8 +279,10 @@ class ControlLink:
         try:
             switch_us = self._host.commit(commit.swap_id)
         except PrepareError as exc:
-            self._metrics.swap_failures.labels("commit").inc()
-            failed_commit = fleet_pb2.CommitResult(swap_id=commit.swap_id, error=str(exc))
+            self._metrics.swap_failed(exc.cause)
+            failed_commit = fleet_pb2.CommitResult(
+                swap_id=commit.swap_id, error=str(exc), cause=_convert.failure_cause(exc.cause)
+            )
             self._send(fleet_pb2.EngineMessage(committed=failed_commit))
             return
         self._metrics.swaps.labels("committed").inc()

@@ -107,7 +107,7 @@ class EngineMetrics:
         )
         self.swap_failures = Counter(
             "hotswap_engine_swap_failures",
-            "Failed prepares and commits by cause: fetch, build, warmup, commit, unexpected.",
+            "Failed prepares and commits by cause: fetch, build, warmup, not_prepared (a commit of an unprepared swap), unexpected.",
             ["cause"],
             registry=r,
         )
@@ -173,14 +173,8 @@ class EngineMetrics:
         """Exposes the inference log's own counts, read at scrape time."""
         self.registry.register(_LogCollector(rows, dropped, memory_bytes, disk_bytes))
 
-    def swap_failed(self, message: str, *, fetch: bool) -> None:
-        """Counts a failed prepare, its cause read from the domain error."""
-        if fetch:
-            cause = "fetch"
-        elif "warm-up" in message:
-            cause = "warmup"
-        else:
-            cause = "build"
+    def swap_failed(self, cause: str) -> None:
+        """Counts a failed prepare or commit by its cause (`PrepareError.cause`)."""
         self.swap_failures.labels(cause).inc()
 
     def released_after(self, committed_at: float) -> Callable[[], None]:

@@ -37,7 +37,7 @@ from hotswap.engine.arrow_io import (
     ndarray_to_arrow,
     timestamp_column,
 )
-from hotswap.engine.errors import EngineError, InvalidInput, PrepareError
+from hotswap.engine.errors import EngineError, InvalidInput, PrepareError, WarmupFailed
 
 __all__ = [
     "TENSOR_COLUMN",
@@ -331,7 +331,7 @@ class LoadedPipeline:
                 self.infer(table)
                 self.row_ms = min(self.row_ms, (time.perf_counter() - started) * 1000)
         except (EngineError, RuntimeError, ValueError) as exc:
-            raise PrepareError(f"warm-up inference on a zero-filled row failed: {exc}") from exc
+            raise WarmupFailed(f"warm-up inference on a zero-filled row failed: {exc}") from exc
 
 
 def _open_session(index: int, step: StepSpec, options: RuntimeOptions) -> Any:

@@ -11,6 +11,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from hotswap.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -22,6 +23,108 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SwapOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SwapOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SwapOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SWAP_OUTCOME_UNSPECIFIED: _SwapOutcome.ValueType  # 0
+    SWAP_OUTCOME_OK: _SwapOutcome.ValueType  # 1
+    SWAP_OUTCOME_ABORTED: _SwapOutcome.ValueType  # 2
+    """Nothing that serves changed."""
+    SWAP_OUTCOME_REJECTED: _SwapOutcome.ValueType  # 3
+    """Refused before any engine was asked (a compare-and-set conflict, or no engine)."""
+    SWAP_OUTCOME_RUNNING: _SwapOutcome.ValueType  # 4
+    SWAP_OUTCOME_INTERRUPTED: _SwapOutcome.ValueType  # 5
+    """The control plane stopped mid-swap."""
+
+class SwapOutcome(_SwapOutcome, metaclass=_SwapOutcomeEnumTypeWrapper):
+    """The typed twins of the string fields above. The strings stay, with the same meaning, so
+    clients written against 0.1 keep working; new clients should read the enums.
+
+    A swap's outcome (SwapRecord.outcome).
+    """
+
+SWAP_OUTCOME_UNSPECIFIED: SwapOutcome.ValueType  # 0
+SWAP_OUTCOME_OK: SwapOutcome.ValueType  # 1
+SWAP_OUTCOME_ABORTED: SwapOutcome.ValueType  # 2
+"""Nothing that serves changed."""
+SWAP_OUTCOME_REJECTED: SwapOutcome.ValueType  # 3
+"""Refused before any engine was asked (a compare-and-set conflict, or no engine)."""
+SWAP_OUTCOME_RUNNING: SwapOutcome.ValueType  # 4
+SWAP_OUTCOME_INTERRUPTED: SwapOutcome.ValueType  # 5
+"""The control plane stopped mid-swap."""
+Global___SwapOutcome: _TypeAlias = SwapOutcome  # noqa: Y015
+
+class _SwapStage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SwapStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SwapStage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SWAP_STAGE_UNSPECIFIED: _SwapStage.ValueType  # 0
+    SWAP_STAGE_PREPARING: _SwapStage.ValueType  # 1
+    SWAP_STAGE_PREPARED: _SwapStage.ValueType  # 2
+    SWAP_STAGE_COMMITTING: _SwapStage.ValueType  # 3
+    SWAP_STAGE_COMMITTED: _SwapStage.ValueType  # 4
+    SWAP_STAGE_FAILED: _SwapStage.ValueType  # 5
+    SWAP_STAGE_CANCELLED: _SwapStage.ValueType  # 6
+
+class SwapStage(_SwapStage, metaclass=_SwapStageEnumTypeWrapper):
+    """One engine's stage in a swap (EngineSwapTiming.stage)."""
+
+SWAP_STAGE_UNSPECIFIED: SwapStage.ValueType  # 0
+SWAP_STAGE_PREPARING: SwapStage.ValueType  # 1
+SWAP_STAGE_PREPARED: SwapStage.ValueType  # 2
+SWAP_STAGE_COMMITTING: SwapStage.ValueType  # 3
+SWAP_STAGE_COMMITTED: SwapStage.ValueType  # 4
+SWAP_STAGE_FAILED: SwapStage.ValueType  # 5
+SWAP_STAGE_CANCELLED: SwapStage.ValueType  # 6
+Global___SwapStage: _TypeAlias = SwapStage  # noqa: Y015
+
+class _ServingStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServingStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServingStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVING_STATUS_UNSPECIFIED: _ServingStatus.ValueType  # 0
+    SERVING_STATUS_RUNNING: _ServingStatus.ValueType  # 1
+    SERVING_STATUS_STARTING: _ServingStatus.ValueType  # 2
+    SERVING_STATUS_ERROR: _ServingStatus.ValueType  # 3
+    SERVING_STATUS_LOST: _ServingStatus.ValueType  # 4
+    SERVING_STATUS_UNDEPLOYED: _ServingStatus.ValueType  # 5
+
+class ServingStatus(_ServingStatus, metaclass=_ServingStatusEnumTypeWrapper):
+    """The state of a deployment, an engine in it, or a model (the `status` strings)."""
+
+SERVING_STATUS_UNSPECIFIED: ServingStatus.ValueType  # 0
+SERVING_STATUS_RUNNING: ServingStatus.ValueType  # 1
+SERVING_STATUS_STARTING: ServingStatus.ValueType  # 2
+SERVING_STATUS_ERROR: ServingStatus.ValueType  # 3
+SERVING_STATUS_LOST: ServingStatus.ValueType  # 4
+SERVING_STATUS_UNDEPLOYED: ServingStatus.ValueType  # 5
+Global___ServingStatus: _TypeAlias = ServingStatus  # noqa: Y015
+
+class _ConnectionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConnectionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConnectionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONNECTION_STATE_UNSPECIFIED: _ConnectionState.ValueType  # 0
+    CONNECTION_STATE_CONNECTED: _ConnectionState.ValueType  # 1
+    CONNECTION_STATE_LOST: _ConnectionState.ValueType  # 2
+
+class ConnectionState(_ConnectionState, metaclass=_ConnectionStateEnumTypeWrapper):
+    """An engine's stream (EngineInfo.state)."""
+
+CONNECTION_STATE_UNSPECIFIED: ConnectionState.ValueType  # 0
+CONNECTION_STATE_CONNECTED: ConnectionState.ValueType  # 1
+CONNECTION_STATE_LOST: ConnectionState.ValueType  # 2
+Global___ConnectionState: _TypeAlias = ConnectionState  # noqa: Y015
 
 @_typing.final
 class Workspace(_message.Message):
@@ -589,6 +692,7 @@ class EngineSwapTiming(_message.Message):
     REUSED_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    STAGE_CODE_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
     """Engine name."""
     address: _builtins.str
@@ -613,6 +717,8 @@ class EngineSwapTiming(_message.Message):
     """
     error: _builtins.str
     """Why the stage is "failed", for a person."""
+    stage_code: Global___SwapStage.ValueType
+    """`stage` as an enum (the string stays for older clients)."""
     def __init__(
         self,
         *,
@@ -627,10 +733,11 @@ class EngineSwapTiming(_message.Message):
         reused: _builtins.bool = ...,
         stage: _builtins.str = ...,
         error: _builtins.str = ...,
+        stage_code: Global___SwapStage.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commit_ms", b"commit_ms", "engine", b"engine", "error", b"error", "fetch_ms", b"fetch_ms", "load_ms", b"load_ms", "prepare_ms", b"prepare_ms", "reused", b"reused", "stage", b"stage", "switch_us", b"switch_us", "warmup_ms", b"warmup_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commit_ms", b"commit_ms", "engine", b"engine", "error", b"error", "fetch_ms", b"fetch_ms", "load_ms", b"load_ms", "prepare_ms", b"prepare_ms", "reused", b"reused", "stage", b"stage", "stage_code", b"stage_code", "switch_us", b"switch_us", "warmup_ms", b"warmup_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -769,11 +876,14 @@ class ModelStatus(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     sha256: _builtins.str
     status: _builtins.str
     """"Running" when its session serves, "Loading", or "Error"."""
+    status_code: Global___ServingStatus.ValueType
+    """`status` as an enum."""
     def __init__(
         self,
         *,
@@ -781,10 +891,11 @@ class ModelStatus(_message.Message):
         version: _builtins.str = ...,
         sha256: _builtins.str = ...,
         status: _builtins.str = ...,
+        status_code: Global___ServingStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "sha256", b"sha256", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "sha256", b"sha256", "status", b"status", "status_code", b"status_code", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -803,6 +914,7 @@ class EngineStatus(_message.Message):
     SERVING_VERSION_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Engine name."""
     address: _builtins.str
@@ -817,6 +929,8 @@ class EngineStatus(_message.Message):
     """The pipeline version number the engine serves now (0 = none)."""
     last_seen_ms: _builtins.int
     """Last heartbeat, milliseconds since the Unix epoch."""
+    status_code: Global___ServingStatus.ValueType
+    """`status` as an enum."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
         """The models of the version it serves."""
@@ -831,10 +945,11 @@ class EngineStatus(_message.Message):
         serving_version: _builtins.int = ...,
         models: _abc.Iterable[Global___ModelStatus] | None = ...,
         last_seen_ms: _builtins.int = ...,
+        status_code: Global___ServingStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "last_seen_ms", b"last_seen_ms", "models", b"models", "name", b"name", "reason", b"reason", "serving_version", b"serving_version", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "last_seen_ms", b"last_seen_ms", "models", b"models", "name", b"name", "reason", b"reason", "serving_version", b"serving_version", "status", b"status", "status_code", b"status_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -852,6 +967,7 @@ class PipelineStatus(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
     SWAP_IN_PROGRESS_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     status: _builtins.str
@@ -862,6 +978,8 @@ class PipelineStatus(_message.Message):
     """Human-readable detail for a status other than Running."""
     replicas: _builtins.int
     """Replica count asked for."""
+    status_code: Global___ServingStatus.ValueType
+    """`status` as an enum."""
     @_builtins.property
     def deployed(self) -> _types_pb2.PipelineVersion:
         """The deployed version (unset when undeployed)."""
@@ -885,10 +1003,11 @@ class PipelineStatus(_message.Message):
         replicas: _builtins.int = ...,
         engines: _abc.Iterable[Global___EngineStatus] | None = ...,
         swap_in_progress: Global___SwapInProgress | None = ...,
+        status_code: Global___ServingStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "swap_in_progress", b"swap_in_progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "details", b"details", "engines", b"engines", "pipeline", b"pipeline", "replicas", b"replicas", "status", b"status", "swap_in_progress", b"swap_in_progress", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "details", b"details", "engines", b"engines", "pipeline", b"pipeline", "replicas", b"replicas", "status", b"status", "status_code", b"status_code", "swap_in_progress", b"swap_in_progress", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1004,11 +1123,14 @@ class EngineInfo(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    STATE_CODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     state: _builtins.str
     """"Connected" or "Lost"."""
     last_seen_ms: _builtins.int
+    state_code: Global___ConnectionState.ValueType
+    """`state` as an enum."""
     @_builtins.property
     def serving(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Pipelines it serves now, as "workspace/pipeline@number"."""
@@ -1021,10 +1143,11 @@ class EngineInfo(_message.Message):
         state: _builtins.str = ...,
         last_seen_ms: _builtins.int = ...,
         serving: _abc.Iterable[_builtins.str] | None = ...,
+        state_code: Global___ConnectionState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "last_seen_ms", b"last_seen_ms", "name", b"name", "serving", b"serving", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "last_seen_ms", b"last_seen_ms", "name", b"name", "serving", b"serving", "state", b"state", "state_code", b"state_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1099,6 +1222,7 @@ class SwapRecord(_message.Message):
     ENGINES_FIELD_NUMBER: _builtins.int
     PREPARE_MS_FIELD_NUMBER: _builtins.int
     COMMIT_MS_FIELD_NUMBER: _builtins.int
+    OUTCOME_CODE_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
     """Swap id (UUID); the engines' logs mention it."""
     workspace: _builtins.str
@@ -1130,6 +1254,8 @@ class SwapRecord(_message.Message):
     prepare_ms: _builtins.float
     """Whole prepare and commit phases, milliseconds (0 when not reached)."""
     commit_ms: _builtins.float
+    outcome_code: Global___SwapOutcome.ValueType
+    """`outcome` as an enum."""
     @_builtins.property
     def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineSwapTiming]:
         """Per-engine stage and timings."""
@@ -1152,10 +1278,11 @@ class SwapRecord(_message.Message):
         engines: _abc.Iterable[Global___EngineSwapTiming] | None = ...,
         prepare_ms: _builtins.float = ...,
         commit_ms: _builtins.float = ...,
+        outcome_code: Global___SwapOutcome.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ms", b"commit_ms", "ended_ms", b"ended_ms", "engines", b"engines", "kind", b"kind", "outcome", b"outcome", "pipeline", b"pipeline", "prepare_ms", b"prepare_ms", "reason", b"reason", "request_id", b"request_id", "requested_by", b"requested_by", "started_ms", b"started_ms", "swap_id", b"swap_id", "version_after", b"version_after", "version_before", b"version_before", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ms", b"commit_ms", "ended_ms", b"ended_ms", "engines", b"engines", "kind", b"kind", "outcome", b"outcome", "outcome_code", b"outcome_code", "pipeline", b"pipeline", "prepare_ms", b"prepare_ms", "reason", b"reason", "request_id", b"request_id", "requested_by", b"requested_by", "started_ms", b"started_ms", "swap_id", b"swap_id", "version_after", b"version_after", "version_before", b"version_before", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,6 +11,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from hotswap.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -22,6 +23,62 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PipelineState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PipelineStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PipelineState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PIPELINE_STATE_UNSPECIFIED: _PipelineState.ValueType  # 0
+    PIPELINE_STATE_RUNNING: _PipelineState.ValueType  # 1
+    PIPELINE_STATE_LOADING: _PipelineState.ValueType  # 2
+    """Building the desired version."""
+    PIPELINE_STATE_ERROR: _PipelineState.ValueType  # 3
+
+class PipelineState(_PipelineState, metaclass=_PipelineStateEnumTypeWrapper):
+    """What an engine serves for one pipeline (ServingPipeline.state)."""
+
+PIPELINE_STATE_UNSPECIFIED: PipelineState.ValueType  # 0
+PIPELINE_STATE_RUNNING: PipelineState.ValueType  # 1
+PIPELINE_STATE_LOADING: PipelineState.ValueType  # 2
+"""Building the desired version."""
+PIPELINE_STATE_ERROR: PipelineState.ValueType  # 3
+Global___PipelineState: _TypeAlias = PipelineState  # noqa: Y015
+
+class _FailureCause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FailureCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureCause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAILURE_CAUSE_UNSPECIFIED: _FailureCause.ValueType  # 0
+    FAILURE_CAUSE_FETCH: _FailureCause.ValueType  # 1
+    """A blob could not be fetched, or did not match its sha256."""
+    FAILURE_CAUSE_BUILD: _FailureCause.ValueType  # 2
+    """A session could not be built, or the steps do not chain."""
+    FAILURE_CAUSE_WARMUP: _FailureCause.ValueType  # 3
+    """The warm-up inference failed."""
+    FAILURE_CAUSE_NOT_PREPARED: _FailureCause.ValueType  # 4
+    """Commit of a swap this engine did not prepare (or that was aborted)."""
+    FAILURE_CAUSE_UNEXPECTED: _FailureCause.ValueType  # 5
+    """A bug: the message says what."""
+
+class FailureCause(_FailureCause, metaclass=_FailureCauseEnumTypeWrapper):
+    """Why a prepare or commit failed."""
+
+FAILURE_CAUSE_UNSPECIFIED: FailureCause.ValueType  # 0
+FAILURE_CAUSE_FETCH: FailureCause.ValueType  # 1
+"""A blob could not be fetched, or did not match its sha256."""
+FAILURE_CAUSE_BUILD: FailureCause.ValueType  # 2
+"""A session could not be built, or the steps do not chain."""
+FAILURE_CAUSE_WARMUP: FailureCause.ValueType  # 3
+"""The warm-up inference failed."""
+FAILURE_CAUSE_NOT_PREPARED: FailureCause.ValueType  # 4
+"""Commit of a swap this engine did not prepare (or that was aborted)."""
+FAILURE_CAUSE_UNEXPECTED: FailureCause.ValueType  # 5
+"""A bug: the message says what."""
+Global___FailureCause: _TypeAlias = FailureCause  # noqa: Y015
 
 @_typing.final
 class ServingPipeline(_message.Message):
@@ -36,6 +93,7 @@ class ServingPipeline(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    PIPELINE_STATE_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     version_id: _builtins.str
@@ -45,6 +103,8 @@ class ServingPipeline(_message.Message):
     """"Running", "Loading" (building the desired version), or "Error"."""
     error: _builtins.str
     """Why the state is Error."""
+    pipeline_state: Global___PipelineState.ValueType
+    """`state` as an enum (the string stays, with the same meaning)."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ServedModel]:
         """The models of the serving version."""
@@ -59,10 +119,11 @@ class ServingPipeline(_message.Message):
         state: _builtins.str = ...,
         error: _builtins.str = ...,
         models: _abc.Iterable[_types_pb2.ServedModel] | None = ...,
+        pipeline_state: Global___PipelineState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "models", b"models", "number", b"number", "pipeline", b"pipeline", "state", b"state", "version_id", b"version_id", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "models", b"models", "number", b"number", "pipeline", b"pipeline", "pipeline_state", b"pipeline_state", "state", b"state", "version_id", b"version_id", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -187,6 +248,7 @@ class PrepareResult(_message.Message):
     LOAD_MS_FIELD_NUMBER: _builtins.int
     WARMUP_MS_FIELD_NUMBER: _builtins.int
     REUSED_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
     ok: _builtins.bool
     """True when the new version is loaded, checked and warmed up, ready to commit."""
@@ -197,6 +259,8 @@ class PrepareResult(_message.Message):
     warmup_ms: _builtins.float
     reused: _builtins.bool
     """The version was still loaded (kept after an earlier swap), so nothing was built."""
+    cause: Global___FailureCause.ValueType
+    """Why preparing failed, typed (`error` says it for a person)."""
     def __init__(
         self,
         *,
@@ -207,10 +271,11 @@ class PrepareResult(_message.Message):
         load_ms: _builtins.float = ...,
         warmup_ms: _builtins.float = ...,
         reused: _builtins.bool = ...,
+        cause: Global___FailureCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "fetch_ms", b"fetch_ms", "load_ms", b"load_ms", "ok", b"ok", "reused", b"reused", "swap_id", b"swap_id", "warmup_ms", b"warmup_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "error", b"error", "fetch_ms", b"fetch_ms", "load_ms", b"load_ms", "ok", b"ok", "reused", b"reused", "swap_id", b"swap_id", "warmup_ms", b"warmup_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,11 +291,14 @@ class CommitResult(_message.Message):
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     SWITCH_US_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
     ok: _builtins.bool
     error: _builtins.str
     switch_us: _builtins.float
     """Time to swap the active reference, microseconds."""
+    cause: Global___FailureCause.ValueType
+    """Why committing failed, typed."""
     def __init__(
         self,
         *,
@@ -238,10 +306,11 @@ class CommitResult(_message.Message):
         ok: _builtins.bool = ...,
         error: _builtins.str = ...,
         switch_us: _builtins.float = ...,
+        cause: Global___FailureCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "ok", b"ok", "swap_id", b"swap_id", "switch_us", b"switch_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "error", b"error", "ok", b"ok", "swap_id", b"swap_id", "switch_us", b"switch_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
