@@ -107,7 +107,7 @@ class EngineMetrics:
         )
         self.swap_failures = Counter(
             "hotswap_engine_swap_failures",
-            "Failed prepares and commits by cause: fetch, build, warmup, not_prepared (a commit of an unprepared swap), unexpected.",
+            "Failed prepares and commits by cause: fetch, build, warmup, not_prepared, unexpected.",
             ["cause"],
             registry=r,
         )
