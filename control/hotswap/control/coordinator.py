@@ -42,23 +42,11 @@ REFILL_BACKOFF = 10.0
 
 
 @dataclass(frozen=True, slots=True)
-class EngineTiming:
-    engine: str
-    address: str
-    prepare_ms: float
-    fetch_ms: float
-    load_ms: float
-    warmup_ms: float
-    commit_ms: float
-    switch_us: float
-    reused: bool
-
-
-@dataclass(frozen=True, slots=True)
 class DeployResult:
     version: PipelineVersion
     previous: PipelineVersion | None
-    engines: tuple[EngineTiming, ...]
+    # Each engine's stage and timings: the swap's own records, as the timeline keeps them.
+    engines: tuple[EngineStage, ...]
     prepare_ms: float
     commit_ms: float
     total_ms: float
@@ -444,20 +432,7 @@ class SwapCoordinator:
 def _result(
     swap: Swap, version: PipelineVersion, current: Deployment | None, total_ms: float
 ) -> DeployResult:
-    timings = tuple(
-        EngineTiming(
-            engine=st.engine,
-            address=st.address,
-            prepare_ms=st.prepare_ms,
-            fetch_ms=st.fetch_ms,
-            load_ms=st.load_ms,
-            warmup_ms=st.warmup_ms,
-            commit_ms=st.commit_ms,
-            switch_us=st.switch_us,
-            reused=st.reused,
-        )
-        for st in swap.engines.values()
-    )
+    timings = tuple(swap.engines.values())
     unconfirmed = tuple(st.engine for st in swap.engines.values() if st.stage != "committed")
     return DeployResult(
         version,

@@ -218,20 +218,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         )
         response = control_pb2.DeployResponse(
             version=_convert.pipeline_version(result.version),
-            engines=[
-                control_pb2.EngineSwapTiming(
-                    engine=t.engine,
-                    address=t.address,
-                    prepare_ms=t.prepare_ms,
-                    fetch_ms=t.fetch_ms,
-                    load_ms=t.load_ms,
-                    warmup_ms=t.warmup_ms,
-                    commit_ms=t.commit_ms,
-                    switch_us=t.switch_us,
-                    reused=t.reused,
-                )
-                for t in result.engines
-            ],
+            engines=[_convert.engine_stage(stage) for stage in result.engines],
             prepare_ms=result.prepare_ms,
             commit_ms=result.commit_ms,
             total_ms=result.total_ms,

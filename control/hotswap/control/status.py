@@ -46,7 +46,7 @@ class StatusBoard:
     def __init__(self, store: Store, fleet: Fleet, running: dict[str, Swap]) -> None:
         self._store = store
         self._fleet = fleet
-        # The deployer's swaps in progress, by pipeline key (shared, read only here).
+        # The coordinator's swaps in progress, by pipeline key (shared, read only here).
         self._running = running
 
     def _engine_view(self, name: str, deployment: Deployment) -> EngineView:
