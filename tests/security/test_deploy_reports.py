@@ -67,6 +67,16 @@ def _serving(version: Any) -> f.ServingPipeline:
     )
 
 
+def _swap_as_asked(engine: ScriptedEngine) -> f.Prepare:
+    """Plays a well-behaved engine through one swap: prepared, switched, reported, confirmed."""
+    prepare = engine.next("prepare").prepare
+    engine.prepared(prepare.swap_id)
+    engine.next("commit")
+    engine.report([_serving(prepare.version)])
+    engine.send(f.EngineMessage(committed=f.CommitResult(swap_id=prepare.swap_id, ok=True)))
+    return prepare
+
+
 def _deploy_in_background(stub: Any, **kw: Any) -> Any:
     return stub.Deploy.future(
         c.DeployRequest(workspace=_api.WS, pipeline="p", version=1, **kw), timeout=30
@@ -137,11 +147,7 @@ def test_replacement_engine_is_prepared_before_it_serves(
     bare: LocalStack, control: Any, engine: ScriptedEngine
 ) -> None:
     pending = _deploy_in_background(control)
-    prepare = engine.next("prepare").prepare
-    engine.prepared(prepare.swap_id)
-    engine.next("commit")
-    engine.report([_serving(prepare.version)])
-    engine.send(f.EngineMessage(committed=f.CommitResult(swap_id=prepare.swap_id, ok=True)))
+    _swap_as_asked(engine)
     assert list(pending.result(timeout=30).unconfirmed_engines) == []
     assert _api.endpoints(control, "p") == ["127.0.0.1:1"]
     engine.close()  # s1 is lost
@@ -149,14 +155,10 @@ def test_replacement_engine_is_prepared_before_it_serves(
     spare = ScriptedEngine(bare.control_address, "s2", address="127.0.0.1:2").connect()
     try:
         # The spare gets the deployment through a prepare, not by being told to serve it.
-        takeover = spare.next("prepare").prepare
+        takeover = _swap_as_asked(spare)
         assert takeover.version.number == 1
         desired = [m for m in list(spare.received.queue) if m.WhichOneof("kind") == "desired"]
         assert all(not d.desired.pipelines for d in desired)
-        spare.prepared(takeover.swap_id)
-        spare.next("commit")
-        spare.report([_serving(takeover.version)])
-        spare.send(f.EngineMessage(committed=f.CommitResult(swap_id=takeover.swap_id, ok=True)))
         _api.until(lambda: _api.endpoints(control, "p") == ["127.0.0.1:2"], "the spare to serve")
         swaps = control.ListSwaps(c.ListSwapsRequest(workspace=_api.WS, pipeline="p")).swaps
         assert swaps[0].kind == "redeploy" and "replacing lost engines" in swaps[0].requested_by
@@ -168,11 +170,7 @@ def test_undeploy_timeout_is_an_answer_naming_the_engine(
     control: Any, engine: ScriptedEngine
 ) -> None:
     pending = _deploy_in_background(control)
-    prepare = engine.next("prepare").prepare
-    engine.prepared(prepare.swap_id)
-    engine.next("commit")
-    engine.report([_serving(prepare.version)])
-    engine.send(f.EngineMessage(committed=f.CommitResult(swap_id=prepare.swap_id, ok=True)))
+    _swap_as_asked(engine)
     pending.result(timeout=30)
     # The engine never reports releasing the pipeline.
     response = control.Undeploy(c.UndeployRequest(workspace=_api.WS, pipeline="p"), timeout=30)

@@ -186,16 +186,9 @@ class SwapCoordinator:
             version = self._store.pipeline_version(workspace, pipeline, number)
             current = self._store.get_pipeline(workspace, pipeline).deployment
             current_number = current.version.number if current else 0
-            swap = Swap(
-                str(uuid.uuid4()),
-                workspace,
-                pipeline,
-                swap_kind(current_number, version.number),
-                current_number,
-                version.number,
-                requested_by,
-                request_id,
-            )
+            kind = swap_kind(current_number, version.number)
+            swap = Swap(str(uuid.uuid4()), workspace, pipeline, kind, current_number,
+                        version.number, requested_by, request_id)  # fmt: skip
             try:
                 result = await self._swap(swap, version, current, replicas, expected_current)
             except (DeployConflict, NoEngines) as exc:
@@ -393,16 +386,8 @@ class SwapCoordinator:
         async with self._locks[pipeline_key(workspace, pipeline)]:
             current = self._store.get_pipeline(workspace, pipeline).deployment
             before = current.version.number if current else 0
-            swap = Swap(
-                str(uuid.uuid4()),
-                workspace,
-                pipeline,
-                "undeploy",
-                before,
-                0,
-                requested_by,
-                request_id,
-            )
+            swap = Swap(str(uuid.uuid4()), workspace, pipeline, "undeploy", before, 0,
+                        requested_by, request_id)  # fmt: skip
             try:
                 unconfirmed = await self._undeploy(swap, timeout or self._commit_timeout)
             except DeployFailed as exc:
