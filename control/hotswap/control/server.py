@@ -23,7 +23,6 @@ from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
 from hotswap.control.uploads import ModelUploads
 from hotswap.service.edge import bind, server_credentials, server_options
-from hotswap.service.interceptors import OpenStreamLimit
 from hotswap.service.log_config import RequestIdInterceptor
 from hotswap.service.metrics_http import MetricsEndpoint
 from hotswap.service.probes import Health, add_probes
@@ -68,7 +67,7 @@ class ControlPlaneServer:
         self.logs = LogGatherer(self.fleet)
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         uploads = ModelUploads(self.store, self.blobs, settings.max_model_bytes)
-        interceptors: list[grpc.aio.ServerInterceptor] = [OpenStreamLimit(), RequestIdInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
         if self.tokens is not None:
             interceptors.append(AuthInterceptor(self.tokens))
         self._server = grpc.aio.server(

@@ -30,7 +30,6 @@ from hotswap.service.edge import (
     server_credentials,
     server_options,
 )
-from hotswap.service.interceptors import OpenStreamLimit
 from hotswap.service.metrics_http import MetricsEndpoint
 from hotswap.service.probes import Health, add_probes
 from hotswap.service.supervisor import Supervisor
@@ -61,7 +60,7 @@ class EngineServer:
         guard = [EngineAuthInterceptor(self.access_rules)] if settings.control_token else []
         self._server = grpc.aio.server(
             options=server_options(),
-            interceptors=[OpenStreamLimit(), *guard],
+            interceptors=guard,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self._queue = InferenceQueue(self._executor, settings.max_queued)

@@ -1,6 +1,6 @@
-"""Server interceptors both services use: `GuardInterceptor` admits each call of the guarded
-services (authentication and workspace checks, supplied by each service), and
-`OpenStreamLimit` caps the streams anyone may hold without a token."""
+"""`GuardInterceptor`, which both services use to admit each call of their guarded services
+(authentication and workspace checks, supplied by each service). The streams anyone may
+hold without a token are capped in `probes`, not here: an interceptor costs every call."""
 
 from __future__ import annotations
 
@@ -150,53 +150,3 @@ def _refuse(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     if handler.unary_stream:
         return _rewrap(handler, unary_stream=abort_stream)
     return _rewrap(handler, stream_stream=abort_stream)
-
-
-# Open (token-free) methods that hold a stream for as long as the caller likes.
-OPEN_STREAMS = frozenset(
-    {
-        "/grpc.health.v1.Health/Watch",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    }
-)
-MAX_OPEN_STREAMS = 64
-
-
-class OpenStreamLimit(grpc.aio.ServerInterceptor):
-    """Caps the streams anyone may hold open without a token (health Watch, reflection), so
-    they cannot take the server's whole `maximum_concurrent_rpcs` from callers who have one."""
-
-    def __init__(self, limit: int = MAX_OPEN_STREAMS) -> None:
-        self._limit = limit
-        self.active = 0
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        if handler is None or details.method not in OPEN_STREAMS:
-            return handler
-        if self.active >= self._limit:
-            return _refuse(
-                handler,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self._limit} health/reflection streams are open already: close one, or "
-                "poll with Health.Check",
-            )
-
-        async def hold(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            self.active += 1
-
-        def release() -> None:
-            self.active -= 1
-
-        if handler.unary_stream:
-            return _rewrap(
-                handler, unary_stream=_around_stream(handler.unary_stream, hold, after=release)
-            )
-        return _rewrap(
-            handler, stream_stream=_around_stream(handler.stream_stream, hold, after=release)
-        )

@@ -9,7 +9,7 @@ the .proto files. Both stay open when the control plane requires tokens, as prob
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -17,7 +17,7 @@ import grpc
 # grpcio-health-checking and grpcio-reflection ship no type information (typeshed has
 # types-grpcio-health-checking and types-grpcio-reflection).
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 LIVENESS = "liveness"
 """A service name that is SERVING while the process runs, for liveness probes (readiness
@@ -25,6 +25,53 @@ uses the empty name)."""
 
 HEALTH_SERVICE: str = health.SERVICE_NAME
 REFLECTION_SERVICE: str = reflection.SERVICE_NAME
+
+
+# Streams anyone may hold open without a token (health Watch, reflection), per server: they
+# must not take the server's whole `maximum_concurrent_rpcs` from callers who have one.
+MAX_OPEN_STREAMS = 64
+
+
+class _OpenStreams:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    async def enter(self, context: Any) -> None:
+        if self.active >= self.limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.limit} health/reflection streams are open already: close one, or poll "
+                "with Health.Check",
+            )
+        self.active += 1
+
+
+class _CappedHealth(health.aio.HealthServicer):  # type: ignore[misc]
+    def __init__(self, streams: _OpenStreams) -> None:
+        super().__init__()
+        self._streams = streams
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        await self._streams.enter(context)
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._streams.active -= 1
+
+
+class _CappedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc,name-defined]
+    def __init__(self, names: Sequence[str], streams: _OpenStreams) -> None:
+        super().__init__(names)
+        self._streams = streams
+
+    async def ServerReflectionInfo(self, requests: Any, context: Any) -> AsyncIterator[Any]:
+        await self._streams.enter(context)
+        try:
+            async for response in super().ServerReflectionInfo(requests, context):
+                yield response
+        finally:
+            self._streams.active -= 1
 
 
 class Health:
@@ -52,9 +99,13 @@ async def add_probes(server: grpc.aio.Server, services: Sequence[str]) -> Health
     """Adds Health and reflection to `server` (before it starts). Reflection lists `services`
     plus the two added here. The overall status and each of `services` start NOT_SERVING; the
     `LIVENESS` name starts SERVING."""
-    servicer = health.aio.HealthServicer()
+    streams = _OpenStreams(MAX_OPEN_STREAMS)
+    servicer = _CappedHealth(streams)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection([*services, HEALTH_SERVICE, REFLECTION_SERVICE], server)
+    names = [*services, HEALTH_SERVICE, REFLECTION_SERVICE]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        _CappedReflection(names, streams), server
+    )
     probes = Health(servicer)
     for name in ("", *services):
         await probes.set(name, False)
