@@ -73,7 +73,7 @@ class ControlPlaneServer:
         self._server = grpc.aio.server(
             options=server_options(),
             interceptors=interceptors,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         control_pb2_grpc.add_ControlPlaneServicer_to_server(
             ControlPlaneServicer(

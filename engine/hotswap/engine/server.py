@@ -61,7 +61,7 @@ class EngineServer:
         self._server = grpc.aio.server(
             options=server_options(),
             interceptors=guard,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         self._queue = InferenceQueue(self._executor, settings.max_queued)
         self._identity = EngineIdentity()

@@ -162,7 +162,8 @@ class Settings:
             "--max-concurrent-rpcs",
             type=int,
             default=int(env("HOTSWAP_MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
-            help="RPCs served at once, beyond which calls get RESOURCE_EXHAUSTED (%(default)s)",
+            help="RPCs served at once, beyond which calls get RESOURCE_EXHAUSTED; 0 = no limit "
+            "(%(default)s)",
         )
         parser.add_argument(
             "--max-queued",
