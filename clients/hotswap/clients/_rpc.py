@@ -22,7 +22,7 @@ from hotswap.clients._errors import (
     InsecureTransportWarning,
     from_rpc_error,
 )
-from hotswap.service.edge import is_loopback
+from hotswap.service.edge import env_flag, is_loopback
 from hotswap.v1 import control_pb2, engine_pb2, types_pb2
 
 _Req = TypeVar("_Req", bound=Message)
@@ -72,7 +72,7 @@ class Security:
             allow_plaintext_token=(
                 allow_plaintext_token
                 if allow_plaintext_token is not None
-                else environ.get("HOTSWAP_ALLOW_PLAINTEXT_TOKEN", "") in ("1", "true", "yes")
+                else env_flag(environ.get("HOTSWAP_ALLOW_PLAINTEXT_TOKEN"))
             ),
         )
 

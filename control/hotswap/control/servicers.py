@@ -26,7 +26,7 @@ from hotswap.control.errors import (
     NoEngines,
     NotFound,
 )
-from hotswap.control.fleet import EngineRefused, Fleet
+from hotswap.control.fleet import EngineConnection, EngineRefused, Fleet
 from hotswap.control.status import StatusBoard
 from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
@@ -56,6 +56,24 @@ Context = grpc.aio.ServicerContext[Any, Any]
 BLOB_CHUNK = 1024 * 1024
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+
+
+def _engine_info(connection: EngineConnection, lost: bool) -> control_pb2.EngineInfo:
+    """One engine as ListEngines shows it: only the caller's workspaces' pipelines."""
+    return control_pb2.EngineInfo(
+        name=connection.name,
+        address=connection.address,
+        state="Lost" if lost else "Connected",
+        state_code=(
+            control_pb2.CONNECTION_STATE_LOST if lost else control_pb2.CONNECTION_STATE_CONNECTED
+        ),
+        last_seen_ms=connection.last_seen_ms,
+        serving=[
+            f"{p.workspace}/{p.pipeline}@{p.number}"
+            for p in connection.serving.values()
+            if auth.may_see(p.workspace)
+        ],
+    )
 
 
 def _requested_by(note: str, context: Context) -> str:
@@ -293,26 +311,9 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         self, request: control_pb2.ListEnginesRequest, context: Context
     ) -> control_pb2.ListEnginesResponse:
         fleet = self._fleet
+        connections = sorted(fleet.connections.values(), key=lambda s: s.name)
         return control_pb2.ListEnginesResponse(
-            engines=[
-                control_pb2.EngineInfo(
-                    name=s.name,
-                    address=s.address,
-                    state="Lost" if s.lost(fleet.lost_after) else "Connected",
-                    state_code=(
-                        control_pb2.CONNECTION_STATE_LOST
-                        if s.lost(fleet.lost_after)
-                        else control_pb2.CONNECTION_STATE_CONNECTED
-                    ),
-                    last_seen_ms=s.last_seen_ms,
-                    serving=[
-                        f"{p.workspace}/{p.pipeline}@{p.number}"
-                        for p in s.serving.values()
-                        if auth.may_see(p.workspace)
-                    ],
-                )
-                for s in sorted(fleet.connections.values(), key=lambda s: s.name)
-            ]
+            engines=[_engine_info(s, s.lost(fleet.lost_after)) for s in connections]
         )
 
     @unary

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotswap.service.edge import add_server_flags
+
 DEFAULT_DATA_DIR = Path.home() / ".hotswap" / "control"
 
 
@@ -90,17 +92,11 @@ class Settings:
             help="serve Prometheus metrics on this port (0 = any free port, -1 = off; "
             "default %(default)s)",
         )
-        parser.add_argument(
-            "--metrics-host",
-            default=env("HOTSWAP_METRICS_HOST", _DEFAULTS.metrics_host),
-            help="address the metrics endpoint binds (default %(default)s: loopback only)",
-        )
-        parser.add_argument(
-            "--max-concurrent-rpcs",
-            type=int,
-            default=int(env("HOTSWAP_MAX_CONCURRENT_RPCS", str(_DEFAULTS.max_concurrent_rpcs))),
-            help="RPCs served at once, beyond which calls get RESOURCE_EXHAUSTED; 0 = no limit "
-            "(%(default)s)",
+        add_server_flags(
+            parser,
+            env,
+            metrics_host=_DEFAULTS.metrics_host,
+            max_concurrent_rpcs=_DEFAULTS.max_concurrent_rpcs,
         )
         parser.add_argument(
             "--forget-after",

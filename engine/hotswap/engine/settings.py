@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotswap.service.edge import add_server_flags, env_flag
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -153,17 +155,11 @@ class Settings:
             help="serve Prometheus metrics on this port (0 = any free port, -1 = off; "
             "default %(default)s)",
         )
-        parser.add_argument(
-            "--metrics-host",
-            default=env("HOTSWAP_METRICS_HOST", d.metrics_host),
-            help="address the metrics endpoint binds (default %(default)s: loopback only)",
-        )
-        parser.add_argument(
-            "--max-concurrent-rpcs",
-            type=int,
-            default=int(env("HOTSWAP_MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
-            help="RPCs served at once, beyond which calls get RESOURCE_EXHAUSTED; 0 = no limit "
-            "(%(default)s)",
+        add_server_flags(
+            parser,
+            env,
+            metrics_host=d.metrics_host,
+            max_concurrent_rpcs=d.max_concurrent_rpcs,
         )
         parser.add_argument(
             "--max-queued",
@@ -181,7 +177,7 @@ class Settings:
         parser.add_argument(
             "--allow-plaintext-token",
             action="store_true",
-            default=env("HOTSWAP_ALLOW_PLAINTEXT_TOKEN", "") in ("1", "true", "yes"),
+            default=env_flag(env("HOTSWAP_ALLOW_PLAINTEXT_TOKEN")),
             help="send the engine credential to a non-loopback control plane without TLS "
             "(refused otherwise: anyone on the network could read it)",
         )

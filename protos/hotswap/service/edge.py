@@ -6,6 +6,7 @@ use it and neither should import the other. Domain code never imports this modul
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import ipaddress
@@ -161,6 +162,33 @@ def bind(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentia
             "choose another port"
         )
     return port
+
+
+def env_flag(value: str | None) -> bool:
+    """A yes/no HOTSWAP_* variable: "1", "true" or "yes" (any case) is yes."""
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def add_server_flags(
+    parser: argparse.ArgumentParser,
+    env: Callable[[str], str | None],
+    *,
+    metrics_host: str,
+    max_concurrent_rpcs: int,
+) -> None:
+    """The flags both servers take the same way: where metrics bind, and the RPC limit."""
+    parser.add_argument(
+        "--metrics-host",
+        default=env("HOTSWAP_METRICS_HOST") or metrics_host,
+        help="address the metrics endpoint binds (default %(default)s: loopback only)",
+    )
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=int(env("HOTSWAP_MAX_CONCURRENT_RPCS") or max_concurrent_rpcs),
+        help="RPCs served at once, beyond which calls get RESOURCE_EXHAUSTED; 0 = no limit "
+        "(%(default)s)",
+    )
 
 
 def is_loopback(address: str) -> bool:
