@@ -172,6 +172,28 @@ def test_arrow_round_trip_keeps_columns_order_and_types(wl: hotswap.Client, asse
     assert batched.drop_columns(["time"]).equals(out.drop_columns(["time"]))
 
 
+def test_dataset_leaves_column_groups_out_of_the_answer(
+    wl: hotswap.Client, assets: Path
+) -> None:
+    model = wl.upload_model("rf", assets / "models" / "rf_model.onnx")
+    pipeline = wl.build_pipeline("p").add_model_step(model).deploy()
+    thousand = _xtest_1k(assets)
+    full = pipeline.infer(thousand)
+    lean = pipeline.infer(thousand, dataset_exclude=["in"])
+    assert lean.column_names == ["time", "out.variable", "check_failures"]
+    assert lean["out.variable"].equals(full["out.variable"])
+    assert lean.schema.metadata[b"hotswap.pipeline_version"] == b"1"
+    only_out = pipeline.infer(_xtest_1(assets), dataset=["out"])
+    assert list(only_out.columns) == ["out.variable"]
+    assert only_out.loc[0, "out.variable"] == [718013.7]
+    # The log keeps the inputs of a request that did not want them back.
+    logged = pipeline.logs(limit=5000, arrow=True)
+    assert logged.num_rows == 1 + 1000 + 1000
+    assert "in.tensor" in logged.column_names and logged["in.tensor"].null_count == 0
+    with pytest.raises(hotswap.InvalidInputError, match="'inputs'.*column groups"):
+        pipeline.infer(thousand, dataset_exclude=["inputs"])
+
+
 def test_infer_from_file(wl: hotswap.Client, assets: Path) -> None:
     model = wl.upload_model("rf", assets / "models" / "rf_model.onnx")
     pipeline = wl.build_pipeline("p").add_model_step(model).deploy()

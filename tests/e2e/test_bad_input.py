@@ -14,6 +14,7 @@ import pytest
 
 from hotswap.clients._stack import LocalStack
 from hotswap.v1 import control_pb2 as c
+from hotswap.v1 import engine_pb2
 from tests.e2e import _api
 from tests.e2e.conftest import seed_models
 
@@ -94,6 +95,16 @@ def test_bad_infer_requests_are_refused_and_serving_continues(
 
     code, message = _error(lambda: _api.infer(engine, "nosuch", b""))
     assert code == grpc.StatusCode.NOT_FOUND and "nosuch" in message
+
+    # Column groups an answer may leave out are checked by the engine too, not only the SDK.
+    request = engine_pb2.InferRequest(
+        workspace=_api.WS,
+        pipeline="housing",
+        arrow=_api.ipc_stream(_api.tensor_table(xtest[:1])),
+        dataset_exclude=["inputs"],
+    )
+    code, message = _error(lambda: engine.Infer(request, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "column groups" in message
 
     # Still serving, correctly.
     answer = _api.infer(engine, "housing", _api.ipc_stream(_api.tensor_table(xtest[:3])))

@@ -24,6 +24,26 @@ DEFAULT_DATASET = ("time", "in", "out", "check_failures")
 METADATA_COLUMNS = ("metadata.last_model", "metadata.pipeline_version", "metadata.elapsed")
 
 
+def answer_exclude(
+    dataset: Sequence[str] | None, dataset_exclude: Sequence[str] | None
+) -> tuple[str, ...]:
+    """The column groups an inference answer leaves out, from Wallaroo's `dataset` (the groups
+    to return; "*" or None for all; "metadata" is always in the attrs) and `dataset_exclude`.
+
+    Raises:
+        InvalidInputError: a name that is not a column group.
+    """
+    wanted = ["*"] if dataset is None else list(dataset)
+    excluded = list(dataset_exclude or ())
+    for name in [*wanted, *excluded]:
+        if name not in (*DEFAULT_DATASET, "*", "metadata"):
+            raise InvalidInputError(
+                f"dataset names {name!r}: use '*' or the column groups {list(DEFAULT_DATASET)}"
+            )
+    kept = set(DEFAULT_DATASET) if "*" in wanted else set(wanted)
+    return tuple(g for g in DEFAULT_DATASET if g not in kept or g in excluded)
+
+
 def to_ms(moment: datetime) -> int:
     """Milliseconds since the epoch; a naive datetime is taken as local time."""
     if not isinstance(moment, datetime):

@@ -99,26 +99,35 @@ class Router:
         return addresses
 
     def infer_table(
-        self, table: pa.Table, *, timeout: float | None, batch_rows: int = DEFAULT_BATCH_ROWS
+        self,
+        table: pa.Table,
+        *,
+        timeout: float | None,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        exclude: tuple[str, ...] = (),
     ) -> pa.Table:
-        """Sends ``table`` in batches of at most ``batch_rows`` rows and joins the answers.
+        """Sends ``table`` in batches of at most ``batch_rows`` rows and joins the answers,
+        which leave out the column groups in ``exclude`` ("in", "time", ...).
 
         The result's schema metadata is the last batch's (the version that served it).
         """
         timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         if table.num_rows <= batch_rows:
-            return self._infer_one(table, timeout)
+            return self._infer_one(table, timeout, exclude)
         parts = [
-            self._infer_one(table.slice(start, batch_rows), timeout)
+            self._infer_one(table.slice(start, batch_rows), timeout, exclude)
             for start in range(0, table.num_rows, batch_rows)
         ]
         metadata = parts[-1].schema.metadata
         joined = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
         return joined.replace_schema_metadata(metadata)
 
-    def _infer_one(self, table: pa.Table, timeout: float) -> pa.Table:
+    def _infer_one(self, table: pa.Table, timeout: float, exclude: tuple[str, ...]) -> pa.Table:
         request = engine_pb2.InferRequest(
-            workspace=self._workspace, pipeline=self._pipeline, arrow=to_ipc(table)
+            workspace=self._workspace,
+            pipeline=self._pipeline,
+            arrow=to_ipc(table),
+            dataset_exclude=exclude,
         )
         addresses = self.addresses()
         if not addresses:

@@ -27,7 +27,15 @@ from hotswap.clients._errors import (
     HotswapWarning,
     InvalidInputError,
 )
-from hotswap.clients._history import SwapList, export, fetch_logs, list_swaps, logs_result, select
+from hotswap.clients._history import (
+    SwapList,
+    answer_exclude,
+    export,
+    fetch_logs,
+    list_swaps,
+    logs_result,
+    select,
+)
 from hotswap.clients._infer import DEFAULT_BATCH_ROWS, Router, Served, served_attrs
 from hotswap.clients._model import Model
 from hotswap.clients._pipeline_version import PipelineVersion, PipelineVersionList, list_versions
@@ -288,6 +296,8 @@ class Pipeline:
         *,
         batch_rows: int = ...,
         allow_nan: bool = ...,
+        dataset: Sequence[str] | None = ...,
+        dataset_exclude: Sequence[str] | None = ...,
     ) -> pd.DataFrame: ...
     @overload
     def infer(
@@ -297,6 +307,8 @@ class Pipeline:
         *,
         batch_rows: int = ...,
         allow_nan: bool = ...,
+        dataset: Sequence[str] | None = ...,
+        dataset_exclude: Sequence[str] | None = ...,
     ) -> pa.Table: ...
     def infer(
         self,
@@ -305,6 +317,8 @@ class Pipeline:
         *,
         batch_rows: int = DEFAULT_BATCH_ROWS,
         allow_nan: bool = False,
+        dataset: Sequence[str] | None = None,
+        dataset_exclude: Sequence[str] | None = None,
     ) -> pd.DataFrame | pa.Table:
         """Runs the deployed pipeline on ``data``.
 
@@ -318,15 +332,22 @@ class Pipeline:
                 refused with :class:`InvalidInputError` naming the column and row, since
                 most models turn them into wrong answers without a word; allow them for
                 models that read NaN as "missing" (XGBoost does).
+            dataset: The column groups to return, as in the Wallaroo SDK: ``["*"]`` (the
+                default) or some of ``"time"``, ``"in"``, ``"out"``, ``"check_failures"``.
+            dataset_exclude: Groups to leave out, e.g. ``["in"]``: the engine then does not
+                send your inputs back (faster for big batches). The log keeps them.
 
         Returns:
             pandas in, pandas out (``out.<name>`` columns hold a list per row, float32 shown
             the shortest way: 718013.7); Arrow in, ``pyarrow.Table`` out. Which version served
             is in ``DataFrame.attrs`` / the schema metadata and :meth:`last_served`.
         """
+        exclude = answer_exclude(dataset, dataset_exclude)
         if is_dataframe(data):
             table = table_from_pandas(data)
-            return self._to_pandas(self._infer_arrow(table, timeout, batch_rows, allow_nan))
+            return self._to_pandas(
+                self._infer_arrow(table, timeout, batch_rows, allow_nan, exclude)
+            )
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])
         if not isinstance(data, pa.Table):
@@ -334,7 +355,7 @@ class Pipeline:
                 f"infer() takes a pandas DataFrame or a pyarrow Table/RecordBatch, not "
                 f"{type(data).__name__}; for files use infer_from_file(path)"
             )
-        return self._infer_arrow(data, timeout, batch_rows, allow_nan)
+        return self._infer_arrow(data, timeout, batch_rows, allow_nan, exclude)
 
     def infer_from_file(
         self,
@@ -359,7 +380,12 @@ class Pipeline:
         return result
 
     def _infer_arrow(
-        self, table: pa.Table, timeout: float | None, batch_rows: int, allow_nan: bool
+        self,
+        table: pa.Table,
+        timeout: float | None,
+        batch_rows: int,
+        allow_nan: bool,
+        exclude: tuple[str, ...] = (),
     ) -> pa.Table:
         if batch_rows < 1:
             raise InvalidInputError(f"batch_rows must be at least 1, got {batch_rows}")
@@ -368,7 +394,9 @@ class Pipeline:
         renames = self._steps[0].column_renames() if self._steps else {}
         if renames:
             table = table.rename_columns([renames.get(n, n) for n in table.column_names])
-        return self._router.infer_table(table, timeout=timeout, batch_rows=batch_rows)
+        return self._router.infer_table(
+            table, timeout=timeout, batch_rows=batch_rows, exclude=exclude
+        )
 
     def _to_pandas(self, table: pa.Table) -> pd.DataFrame:
         df = table_to_pandas(table)

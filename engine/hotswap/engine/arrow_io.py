@@ -24,6 +24,7 @@ from hotswap.engine.errors import InvalidInput, RequestTooLarge
 __all__ = [
     "Dims",
     "InputReader",
+    "as_batch",
     "cast_values",
     "column_to_ndarray",
     "decode_ipc",
@@ -31,6 +32,7 @@ __all__ = [
     "format_dims",
     "int32_zeros",
     "ndarray_to_arrow",
+    "schema_message",
     "timestamp_column",
 ]
 
@@ -47,6 +49,10 @@ _CACHED_ROWS = 4096
 # Passing options explicitly skips pyarrow's per-call environment look-ups (~3 us a call).
 _READ_OPTIONS = ipc.IpcReadOptions()
 _WRITE_OPTIONS = ipc.IpcWriteOptions()
+# An IPC stream ends with a continuation marker and a zero length.
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+_SCHEMA_CACHE_SIZE = 64
+_SCHEMAS: dict[bytes, pa.Schema] = {}
 # Numeric dtypes whose numpy buffer is exactly an Arrow data buffer (bool is bit-packed in
 # Arrow, strings are objects: those go through pa.array).
 _PLAIN_NAMES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8")
@@ -56,11 +62,12 @@ _PLAIN_TYPES: dict[np.dtype[Any], pa.DataType] = {
 }
 
 
-def decode_ipc(data: bytes, max_rows: int = 2**62) -> pa.Table:
-    """Read a table from Arrow IPC bytes, stream or file format (told apart by the file magic).
+def decode_ipc(data: bytes, max_rows: int = 2**62) -> pa.RecordBatch:
+    """Read the rows of Arrow IPC bytes, stream or file format (told apart by the file magic),
+    as one record batch.
 
-    A file is read as the stream it holds (its footer is not trusted). Before anything is
-    decoded, the messages' metadata is read (`check_ipc`): more than
+    A file is read as the stream it holds (its footer is not trusted). In one pass over the
+    messages, each batch's flatbuffer metadata is checked before its body is read: more than
     `max_rows` rows, compressed bodies (their decompressed size is the sender's choice) and
     array lengths the body cannot hold are refused. Then the buffers are validated in full:
     offsets in a hostile list column could otherwise point outside the message and crash the
@@ -73,58 +80,85 @@ def decode_ipc(data: bytes, max_rows: int = 2**62) -> pa.Table:
     if not data:
         raise InvalidInput("the request body is empty: send a table as an Arrow IPC stream or file")
     buffer = pa.py_buffer(data)
-    is_file = buffer[:6].to_pybytes() == _FILE_MAGIC
-    rows = check_ipc(buffer[8:] if is_file else buffer, len(data))
+    # A file is read as the stream it holds after its magic, the very messages checked here:
+    # its footer could point at other bytes (a compressed or bigger batch).
+    stream = buffer.slice(8) if data[:6] == _FILE_MAGIC else buffer
+    try:
+        return _read_checked(stream, len(data), max_rows)
+    except (pa.ArrowException, struct.error, ValueError, OSError) as exc:
+        raise InvalidInput(
+            f"the request body is not a valid Arrow IPC stream or file ({len(data)} bytes): {exc}"
+        ) from None
+
+
+def _read_checked(stream: pa.Buffer, size: int, max_rows: int) -> pa.RecordBatch:
+    reader = ipc.MessageReader.open_stream(stream)
+    try:
+        first = reader.read_next_message()
+    except StopIteration:
+        raise InvalidInput("the request's Arrow IPC stream is empty: it holds no schema") from None
+    if first.type != "schema":
+        raise InvalidInput(f"the request's Arrow IPC starts with a {first.type}, not a schema")
+    schema = _schema_of(first)
+    batches, rows, dictionaries = [], 0, False
+    for message in reader:
+        kind = message.type
+        if kind not in ("record batch", "dictionary"):
+            continue
+        length, compressed, longest = _batch_header(
+            message.metadata.to_pybytes(), kind == "dictionary"
+        )
+        if compressed:
+            raise InvalidInput(
+                "compressed Arrow IPC is not accepted: write it without compression "
+                "(pyarrow: IpcWriteOptions(compression=None), the default)"
+            )
+        if longest > 8 * size + 8:
+            raise InvalidInput(
+                f"an array in the request claims {longest} elements, more than its "
+                f"{size} bytes can hold"
+            )
+        if kind == "dictionary":
+            dictionaries = True
+            continue
+        rows += length
+        if rows <= max_rows and not dictionaries:  # bodies past the limit are never read
+            batches.append(ipc.read_record_batch(message, schema))
     if rows > max_rows:
         raise RequestTooLarge(
             f"the request has {rows} rows; this engine takes at most {max_rows} per call "
             "(split it into batches, or raise --max-rows)"
         )
-    try:
-        # A file is read as the stream it holds after its magic, the very messages checked
-        # above: its footer could point at other bytes (a compressed or bigger batch).
-        stream = buffer[8:] if is_file else buffer
+    if dictionaries:  # rare: let the stream reader resolve them (every message is checked)
         table = ipc.open_stream(stream, options=_READ_OPTIONS).read_all()
-        table.validate(full=True)
-    except (pa.ArrowException, ValueError, OSError) as exc:
-        raise InvalidInput(
-            f"the request body is not a valid Arrow IPC stream or file ({len(data)} bytes): {exc}"
-        ) from None
-    return table
+        batches = table.combine_chunks().to_batches()
+    for batch in batches:
+        batch.validate(full=True)
+    return batches[0] if len(batches) == 1 else as_batch(pa.Table.from_batches(batches, schema))
 
 
-def check_ipc(stream: pa.Buffer, size: int) -> int:
-    """The row count of an Arrow IPC stream, read from its messages' flatbuffer metadata
-    without decoding a body (the file format holds the same stream after its magic).
+def as_batch(rows: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
+    """The rows as one record batch (a table's chunks combined)."""
+    if isinstance(rows, pa.RecordBatch):
+        return rows
+    table = rows.combine_chunks()
+    return pa.RecordBatch.from_arrays(
+        [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
+        schema=table.schema,
+    )
 
-    Raises:
-        InvalidInput: unreadable metadata, a compressed body, or an array longer than the
-            request's bytes could hold (8 elements per byte, as bit-packed booleans).
-    """
-    rows = 0
-    try:
-        for message in ipc.MessageReader.open_stream(stream):
-            if message.type not in ("record batch", "dictionary"):
-                continue
-            batch = _batch_header(message.metadata.to_pybytes(), message.type == "dictionary")
-            length, compressed, longest = batch
-            if compressed:
-                raise InvalidInput(
-                    "compressed Arrow IPC is not accepted: write it without compression "
-                    "(pyarrow: IpcWriteOptions(compression=None), the default)"
-                )
-            if longest > 8 * size + 8:
-                raise InvalidInput(
-                    f"an array in the request claims {longest} elements, more than its "
-                    f"{size} bytes can hold"
-                )
-            if message.type == "record batch":
-                rows += length
-    except (pa.ArrowException, struct.error, OSError) as exc:
-        raise InvalidInput(
-            f"the request body is not a valid Arrow IPC stream or file ({size} bytes): {exc}"
-        ) from None
-    return rows
+
+def _schema_of(message: ipc.Message) -> pa.Schema:
+    """The schema a schema message holds: clients send the same one request after request,
+    so parsed schemas are kept by their metadata bytes (equal bytes, equal schema)."""
+    key = message.metadata.to_pybytes()
+    schema = _SCHEMAS.get(key)
+    if schema is None:
+        schema = ipc.read_schema(message)
+        if len(_SCHEMAS) >= _SCHEMA_CACHE_SIZE:
+            _SCHEMAS.pop(next(iter(_SCHEMAS)), None)
+        _SCHEMAS[key] = schema
+    return schema
 
 
 def _batch_header(meta: bytes, dictionary: bool) -> tuple[int, bool, int]:
@@ -177,12 +211,21 @@ def _scalar(meta: bytes, table: int, index: int, fmt: str) -> int:
     return int(struct.unpack_from(fmt, meta, at)[0]) if at else 0
 
 
-def encode_ipc(table: pa.Table) -> bytes:
-    """Write a table as an Arrow IPC stream (schema metadata included)."""
+def encode_ipc(rows: pa.RecordBatch | pa.Table, schema_message: bytes = b"") -> bytes:
+    """Write rows as an Arrow IPC stream (schema metadata included). `schema_message` is
+    `schema_message(rows.schema)` when the caller has it already: then a one-batch answer is
+    that, the batch's message and the end-of-stream marker, with no stream writer."""
+    if isinstance(rows, pa.RecordBatch) and schema_message:
+        return b"".join((schema_message, rows.serialize().to_pybytes(), _END_OF_STREAM))
     sink = pa.BufferOutputStream()
-    with ipc.new_stream(sink, table.schema, options=_WRITE_OPTIONS) as writer:
-        writer.write_table(table)
+    with ipc.new_stream(sink, rows.schema, options=_WRITE_OPTIONS) as writer:
+        writer.write(rows)
     return bytes(sink.getvalue().to_pybytes())
+
+
+def schema_message(schema: pa.Schema) -> bytes:
+    """The encapsulated IPC message that starts a stream of `schema`."""
+    return bytes(schema.serialize().to_pybytes())
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +252,7 @@ class InputReader:
         object.__setattr__(self, "static_row", static)
         object.__setattr__(self, "size", None if static is None else math.prod(static))
 
-    def tensor(self, table: pa.Table, rows: int) -> Array:
+    def tensor(self, table: pa.RecordBatch, rows: int) -> Array:
         """This input's tensor for `table` (which has `rows > 0` rows).
 
         Raises:
@@ -254,7 +297,7 @@ class InputReader:
             f"{format_dims(row)} per row"
         )
 
-    def _missing(self, table: pa.Table) -> InvalidInput:
+    def _missing(self, table: pa.RecordBatch) -> InvalidInput:
         names = table.column_names
         for column in self.columns:
             if names.count(column) > 1:

@@ -72,11 +72,11 @@ class InferenceQueue:
 
 @dataclass(frozen=True, slots=True)
 class Ran(Generic[_T]):
-    """What `run` returns: the protocol's answer, the result table (logged), the time spent
+    """What `run` returns: the protocol's answer, the result rows (logged), the time spent
     and the answer's size in bytes (what the log's memory bound counts)."""
 
     answer: _T
-    table: pa.Table
+    table: pa.RecordBatch
     elapsed_ns: int
     size: int
 
@@ -136,7 +136,7 @@ class DataPlane:
         bound.latency.observe(time.perf_counter() - started)
         bound.rows.inc(ran.table.num_rows)
         if self._log is not None:
-            # A reference to the finished table: the log copies nothing on this path.
+            # A reference to the finished rows: the log copies nothing on this path.
             self._log.append(loaded, ran.table, ran.elapsed_ns, ran.size, source)
         return Served(loaded, ran.answer, ran.elapsed_ns)
 

@@ -65,7 +65,7 @@ class _Version:
 class _Entry(NamedTuple):
     # A tuple, not a dataclass: building one is the whole cost of logging a request.
     version: _Version
-    table: pa.Table
+    table: pa.RecordBatch
     elapsed_ns: int
     nbytes: int
     source: str = ""  # who sent it ("loadtest" for hotswap loadtest), "" for ordinary traffic
@@ -125,7 +125,7 @@ class InferenceLog:
     def append(
         self,
         loaded: LoadedPipeline,
-        table: pa.Table,
+        table: pa.RecordBatch,
         elapsed_ns: int,
         nbytes: int,
         source: str = "",
@@ -219,7 +219,7 @@ class InferenceLog:
 
     def _log_table(self, run: list[_Entry]) -> pa.Table:
         """One table of entries sharing a version and a schema, metadata columns added."""
-        table = pa.concat_tables([e.table for e in run]).replace_schema_metadata(None)
+        table = pa.Table.from_batches([e.table for e in run]).replace_schema_metadata(None)
         table = table.combine_chunks()  # one record batch, not one per request
         rows = np.fromiter((e.table.num_rows for e in run), np.int64, len(run))
         elapsed = np.repeat(np.fromiter((e.elapsed_ns for e in run), np.int64, len(run)), rows)

@@ -183,7 +183,7 @@ def _typed_values(
     return wide.astype(dtype, copy=False)
 
 
-def input_table(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) -> pa.Table:
+def input_table(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) -> pa.RecordBatch:
     """The table `loaded.infer` reads: a single-input pipeline's one tensor becomes the
     `tensor` column whatever its name; otherwise each tensor is a column by its own name.
 
@@ -204,7 +204,7 @@ def input_table(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) ->
     rows = {values.shape[0] for _, values in named}
     if len(rows) > 1:
         raise InvalidInput(f"the input tensors have different first dims {sorted(rows)}")
-    return pa.table({column: _fixed_lists(values) for column, values in named})
+    return pa.RecordBatch.from_pydict({column: _fixed_lists(values) for column, values in named})
 
 
 def _fixed_lists(values: Array) -> pa.Array:
@@ -216,7 +216,7 @@ def _fixed_lists(values: Array) -> pa.Array:
 
 
 def output_tensors(
-    result: pa.Table, loaded: LoadedPipeline, wanted: Sequence[str]
+    result: pa.RecordBatch, loaded: LoadedPipeline, wanted: Sequence[str]
 ) -> tuple[list[oip.ModelInferResponse.InferOutputTensor], list[bytes]]:
     """The `out.<name>` columns of `result` as output tensors and their raw bytes.
 
@@ -250,10 +250,10 @@ def _leaf_type(kind: pa.DataType) -> pa.DataType:
     return kind
 
 
-def _bytes_column(column: pa.ChunkedArray) -> tuple[list[int], bytes]:
+def _bytes_column(column: pa.Array) -> tuple[list[int], bytes]:
     """A (nested) list of strings, as the protocol's BYTES: each element's length as a 4-byte
     little-endian integer, then its bytes."""
-    array: Any = column.combine_chunks()
+    array: Any = column
     shape = [len(array)]
     while not pa.types.is_string(array.type):
         shape.append(len(array.flatten()) // max(len(array), 1))

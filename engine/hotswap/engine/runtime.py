@@ -30,11 +30,13 @@ from hotswap.engine.arrow_io import (
     Array,
     Dims,
     InputReader,
+    as_batch,
     decode_ipc,
     encode_ipc,
     format_dims,
     int32_zeros,
     ndarray_to_arrow,
+    schema_message,
     timestamp_column,
 )
 from hotswap.engine.errors import EngineError, InvalidInput, PrepareError, WarmupFailed
@@ -162,6 +164,7 @@ class LoadedPipeline:
 
     __slots__ = (
         "__weakref__",  # lets the engine (and tests) check that a retired version is freed
+        "_answer_schemas",
         "_inputs",
         "_last_label",
         "_later",
@@ -196,8 +199,12 @@ class LoadedPipeline:
         self._out_columns = [f"out.{name}" for name in self._out_names]
         # (input schema, output dtypes and ranks, output schema) of the last request: building
         # the output schema costs more than checking that the next request has the same one.
-        self._schema_cache: tuple[pa.Schema, list[tuple[np.dtype[Any], int]], pa.Schema] | None
-        self._schema_cache = None
+        # The answer's schema message is kept too: encoding it costs more than the batch.
+        self._schema_cache: (
+            tuple[pa.Schema, list[tuple[np.dtype[Any], int]], pa.Schema, bytes] | None
+        ) = None
+        # By excluded column groups: (result schema, kept column indices, schema message).
+        self._answer_schemas: dict[frozenset[str], tuple[pa.Schema, list[int], bytes]] = {}
         models = [
             {"name": s.model_name, "version": s.model_version, "sha256": s.sha256}
             for s in spec.steps
@@ -262,18 +269,19 @@ class LoadedPipeline:
         by_name = {arg.name: arg for arg in self._steps[-1].session.get_outputs()}
         return [_tensor_info(by_name[name]) for name in self._out_names]
 
-    def infer(self, table: pa.Table) -> pa.Table:
-        """Run every step on the table's rows and return the output table (design.md).
+    def infer(self, rows: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
+        """Run every step on the rows and return the result rows (design.md).
 
         Raises:
-            InvalidInput: the table cannot feed the first step (missing column, wrong width,
+            InvalidInput: the rows cannot feed the first step (missing column, wrong width,
                 non-numeric values, nulls, ragged rows, no rows), or a step rejected the data.
         """
-        rows = table.num_rows
-        if rows == 0:
+        batch = as_batch(rows)
+        n = batch.num_rows
+        if n == 0:
             raise InvalidInput("the table has no rows: send at least one")
         epoch_ms = time.time_ns() // 1_000_000
-        feed = {plan.input_name: plan.tensor(table, rows) for plan in self._inputs}
+        feed = {plan.input_name: plan.tensor(batch, n) for plan in self._inputs}
         outputs = self._steps[0].run(feed)
         for step in self._later:
             feed = {}
@@ -281,33 +289,54 @@ class LoadedPipeline:
                 value = outputs[source]
                 feed[name] = value if row is None else value.reshape(value.shape[0], *row)
             outputs = step.run(feed)
-        columns = [timestamp_column(epoch_ms, rows), *table.columns]
+        columns = [timestamp_column(epoch_ms, n), *batch.columns]
         kinds = []
         for name, value in zip(self._out_names, outputs, strict=True):
-            if value.ndim == 0 or value.shape[0] != rows:
+            if value.ndim == 0 or value.shape[0] != n:
                 raise InvalidInput(
                     f"{self._last_label} output {name!r} has shape {list(value.shape)} for a "
-                    f"{rows}-row request: the model does not return one row per input row"
+                    f"{n}-row request: the model does not return one row per input row"
                 )
             columns.append(ndarray_to_arrow(value))
             kinds.append((value.dtype, value.ndim))
-        columns.append(int32_zeros(rows))
-        in_schema = table.schema
+        columns.append(int32_zeros(n))
+        in_schema = batch.schema
         cached = self._schema_cache
-        if cached is not None and cached[1] == kinds and in_schema.equals(cached[0]):
-            return pa.Table.from_arrays(columns, schema=cached[2])
+        if (
+            cached is not None
+            and cached[1] == kinds
+            and (in_schema is cached[0] or in_schema.equals(cached[0]))
+        ):
+            return pa.RecordBatch.from_arrays(columns, schema=cached[2])
         names = [
             "time",
-            *["in." + name for name in table.column_names],
+            *["in." + name for name in batch.schema.names],
             *self._out_columns,
             "check_failures",
         ]
         # Attaching prebuilt metadata afterwards is ~2x cheaper than from_arrays(metadata=...).
-        result = pa.Table.from_arrays(columns, names=names)
+        result = pa.RecordBatch.from_arrays(columns, names=names)
         result = result.replace_schema_metadata(self._metadata)
         # One slot, replaced whole: threads racing on it only cost a rebuild.
-        self._schema_cache = (in_schema, kinds, result.schema)
+        self._schema_cache = (in_schema, kinds, result.schema, schema_message(result.schema))
         return result
+
+    def encode(self, result: pa.RecordBatch, exclude: frozenset[str] = frozenset()) -> bytes:
+        """`result` (from `infer`) as Arrow IPC stream bytes, without the column groups in
+        `exclude` (`answer_parts`). The schema message is built once per version, request
+        schema and exclusion, not once per request."""
+        schema = result.schema
+        if not exclude:
+            cached = self._schema_cache
+            if cached is not None and schema.equals(cached[2], check_metadata=True):
+                return encode_ipc(result, cached[3])
+            return encode_ipc(result)
+        known = self._answer_schemas.get(exclude)
+        if known is None or not schema.equals(known[0], check_metadata=True):
+            keep = [i for i, name in enumerate(schema.names) if _part(name) not in exclude]
+            known = (schema, keep, schema_message(result.select(keep).schema))
+            self._answer_schemas[exclude] = known  # a handful of keys: answer_parts' subsets
+        return encode_ipc(result.select(known[1]), known[2])
 
     def __repr__(self) -> str:
         spec = self.spec
@@ -322,7 +351,7 @@ class LoadedPipeline:
             dims = (1,) if plan.row is None else tuple(d or 1 for d in plan.row)
             zeros = np.zeros((plan.batch or 1, *dims), dtype=plan.dtype)
             columns[plan.columns[0]] = ndarray_to_arrow(zeros)
-        table = pa.table(columns)
+        table = pa.RecordBatch.from_pydict(columns)
         try:
             self.infer(table)
             # The first call allocates; later ones show what a small request really costs.
@@ -332,6 +361,29 @@ class LoadedPipeline:
                 self.row_ms = min(self.row_ms, (time.perf_counter() - started) * 1000)
         except (EngineError, RuntimeError, ValueError) as exc:
             raise WarmupFailed(f"warm-up inference on a zero-filled row failed: {exc}") from exc
+
+
+ANSWER_PARTS = ("time", "in", "out", "check_failures")
+"""The column groups of a result, which a request may leave out of its answer."""
+
+
+def answer_parts(exclude: Sequence[str]) -> frozenset[str]:
+    """The groups a request's `dataset_exclude` names.
+
+    Raises:
+        InvalidInput: a name that is not a column group.
+    """
+    unknown = [name for name in exclude if name not in ANSWER_PARTS]
+    if unknown:
+        raise InvalidInput(
+            f"dataset_exclude names {unknown}: the column groups are {list(ANSWER_PARTS)}"
+        )
+    return frozenset(exclude)
+
+
+def _part(column: str) -> str:
+    """The group of a result column: `in.tensor` -> "in", `time` -> "time"."""
+    return column.split(".", 1)[0]
 
 
 def _open_session(index: int, step: StepSpec, options: RuntimeOptions) -> Any:

@@ -21,7 +21,7 @@ from hotswap.engine.errors import (
 )
 from hotswap.engine.host import EngineHost
 from hotswap.engine.inference_log import InferenceLog, encode
-from hotswap.engine.runtime import LoadedPipeline, decode_ipc, encode_ipc
+from hotswap.engine.runtime import LoadedPipeline, answer_parts, decode_ipc
 from hotswap.service.edge import StatusTable, status_for, unary_errors
 from hotswap.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 
@@ -43,12 +43,12 @@ STREAM_WINDOW = 64
 MAX_LOG_ROWS = 100_000
 
 
-def _run(loaded: LoadedPipeline, data: bytes, max_rows: int) -> Ran[bytes]:
+def _run(loaded: LoadedPipeline, data: bytes, max_rows: int, exclude: frozenset[str]) -> Ran[bytes]:
     """Decode, infer, encode: one request, wholly on `loaded`."""
     start = time.perf_counter_ns()
     table = decode_ipc(data, max_rows)
     result = loaded.infer(table)
-    out = encode_ipc(result)
+    out = loaded.encode(result, exclude)
     return Ran(out, result, time.perf_counter_ns() - start, len(out))
 
 
@@ -75,9 +75,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def _infer(self, request: engine_pb2.InferRequest) -> engine_pb2.InferResponse:
         caller = access.current.get()
         max_rows = self._plane.max_rows
+        exclude = answer_parts(request.dataset_exclude)
         served = await self._plane.serve(
             lambda: self._host.lookup(request.workspace, request.pipeline, caller.may_use),
-            lambda loaded: _run(loaded, request.arrow, max_rows),
+            lambda loaded: _run(loaded, request.arrow, max_rows, exclude),
             nbytes=len(request.arrow),
             source=request.source,
         )

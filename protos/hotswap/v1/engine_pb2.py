@@ -26,7 +26,7 @@ from hotswap.v1 import types_pb2 as hotswap_dot_v1_dot_types__pb2
 from hotswap.v1 import fleet_pb2 as hotswap_dot_v1_dot_fleet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hotswap/v1/engine.proto\x12\nhotswap.v1\x1a\x16hotswap/v1/types.proto\x1a\x16hotswap/v1/fleet.proto\"f\n\x0cInferRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\r\n\x05\x61rrow\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\x04\x12\x0e\n\x06source\x18\x05 \x01(\t\"\xf6\x01\n\rInferResponse\x12\r\n\x05\x61rrow\x18\x01 \x01(\x0c\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\x18\n\x10pipeline_version\x18\x04 \x01(\x03\x12\x1b\n\x13pipeline_version_id\x18\x05 \x01(\t\x12\'\n\x06models\x18\x06 \x03(\x0b\x32\x17.hotswap.v1.ServedModel\x12\x12\n\nelapsed_ns\x18\x07 \x01(\x03\x12\x12\n\nrequest_id\x18\x08 \x01(\x04\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\"\x18\n\x16GetEngineStatusRequest\"o\n\x0b\x45ngineState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12.\n\tpipelines\x18\x04 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline2\x99\x02\n\x06\x45ngine\x12<\n\x05Infer\x12\x18.hotswap.v1.InferRequest\x1a\x19.hotswap.v1.InferResponse\x12\x46\n\x0bInferStream\x12\x18.hotswap.v1.InferRequest\x1a\x19.hotswap.v1.InferResponse(\x01\x30\x01\x12H\n\tGetStatus\x12\".hotswap.v1.GetEngineStatusRequest\x1a\x17.hotswap.v1.EngineState\x12?\n\x07GetLogs\x12\x1a.hotswap.v1.GetLogsRequest\x1a\x18.hotswap.v1.LogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hotswap/v1/engine.proto\x12\nhotswap.v1\x1a\x16hotswap/v1/types.proto\x1a\x16hotswap/v1/fleet.proto\"\x7f\n\x0cInferRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\r\n\x05\x61rrow\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\x04\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x17\n\x0f\x64\x61taset_exclude\x18\x06 \x03(\t\"\xf6\x01\n\rInferResponse\x12\r\n\x05\x61rrow\x18\x01 \x01(\x0c\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\x18\n\x10pipeline_version\x18\x04 \x01(\x03\x12\x1b\n\x13pipeline_version_id\x18\x05 \x01(\t\x12\'\n\x06models\x18\x06 \x03(\x0b\x32\x17.hotswap.v1.ServedModel\x12\x12\n\nelapsed_ns\x18\x07 \x01(\x03\x12\x12\n\nrequest_id\x18\x08 \x01(\x04\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\"\x18\n\x16GetEngineStatusRequest\"o\n\x0b\x45ngineState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12.\n\tpipelines\x18\x04 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline2\x99\x02\n\x06\x45ngine\x12<\n\x05Infer\x12\x18.hotswap.v1.InferRequest\x1a\x19.hotswap.v1.InferResponse\x12\x46\n\x0bInferStream\x12\x18.hotswap.v1.InferRequest\x1a\x19.hotswap.v1.InferResponse(\x01\x30\x01\x12H\n\tGetStatus\x12\".hotswap.v1.GetEngineStatusRequest\x1a\x17.hotswap.v1.EngineState\x12?\n\x07GetLogs\x12\x1a.hotswap.v1.GetLogsRequest\x1a\x18.hotswap.v1.LogsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hotswap.v1.engine_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERREQUEST']._serialized_start=87
-  _globals['_INFERREQUEST']._serialized_end=189
-  _globals['_INFERRESPONSE']._serialized_start=192
-  _globals['_INFERRESPONSE']._serialized_end=438
-  _globals['_GETENGINESTATUSREQUEST']._serialized_start=440
-  _globals['_GETENGINESTATUSREQUEST']._serialized_end=464
-  _globals['_ENGINESTATE']._serialized_start=466
-  _globals['_ENGINESTATE']._serialized_end=577
-  _globals['_ENGINE']._serialized_start=580
-  _globals['_ENGINE']._serialized_end=861
+  _globals['_INFERREQUEST']._serialized_end=214
+  _globals['_INFERRESPONSE']._serialized_start=217
+  _globals['_INFERRESPONSE']._serialized_end=463
+  _globals['_GETENGINESTATUSREQUEST']._serialized_start=465
+  _globals['_GETENGINESTATUSREQUEST']._serialized_end=489
+  _globals['_ENGINESTATE']._serialized_start=491
+  _globals['_ENGINESTATE']._serialized_end=602
+  _globals['_ENGINE']._serialized_start=605
+  _globals['_ENGINE']._serialized_end=886
 # @@protoc_insertion_point(module_scope)

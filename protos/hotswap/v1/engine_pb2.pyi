@@ -32,6 +32,7 @@ class InferRequest(_message.Message):
     ARROW_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    DATASET_EXCLUDE_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     """Workspace of the pipeline; may be empty when the pipeline name is unique on this engine."""
     pipeline: _builtins.str
@@ -47,6 +48,13 @@ class InferRequest(_message.Message):
     """Who sends this traffic, recorded with its rows in the inference log (`metadata.source`):
     `hotswap loadtest` sends "loadtest"; empty for ordinary requests.
     """
+    @_builtins.property
+    def dataset_exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Column groups to leave out of the answer: "in" (the echo of the input columns), "time",
+        "out", "check_failures". As Wallaroo's dataset_exclude: a caller that has its inputs
+        skips receiving them again. The inference log keeps every column either way.
+        """
+
     def __init__(
         self,
         *,
@@ -55,10 +63,11 @@ class InferRequest(_message.Message):
         arrow: _builtins.bytes = ...,
         request_id: _builtins.int = ...,
         source: _builtins.str = ...,
+        dataset_exclude: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "pipeline", b"pipeline", "request_id", b"request_id", "source", b"source", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "dataset_exclude", b"dataset_exclude", "pipeline", b"pipeline", "request_id", b"request_id", "source", b"source", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
