@@ -44,9 +44,10 @@ $(MODELS): $(STAMP) examples/housing/make_models.py
 	$(PY) examples/housing/make_models.py --out examples/housing/models
 	touch $(MODELS)
 
-# Benchmarks write bench/results/<date>-<host>.{json,md}; QUICK=1 for the short run.
+# Benchmarks write bench/results/<date>-<host>.{json,md}; QUICK=1 for the short run, PEERS=1
+# to add KServe (installed into its own virtualenv, bench/.peers, on first use).
 bench: $(STAMP)
-	$(PY) bench/run.py $(if $(QUICK),--quick)
+	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PEERS),--peers)
 
 # The token check's cost alone (make bench includes it): bench/results/<date>-<host>-auth.md.
 bench-auth: $(STAMP)

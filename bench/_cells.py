@@ -54,9 +54,14 @@ def floor(
 
 @contextmanager
 def bare_server(
-    model: Path, threads: int, tmp: Path, width: int = 18, inline: bool = False
+    model: Path,
+    threads: int,
+    tmp: Path,
+    width: int = 18,
+    inline: bool = False,
+    oip: bool = False,
 ) -> Iterator[str]:
-    address_file = tmp / f"bare-{threads}-{inline}.address"
+    address_file = tmp / f"bare-{threads}-{inline}-{oip}.address"
     address_file.unlink(missing_ok=True)
     process = subprocess.Popen(
         [
@@ -70,7 +75,9 @@ def bare_server(
             "--address-file",
             str(address_file),
             *(["--inline"] if inline else []),
+            *(["--oip"] if oip else []),
         ],
+        cwd=HERE.parent,  # `hotswap` is installed; the OIP messages come from it
     )
     try:
         deadline = time.monotonic() + 30

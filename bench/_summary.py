@@ -182,7 +182,13 @@ def markdown(r: dict[str, Any]) -> str:
         "| target | measured | goal | |",
         "|---|---|---|---|",
     ]
-    for what, got, goal, ok in targets(r):
+    rows = targets(r)
+    if r.get("protocols"):
+        from bench import _peers
+
+        floor = max(f["rows_s"] for f in r["floor"] if f["rows"] == 1000 and f["threads"] == 1)
+        rows += _peers.targets(r["protocols"], floor)
+    for what, got, goal, ok in rows:
         lines.append(f"| {what} | {got} | {goal} | {'pass' if ok else '**miss**'} |")
     if r.get("logging"):
         lines += [
@@ -197,6 +203,10 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {g['rows']} | {g['log']} | {g['requests_s']:,.0f} | {g['p50_ms']:.3f} "
                 f"| {g['p99_ms']:.3f} |"
             )
+    if r.get("protocols"):
+        from bench import _peers
+
+        lines += _peers.summary(r["protocols"])
     if r.get("auth"):
         from bench import _auth
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # `bench.*` when run as a script
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from bench import _auth, _cells, _models, _summary  # noqa: E402
+from bench import _auth, _cells, _models, _peers, _summary  # noqa: E402
 from hotswap.clients.loadtest import SwapPlan, _input  # noqa: E402
 
 SHARED_MODELS = ROOT.parent / "shared" / "assets" / "models"
@@ -205,6 +205,11 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter cells, 200-swap soak, ≤10 MB")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure KServe's ModelServer (installed into bench/.peers on first use)",
+    )
     args = p.parse_args(argv)
     seconds = 1.5 if args.quick else 4.0
     began = time.monotonic()
@@ -214,6 +219,8 @@ def main(argv: list[str]) -> int:
         models = tutorial_models(tmp)
         results["models"] = {m: str(p) for m, p in models.items()}
         serving_phases(results, models, tmp, seconds)
+        tables = {n: rows_table(n) for n in (1, 1000)}
+        results["protocols"] = _peers.phase(models, tmp, tables, seconds, args.peers, log)
         logging_phase(results, models, tmp, seconds)
         log("token check: open vs token file, 1 row")
         results["auth"] = _auth.phase(models, tmp, rows_table(1), seconds)

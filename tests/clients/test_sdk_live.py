@@ -172,9 +172,7 @@ def test_arrow_round_trip_keeps_columns_order_and_types(wl: hotswap.Client, asse
     assert batched.drop_columns(["time"]).equals(out.drop_columns(["time"]))
 
 
-def test_dataset_leaves_column_groups_out_of_the_answer(
-    wl: hotswap.Client, assets: Path
-) -> None:
+def test_dataset_leaves_column_groups_out_of_the_answer(wl: hotswap.Client, assets: Path) -> None:
     model = wl.upload_model("rf", assets / "models" / "rf_model.onnx")
     pipeline = wl.build_pipeline("p").add_model_step(model).deploy()
     thousand = _xtest_1k(assets)
@@ -190,7 +188,7 @@ def test_dataset_leaves_column_groups_out_of_the_answer(
     logged = pipeline.logs(limit=5000, arrow=True)
     assert logged.num_rows == 1 + 1000 + 1000
     assert "in.tensor" in logged.column_names and logged["in.tensor"].null_count == 0
-    with pytest.raises(hotswap.InvalidInputError, match="'inputs'.*column groups"):
+    with pytest.raises(hotswap.InvalidInputError, match=r"'inputs'.*column groups"):
         pipeline.infer(thousand, dataset_exclude=["inputs"])
 
 
