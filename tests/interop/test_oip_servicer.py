@@ -242,6 +242,12 @@ async def test_typed_and_raw_contents_and_every_parameter_kind(
     logged = engine.log.query("ws", "rf", 100)
     assert logged is not None and logged.num_rows == 15
     assert set(logged.column("metadata.pipeline_version").to_pylist()) == {7}
+    # Built from the request's arrays off the request path, they hold what was sent and served.
+    newest = logged.slice(0, 5)
+    sent = np.asarray(newest.column("in.tensor").to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(sent[::-1], x.astype(np.float32))
+    served = np.asarray(newest.column("out.variable").to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(served[::-1], expected)
 
 
 async def test_multi_input_pipeline_takes_tensors_by_name(engine: Engine) -> None:

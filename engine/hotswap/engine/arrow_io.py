@@ -33,6 +33,7 @@ __all__ = [
     "int32_zeros",
     "ndarray_to_arrow",
     "schema_message",
+    "tensor_to_arrow",
     "timestamp_column",
 ]
 
@@ -267,6 +268,14 @@ class InputReader:
         else:
             raise self._missing(table)
         values, shape = column_to_ndarray(table.column(index), column)
+        return self._shaped(values, shape, rows, column)
+
+    def array(self, values: Array, column: str) -> Array:
+        """This input's tensor from an array shaped `[rows, *row]` (what the Open Inference
+        Protocol sends), with the same checks as `tensor`."""
+        return self._shaped(values.reshape(-1), values.shape[1:], values.shape[0], column)
+
+    def _shaped(self, values: Array, shape: tuple[int, ...], rows: int, column: str) -> Array:
         if self.static_row is not None:
             if math.prod(shape) != self.size:
                 raise InvalidInput(
@@ -432,6 +441,14 @@ def ndarray_to_arrow(values: Array) -> pa.Array:
                 f"the response would hold {outer * width} values in one column: send fewer rows"
             )
         array = pa.ListArray.from_arrays(_list_offsets(outer, width), array)
+    return array
+
+
+def tensor_to_arrow(values: Array) -> pa.Array:
+    """`[N, a, b]` -> fixed_size_list<fixed_size_list<dtype>[b]>[a]: zero-copy, no offsets."""
+    array = ndarray_to_arrow(values.reshape(-1))
+    for width in reversed(values.shape[1:]):
+        array = pa.FixedSizeListArray.from_arrays(array, int(width))
     return array
 
 

@@ -17,12 +17,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import pyarrow as pa
-
 from hotswap.engine.errors import Overloaded, RequestTooLarge
 from hotswap.engine.inference_log import InferenceLog
 from hotswap.engine.metrics import Bound, EngineMetrics
-from hotswap.engine.runtime import LoadedPipeline
+from hotswap.engine.runtime import LoadedPipeline, LogRows
 
 _T = TypeVar("_T")
 # Small requests run on the event loop only for pipelines whose 1-row inference takes less.
@@ -76,7 +74,7 @@ class Ran(Generic[_T]):
     and the answer's size in bytes (what the log's memory bound counts)."""
 
     answer: _T
-    table: pa.RecordBatch
+    table: LogRows
     elapsed_ns: int
     size: int
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from hotswap.engine.runtime import LoadedPipeline
+from hotswap.engine.runtime import LoadedPipeline, LogRows, rows_of
 from hotswap.service.log_tables import concat_logs
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class _Version:
 class _Entry(NamedTuple):
     # A tuple, not a dataclass: building one is the whole cost of logging a request.
     version: _Version
-    table: pa.RecordBatch
+    table: LogRows  # built into a record batch by the writer, when it is an `Inferred`
     elapsed_ns: int
     nbytes: int
     source: str = ""  # who sent it ("loadtest" for hotswap loadtest), "" for ordinary traffic
@@ -125,7 +125,7 @@ class InferenceLog:
     def append(
         self,
         loaded: LoadedPipeline,
-        table: pa.RecordBatch,
+        table: LogRows,
         elapsed_ns: int,
         nbytes: int,
         source: str = "",
@@ -205,21 +205,22 @@ class InferenceLog:
 
     def _tables(self, entries: list[_Entry]) -> Iterator[pa.Table]:
         """Log tables of `entries`, one per run of entries of one version and one schema."""
-        run: list[_Entry] = []
+        run: list[tuple[_Entry, pa.RecordBatch]] = []
         for entry in entries:
+            batch = rows_of(entry.table)
             if run and (
-                entry.version is not run[0].version
-                or not entry.table.schema.equals(run[0].table.schema)
+                entry.version is not run[0][0].version or not batch.schema.equals(run[0][1].schema)
             ):
                 yield self._log_table(run)
                 run = []
-            run.append(entry)
+            run.append((entry, batch))
         if run:
             yield self._log_table(run)
 
-    def _log_table(self, run: list[_Entry]) -> pa.Table:
+    def _log_table(self, pairs: list[tuple[_Entry, pa.RecordBatch]]) -> pa.Table:
         """One table of entries sharing a version and a schema, metadata columns added."""
-        table = pa.Table.from_batches([e.table for e in run]).replace_schema_metadata(None)
+        run = [entry for entry, _ in pairs]
+        table = pa.Table.from_batches([b for _, b in pairs]).replace_schema_metadata(None)
         table = table.combine_chunks()  # one record batch, not one per request
         rows = np.fromiter((e.table.num_rows for e in run), np.int64, len(run))
         elapsed = np.repeat(np.fromiter((e.elapsed_ns for e in run), np.int64, len(run)), rows)

@@ -24,10 +24,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-import pyarrow as pa
 
 from hotswap.engine import access
-from hotswap.engine.arrow_io import Array, column_to_ndarray, ndarray_to_arrow
+from hotswap.engine.arrow_io import Array
 from hotswap.engine.dataplane import DataPlane, Ran, check_rows
 from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed
 from hotswap.engine.health import readiness
@@ -183,9 +182,9 @@ def _typed_values(
     return wide.astype(dtype, copy=False)
 
 
-def input_table(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) -> pa.RecordBatch:
-    """The table `loaded.infer` reads: a single-input pipeline's one tensor becomes the
-    `tensor` column whatever its name; otherwise each tensor is a column by its own name.
+def input_columns(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) -> dict[str, Array]:
+    """The arrays `loaded.infer_arrays` reads, by input column: a single-input pipeline's one
+    tensor is its column whatever its name; otherwise each tensor goes by its own name.
 
     Raises:
         InvalidInput: the wrong number or names of tensors, or tensors with different rows.
@@ -195,74 +194,56 @@ def input_table(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) ->
     if len(columns) == 1:
         if len(tensors) != 1:
             raise InvalidInput(f"model {name!r} takes one input tensor; got {len(tensors)}")
-        named = [(columns[0], tensors[0][1])]
+        named = {columns[0]: tensors[0][1]}
     else:
         given = [n for n, _ in tensors]
         if sorted(given) != sorted(columns):
             raise InvalidInput(f"model {name!r} takes inputs {columns}; got {given}")
-        named = list(tensors)
-    rows = {values.shape[0] for _, values in named}
+        named = dict(tensors)
+    rows = {values.shape[0] for values in named.values()}
     if len(rows) > 1:
         raise InvalidInput(f"the input tensors have different first dims {sorted(rows)}")
-    return pa.RecordBatch.from_pydict({column: _fixed_lists(values) for column, values in named})
-
-
-def _fixed_lists(values: Array) -> pa.Array:
-    """[N, a, b] -> fixed_size_list<fixed_size_list<dtype>[b]>[a]: zero-copy, no offsets."""
-    array = ndarray_to_arrow(values.reshape(-1))
-    for width in reversed(values.shape[1:]):
-        array = pa.FixedSizeListArray.from_arrays(array, int(width))
-    return array
+    return named
 
 
 def output_tensors(
-    result: pa.RecordBatch, loaded: LoadedPipeline, wanted: Sequence[str]
+    outputs: Sequence[Array], loaded: LoadedPipeline, wanted: Sequence[str]
 ) -> tuple[list[oip.ModelInferResponse.InferOutputTensor], list[bytes]]:
-    """The `out.<name>` columns of `result` as output tensors and their raw bytes.
+    """The last step's outputs as output tensors and their raw bytes.
 
     Raises:
         InvalidInput: a requested output the model does not have.
     """
-    names = [column[4:] for column in result.column_names if column.startswith("out.")]
+    names = loaded.output_names
     for name in wanted:
         if name not in names:
             raise InvalidInput(f"model {loaded.spec.pipeline!r} has no output {name!r} ({names})")
+    by_name = dict(zip(names, outputs, strict=True))
     tensors, raws = [], []
     for name in wanted or names:
-        column = result.column("out." + name)
-        if pa.types.is_string(_leaf_type(column.type)):
-            datatype, shape, raw = "BYTES", *_bytes_column(column)
+        values = by_name[name]
+        if values.dtype.kind in "OUS":
+            datatype, raw = "BYTES", _bytes_raw(values)
         else:
-            values, row = column_to_ndarray(column, name)
             datatype = _BY_KIND[(values.dtype.kind, values.dtype.itemsize)]
-            shape = [result.num_rows, *row]
             raw = values.astype(_DTYPES[datatype], copy=False).tobytes()
         tensors.append(
-            oip.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=shape)
+            oip.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=datatype, shape=list(values.shape)
+            )
         )
         raws.append(raw)
     return tensors, raws
 
 
-def _leaf_type(kind: pa.DataType) -> pa.DataType:
-    while pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
-        kind = kind.value_type
-    return kind
-
-
-def _bytes_column(column: pa.Array) -> tuple[list[int], bytes]:
-    """A (nested) list of strings, as the protocol's BYTES: each element's length as a 4-byte
-    little-endian integer, then its bytes."""
-    array: Any = column
-    shape = [len(array)]
-    while not pa.types.is_string(array.type):
-        shape.append(len(array.flatten()) // max(len(array), 1))
-        array = array.flatten()
+def _bytes_raw(values: Array) -> bytes:
+    """Strings as the protocol's BYTES: each element's length as a 4-byte little-endian
+    integer, then its bytes."""
     parts = []
-    for item in array.to_pylist():
-        data = item.encode()
+    for item in values.reshape(-1).tolist():
+        data = item.encode() if isinstance(item, str) else bytes(item)
         parts += [len(data).to_bytes(4, "little"), data]
-    return shape, b"".join(parts)
+    return b"".join(parts)
 
 
 def tensor_metadata(spec: TensorInfo) -> oip.ModelMetadataResponse.TensorMetadata:
@@ -279,10 +260,10 @@ def _infer(
 ) -> Ran[oip.ModelInferResponse]:
     """Decode, infer, encode one request, wholly on `loaded`."""
     started = time.perf_counter_ns()
-    table = input_table(loaded, input_tensors(request))
-    check_rows(table.num_rows, max_rows)
-    result = loaded.infer(table)
-    outputs, raws = output_tensors(result, loaded, [o.name for o in request.outputs])
+    columns = input_columns(loaded, input_tensors(request))
+    check_rows(next(iter(columns.values())).shape[0], max_rows)
+    inferred = loaded.infer_arrays(columns)
+    outputs, raws = output_tensors(inferred.outputs, loaded, [o.name for o in request.outputs])
     spec = loaded.spec
     response = oip.ModelInferResponse(
         model_name=spec.pipeline,
@@ -294,7 +275,8 @@ def _infer(
     )
     elapsed_ns = time.perf_counter_ns() - started
     response.parameters["elapsed_ns"].int64_param = elapsed_ns
-    return Ran(response, result, elapsed_ns, result.nbytes)
+    size = sum(map(len, raws)) + sum(v.nbytes for v in columns.values())
+    return Ran(response, inferred, elapsed_ns, size)
 
 
 @functools.lru_cache(maxsize=64)

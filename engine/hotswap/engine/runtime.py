@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +37,7 @@ from hotswap.engine.arrow_io import (
     int32_zeros,
     ndarray_to_arrow,
     schema_message,
+    tensor_to_arrow,
     timestamp_column,
 )
 from hotswap.engine.errors import EngineError, InvalidInput, PrepareError, WarmupFailed
@@ -281,7 +282,26 @@ class LoadedPipeline:
         if n == 0:
             raise InvalidInput("the table has no rows: send at least one")
         epoch_ms = time.time_ns() // 1_000_000
-        feed = {plan.input_name: plan.tensor(batch, n) for plan in self._inputs}
+        outputs = self._run({plan.input_name: plan.tensor(batch, n) for plan in self._inputs}, n)
+        return self._result(epoch_ms, batch.columns, batch.schema, outputs)
+
+    def infer_arrays(self, columns: Mapping[str, Array]) -> Inferred:
+        """Run every step on input arrays shaped `[rows, ...]`, keyed by `input_columns()`
+        (the Open Inference Protocol's tensors): no Arrow on the way in or out. The result
+        rows are built only if asked for (by the inference log, off the request path).
+
+        Raises:
+            InvalidInput: as `infer`.
+        """
+        feed = {}
+        for plan in self._inputs:
+            column = plan.columns[0]
+            feed[plan.input_name] = plan.array(columns[column], column)
+        n = next(iter(feed.values())).shape[0]
+        epoch_ms = time.time_ns() // 1_000_000
+        return Inferred(self, epoch_ms, columns, self._run(feed, n))
+
+    def _run(self, feed: dict[str, Array], n: int) -> list[Array]:
         outputs = self._steps[0].run(feed)
         for step in self._later:
             feed = {}
@@ -289,28 +309,29 @@ class LoadedPipeline:
                 value = outputs[source]
                 feed[name] = value if row is None else value.reshape(value.shape[0], *row)
             outputs = step.run(feed)
-        columns = [timestamp_column(epoch_ms, n), *batch.columns]
-        kinds = []
         for name, value in zip(self._out_names, outputs, strict=True):
             if value.ndim == 0 or value.shape[0] != n:
                 raise InvalidInput(
                     f"{self._last_label} output {name!r} has shape {list(value.shape)} for a "
                     f"{n}-row request: the model does not return one row per input row"
                 )
-            columns.append(ndarray_to_arrow(value))
-            kinds.append((value.dtype, value.ndim))
+        return outputs
+
+    def _result(
+        self, epoch_ms: int, inputs: list[pa.Array], in_schema: pa.Schema, outputs: list[Array]
+    ) -> pa.RecordBatch:
+        """The result rows: time, the inputs echoed, the outputs, check_failures."""
+        n = len(outputs[0])
+        columns = [timestamp_column(epoch_ms, n), *inputs]
+        columns += [ndarray_to_arrow(value) for value in outputs]
         columns.append(int32_zeros(n))
-        in_schema = batch.schema
+        kinds = [(value.dtype, value.ndim) for value in outputs]
         cached = self._schema_cache
-        if (
-            cached is not None
-            and cached[1] == kinds
-            and (in_schema is cached[0] or in_schema.equals(cached[0]))
-        ):
+        if cached is not None and cached[1] == kinds and in_schema.equals(cached[0]):
             return pa.RecordBatch.from_arrays(columns, schema=cached[2])
         names = [
             "time",
-            *["in." + name for name in batch.schema.names],
+            *["in." + name for name in in_schema.names],
             *self._out_columns,
             "check_failures",
         ]
@@ -320,6 +341,11 @@ class LoadedPipeline:
         # One slot, replaced whole: threads racing on it only cost a rebuild.
         self._schema_cache = (in_schema, kinds, result.schema, schema_message(result.schema))
         return result
+
+    @property
+    def output_names(self) -> list[str]:
+        """The last step's outputs, in the order results hold them."""
+        return list(self._out_names)
 
     def encode(self, result: pa.RecordBatch, exclude: frozenset[str] = frozenset()) -> bytes:
         """`result` (from `infer`) as Arrow IPC stream bytes, without the column groups in
@@ -361,6 +387,43 @@ class LoadedPipeline:
                 self.row_ms = min(self.row_ms, (time.perf_counter() - started) * 1000)
         except (EngineError, RuntimeError, ValueError) as exc:
             raise WarmupFailed(f"warm-up inference on a zero-filled row failed: {exc}") from exc
+
+
+class Inferred:
+    """The outcome of `infer_arrays`: the output arrays now, the result rows on demand."""
+
+    __slots__ = ("_batch", "_epoch_ms", "_inputs", "_loaded", "num_rows", "outputs")
+
+    def __init__(
+        self,
+        loaded: LoadedPipeline,
+        epoch_ms: int,
+        inputs: Mapping[str, Array],
+        outputs: list[Array],
+    ) -> None:
+        self._loaded = loaded
+        self._epoch_ms = epoch_ms
+        self._inputs = inputs
+        self.outputs = outputs
+        self.num_rows = len(outputs[0])
+        self._batch: pa.RecordBatch | None = None
+
+    def batch(self) -> pa.RecordBatch:
+        """The result rows, as `infer` returns them (inputs as fixed-size lists); built once."""
+        if self._batch is None:
+            arrays = [tensor_to_arrow(values) for values in self._inputs.values()]
+            names = list(self._inputs)
+            schema = pa.schema([(n, a.type) for n, a in zip(names, arrays, strict=True)])
+            self._batch = self._loaded._result(self._epoch_ms, arrays, schema, self.outputs)
+        return self._batch
+
+
+LogRows: TypeAlias = "pa.RecordBatch | Inferred"
+"""What the inference log is given for a request: its result rows, or what builds them."""
+
+
+def rows_of(rows: LogRows) -> pa.RecordBatch:
+    return rows if isinstance(rows, pa.RecordBatch) else rows.batch()
 
 
 ANSWER_PARTS = ("time", "in", "out", "check_failures")
