@@ -17,7 +17,7 @@ def test_only_the_newest_versions_keep_series(assets: Path) -> None:
     for number in range(1, 21):
         spec = PipelineSpec("ws", "p", f"id-{number}", number, (StepSpec("rf", "v", "s", model),))
         bound = metrics.bind(LoadedPipeline.build(spec, RuntimeOptions()))
-        bound.ok.inc()
+        bound.served(0.001, 1)
         metrics.failed(bound, "INVALID_ARGUMENT")
     text = generate_latest(metrics.registry).decode()
     versions = {int(v) for v in re.findall(r'version="(\d+)"', text)}

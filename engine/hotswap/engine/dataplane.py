@@ -117,7 +117,7 @@ class DataPlane:
         because handing them to a thread and back costs more than running them."""
         started = time.perf_counter()
         metrics, bound = self._metrics, None
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         try:
             loaded = lookup()
             bound = metrics.bind(loaded)
@@ -129,10 +129,8 @@ class DataPlane:
             self._count_failure(bound, exc)
             raise
         finally:
-            metrics.in_flight.dec()
-        bound.ok.inc()
-        bound.latency.observe(time.perf_counter() - started)
-        bound.rows.inc(ran.table.num_rows)
+            metrics.in_flight -= 1
+        bound.served(time.perf_counter() - started, ran.table.num_rows)
         if self._log is not None:
             # A reference to the finished rows: the log copies nothing on this path.
             self._log.append(loaded, ran.table, ran.elapsed_ns, ran.size, source)
