@@ -24,6 +24,7 @@ from hotswap.engine.errors import InvalidInput, RequestTooLarge
 __all__ = [
     "Dims",
     "InputReader",
+    "array_of",
     "as_batch",
     "cast_values",
     "column_to_ndarray",
@@ -166,16 +167,16 @@ def _batch_header(meta: bytes, dictionary: bool) -> tuple[int, bool, int]:
     """(rows, compressed, longest array) of a RecordBatch/DictionaryBatch Message flatbuffer
     (Arrow's Message.fbs: Message.header = field 2; RecordBatch.length = 0, .nodes = 1,
     .compression = 3; DictionaryBatch.data = 1)."""
-    message = _root(meta)
-    batch = _table_field(meta, message, 2)
+    message = root_table(meta)
+    batch = read_offset(meta, message, 2)
     if dictionary:
-        batch = _table_field(meta, batch, 1)
+        batch = read_offset(meta, batch, 1)
     if batch == 0:
         raise struct.error("a batch message without a header")
-    rows = _scalar(meta, batch, 0, "<q")
-    compressed = _field(meta, batch, 3) != 0
+    rows = read_scalar(meta, batch, 0, "<q")
+    compressed = field_position(meta, batch, 3) != 0
     longest = rows
-    nodes_at = _field(meta, batch, 1)
+    nodes_at = field_position(meta, batch, 1)
     if nodes_at:
         vector = nodes_at + struct.unpack_from("<I", meta, nodes_at)[0]
         (count,) = struct.unpack_from("<I", meta, vector)
@@ -187,11 +188,12 @@ def _batch_header(meta: bytes, dictionary: bool) -> tuple[int, bool, int]:
     return rows, compressed, longest
 
 
-def _root(meta: bytes) -> int:
+def root_table(meta: bytes) -> int:
+    """Position of the root table of a flatbuffer (an IPC message's metadata)."""
     return int(struct.unpack_from("<I", meta, 0)[0])
 
 
-def _field(meta: bytes, table: int, index: int) -> int:
+def field_position(meta: bytes, table: int, index: int) -> int:
     """Absolute position of field `index` of the flatbuffer table at `table`; 0 if absent."""
     vtable = table - struct.unpack_from("<i", meta, table)[0]
     (vtable_size,) = struct.unpack_from("<H", meta, vtable)
@@ -202,13 +204,15 @@ def _field(meta: bytes, table: int, index: int) -> int:
     return table + offset if offset else 0
 
 
-def _table_field(meta: bytes, table: int, index: int) -> int:
-    at = _field(meta, table, index)
+def read_offset(meta: bytes, table: int, index: int) -> int:
+    """Position of what field `index` (a table or vector) points at; 0 if absent."""
+    at = field_position(meta, table, index)
     return at + struct.unpack_from("<I", meta, at)[0] if at else 0
 
 
-def _scalar(meta: bytes, table: int, index: int, fmt: str) -> int:
-    at = _field(meta, table, index)
+def read_scalar(meta: bytes, table: int, index: int, fmt: str) -> int:
+    """Scalar field `index` (`fmt` as struct writes it); 0 (the default) if absent."""
+    at = field_position(meta, table, index)
     return int(struct.unpack_from(fmt, meta, at)[0]) if at else 0
 
 
@@ -442,6 +446,16 @@ def ndarray_to_arrow(values: Array) -> pa.Array:
             )
         array = pa.ListArray.from_arrays(_list_offsets(outer, width), array)
     return array
+
+
+def array_of(values: Array, kind: pa.DataType) -> pa.Array:
+    """A column of type `kind` (a fixed-width primitive or a fixed_size_list of one) holding
+    `values` (`[rows]` or `[rows, width]`), zero-copy."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if pa.types.is_fixed_size_list(kind):
+        child = pa.Array.from_buffers(kind.value_type, len(flat), [None, pa.py_buffer(flat)])
+        return pa.FixedSizeListArray.from_arrays(child, type=kind)
+    return pa.Array.from_buffers(kind, len(flat), [None, pa.py_buffer(flat)])
 
 
 def tensor_to_arrow(values: Array) -> pa.Array:

@@ -30,6 +30,7 @@ from hotswap.engine.arrow_io import (
     Array,
     Dims,
     InputReader,
+    array_of,
     as_batch,
     decode_ipc,
     encode_ipc,
@@ -41,6 +42,7 @@ from hotswap.engine.arrow_io import (
     timestamp_column,
 )
 from hotswap.engine.errors import EngineError, InvalidInput, PrepareError, WarmupFailed
+from hotswap.engine.fast_ipc import AnswerTemplate, RequestLayout
 
 __all__ = [
     "TENSOR_COLUMN",
@@ -79,6 +81,9 @@ _ELEMENT_TYPES: dict[str, np.dtype[Any]] = {
     "tensor(bool)": np.dtype(np.bool_),
 }
 
+
+# Answer templates one version keeps (request schemas x row counts x exclusions).
+_TEMPLATES_KEPT = 64
 
 # Timed 1-row inferences after the first (allocating) one, to learn a request's real cost.
 WARM_RUNS = 3
@@ -174,6 +179,7 @@ class LoadedPipeline:
         "_out_names",
         "_schema_cache",
         "_steps",
+        "_templates",
         "load_ms",
         "row_ms",
         "spec",
@@ -204,6 +210,10 @@ class LoadedPipeline:
         self._schema_cache: (
             tuple[pa.Schema, list[tuple[np.dtype[Any], int]], pa.Schema, bytes] | None
         ) = None
+        # Answer templates of `fast_ipc` requests (see `answer`).
+        self._templates: dict[
+            tuple[int, int, frozenset[str]], tuple[RequestLayout, AnswerTemplate, list[str]]
+        ] = {}
         # By excluded column groups: (result schema, kept column indices, schema message).
         self._answer_schemas: dict[frozenset[str], tuple[pa.Schema, list[int], bytes]] = {}
         models = [
@@ -285,21 +295,49 @@ class LoadedPipeline:
         outputs = self._run({plan.input_name: plan.tensor(batch, n) for plan in self._inputs}, n)
         return self._result(epoch_ms, batch.columns, batch.schema, outputs)
 
-    def infer_arrays(self, columns: Mapping[str, Array]) -> Inferred:
-        """Run every step on input arrays shaped `[rows, ...]`, keyed by `input_columns()`
-        (the Open Inference Protocol's tensors): no Arrow on the way in or out. The result
-        rows are built only if asked for (by the inference log, off the request path).
+    def infer_arrays(
+        self, columns: Mapping[str, Array], schema: pa.Schema | None = None
+    ) -> Inferred:
+        """Run every step on arrays shaped `[rows, ...]` by column name (the Open Inference
+        Protocol's tensors, or a request `fast_ipc` read): no Arrow on the way in or out.
+        The result rows are built only if asked for (by the inference log, off the request
+        path); `schema` gives the echoed columns' types, when they came as Arrow.
 
         Raises:
-            InvalidInput: as `infer`.
+            InvalidInput: as `infer` (`takes(columns)` says whether the columns are there).
         """
         feed = {}
         for plan in self._inputs:
-            column = plan.columns[0]
+            column = next(c for c in plan.columns if c in columns)
             feed[plan.input_name] = plan.array(columns[column], column)
         n = next(iter(feed.values())).shape[0]
         epoch_ms = time.time_ns() // 1_000_000
-        return Inferred(self, epoch_ms, columns, self._run(feed, n))
+        return Inferred(self, epoch_ms, columns, self._run(feed, n), schema)
+
+    def takes(self, columns: Mapping[str, Array]) -> bool:
+        """Whether `columns` has a column for every input."""
+        return all(any(c in columns for c in plan.columns) for plan in self._inputs)
+
+    def answer(self, inferred: Inferred, layout: RequestLayout, exclude: frozenset[str]) -> bytes:
+        """The answer to a request `fast_ipc` read: the template of this version, request
+        schema, row count and exclusion with this request's values in place, or (the first
+        time, or for outputs a template cannot hold) encoded from the result rows."""
+        key = (id(layout), inferred.num_rows, exclude)
+        known = self._templates.get(key)
+        if known is not None and known[0] is layout:
+            answer = known[1].render(inferred.hole_values(known[2]))
+            if answer is not None:
+                return answer
+        result = inferred.batch()
+        answer = self.encode(result, exclude)
+        if all(v.dtype.kind in "iuf" for v in inferred.outputs):
+            kept = [n for n in result.schema.names if _part(n) not in exclude]
+            holes = [i for i, name in enumerate(kept) if _part(name) in ("time", "in", "out")]
+            template = AnswerTemplate.of(answer, result.select(kept), holes)
+            if len(self._templates) >= _TEMPLATES_KEPT:
+                self._templates.pop(next(iter(self._templates)), None)
+            self._templates[key] = (layout, template, [kept[i] for i in holes])
+        return answer
 
     def _run(self, feed: dict[str, Array], n: int) -> list[Array]:
         outputs = self._steps[0].run(feed)
@@ -392,7 +430,7 @@ class LoadedPipeline:
 class Inferred:
     """The outcome of `infer_arrays`: the output arrays now, the result rows on demand."""
 
-    __slots__ = ("_batch", "_epoch_ms", "_inputs", "_loaded", "num_rows", "outputs")
+    __slots__ = ("_batch", "_epoch_ms", "_inputs", "_loaded", "_schema", "num_rows", "outputs")
 
     def __init__(
         self,
@@ -400,22 +438,43 @@ class Inferred:
         epoch_ms: int,
         inputs: Mapping[str, Array],
         outputs: list[Array],
+        schema: pa.Schema | None = None,
     ) -> None:
         self._loaded = loaded
         self._epoch_ms = epoch_ms
         self._inputs = inputs
+        self._schema = schema
         self.outputs = outputs
         self.num_rows = len(outputs[0])
         self._batch: pa.RecordBatch | None = None
 
     def batch(self) -> pa.RecordBatch:
-        """The result rows, as `infer` returns them (inputs as fixed-size lists); built once."""
+        """The result rows, as `infer` returns them; built once. The inputs are echoed with
+        the request's types, or as fixed-size lists when it sent tensors."""
         if self._batch is None:
-            arrays = [tensor_to_arrow(values) for values in self._inputs.values()]
-            names = list(self._inputs)
-            schema = pa.schema([(n, a.type) for n, a in zip(names, arrays, strict=True)])
+            if self._schema is None:
+                arrays = [tensor_to_arrow(values) for values in self._inputs.values()]
+                names = list(self._inputs)
+                schema = pa.schema([(n, a.type) for n, a in zip(names, arrays, strict=True)])
+            else:
+                schema = self._schema
+                arrays = [array_of(self._inputs[f.name], f.type) for f in schema]
             self._batch = self._loaded._result(self._epoch_ms, arrays, schema, self.outputs)
         return self._batch
+
+    def hole_values(self, columns: Sequence[str]) -> list[memoryview]:
+        """The bytes of the result columns a template leaves open (time, in.*, out.*)."""
+        outputs = dict(zip(self._loaded.output_names, self.outputs, strict=True))
+        values = []
+        for column in columns:
+            if column == "time":
+                array: Array = np.full(self.num_rows, self._epoch_ms, dtype=np.int64)
+            elif column.startswith("in."):
+                array = self._inputs[column[3:]]
+            else:
+                array = outputs[column[4:]]
+            values.append(memoryview(np.ascontiguousarray(array).data).cast("B"))
+        return values
 
 
 LogRows: TypeAlias = "pa.RecordBatch | Inferred"
