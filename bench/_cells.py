@@ -172,6 +172,7 @@ def cell(
     seconds: float,
     processes: int = 1,
     token: str | None = None,
+    connections: int = 1,
 ) -> dict[str, Any]:
     """One closed-loop measurement; the figures the summary needs, not the whole report."""
     body = _input.raw_tensor(table) if bare else _input.ipc_stream(table)
@@ -184,6 +185,7 @@ def cell(
             concurrency=concurrency,
             duration=seconds,
             processes=processes,
+            connections=connections,
         ),
         progress=False,
     )

@@ -71,7 +71,7 @@ async def _drive(address: str, body: bytes, concurrency: int, seconds: float) ->
     }
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and its children (KServe's server may fork)."""
     process = psutil.Process(pid)
     total = 0.0
@@ -88,9 +88,9 @@ def oip_cell(
     address: str, pid: int, x: np.ndarray, input_name: str, concurrency: int, seconds: float
 ) -> dict[str, Any]:
     body = request_bytes(x, input_name)
-    before = _cpu_s(pid)
+    before = cpu_seconds(pid)
     got = asyncio.run(_drive(address, body, concurrency, seconds))
-    got["server_cpu_us"] = (_cpu_s(pid) - before) / max(got["requests"] + 20, 1) * 1e6
+    got["server_cpu_us"] = (cpu_seconds(pid) - before) / max(got["requests"] + 20, 1) * 1e6
     got["rows_s"] = got["requests_s"] * len(x)
     return {"rows": len(x), "concurrency": concurrency, **got}
 

@@ -168,6 +168,36 @@ def _serving_table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _processes_table(cells: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## One engine on 1 and 2 processes (2 client processes, 4 connections each)",
+        "",
+        "| engine processes | rows | conc per client | req/s | rows/s | p50 ms | p99 ms "
+        "| engine CPU % (100 = a core) | client CPU % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        lines.append(
+            f"| {c['engine_processes']} | {c['rows']} | {c['concurrency']} "
+            f"| {c['requests_s']:,.0f} | {c['rows_s']:,.0f} | {c['p50_ms']:.3f} "
+            f"| {c['p99_ms']:.3f} | {c['engine_cpu_pct']:.0f} | {c['harness_cpu_pct']:.0f} |"
+        )
+    return lines
+
+
+def processes_target(cells: list[dict[str, Any]]) -> tuple[str, str, str, bool]:
+    one = _pick(cells, engine_processes=1, rows=1)
+    two = _pick(cells, engine_processes=2, rows=1)
+    ratio = two["requests_s"] / one["requests_s"]
+    return (
+        "1-row req/s, engine on 2 processes vs 1 (2 cores, shared with the client)",
+        f"{two['requests_s']:,.0f} vs {one['requests_s']:,.0f} = {ratio:.2f}x",
+        "> 1x (scales with cores)",
+        ratio > 1.0,
+    )
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
@@ -188,6 +218,8 @@ def markdown(r: dict[str, Any]) -> str:
 
         floor = max(f["rows_s"] for f in r["floor"] if f["rows"] == 1000 and f["threads"] == 1)
         rows += _peers.targets(r["protocols"], floor)
+    if r.get("processes"):
+        rows.append(processes_target(r["processes"]))
     for what, got, goal, ok in rows:
         lines.append(f"| {what} | {got} | {goal} | {'pass' if ok else '**miss**'} |")
     if r.get("logging"):
@@ -207,6 +239,8 @@ def markdown(r: dict[str, Any]) -> str:
         from bench import _peers
 
         lines += _peers.summary(r["protocols"])
+    if r.get("processes"):
+        lines += _processes_table(r["processes"])
     if r.get("auth"):
         from bench import _auth
 

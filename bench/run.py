@@ -118,6 +118,27 @@ def logging_phase(
                 results["logging"].append({"log": state, **got})
 
 
+def processes_phase(
+    results: dict[str, Any], models: dict[str, Path], tmp: Path, seconds: float
+) -> None:
+    """One engine on 1 and on 2 processes (`--processes`), loaded by 2 client processes with
+    4 connections each (the kernel hands each connection to one engine process)."""
+    results["processes"] = []
+    for processes in (1, 2):
+        args = ("--processes", str(processes))
+        rf = {"rf": models["rf"]}
+        with _cells.service(tmp / f"procs-{processes}", 1, rf, args) as (stack, at):
+            pid = stack.processes["engine-1"].pid
+            for rows, concurrency in ((1, 16), (1000, 4)):
+                log(f"engine processes={processes} rows={rows} concurrency={concurrency} x2")
+                before, began = _peers.cpu_seconds(pid), time.monotonic()
+                got = _cells.cell(at, False, rows_table(rows), concurrency, seconds, 2, None, 4)
+                busy = (_peers.cpu_seconds(pid) - before) / (time.monotonic() - began)
+                results["processes"].append(
+                    {"engine_processes": processes, "engine_cpu_pct": busy * 100, **got}
+                )
+
+
 def swap_phase(results: dict[str, Any], stack: Any, engine: str, swaps: int) -> None:
     log(f"swap under load: {swaps} swaps across {', '.join(TRIO)}")
     plan = SwapPlan("", "", "", models=["gbr", "xgb", "rf"], every=0.6, count=swaps)
@@ -221,6 +242,7 @@ def main(argv: list[str]) -> int:
         serving_phases(results, models, tmp, seconds)
         tables = {n: rows_table(n) for n in (1, 1000)}
         results["protocols"] = _peers.phase(models, tmp, tables, seconds, args.peers, log)
+        processes_phase(results, models, tmp, seconds)
         logging_phase(results, models, tmp, seconds)
         log("token check: open vs token file, 1 row")
         results["auth"] = _auth.phase(models, tmp, rows_table(1), seconds)

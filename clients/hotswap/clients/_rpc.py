@@ -131,14 +131,17 @@ def bearer(security: Security) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {security.token}"),) if security.token else ()
 
 
-def aio_channel(address: str, security: Security) -> grpc.aio.Channel:
+def aio_channel(address: str, security: Security, own: bool = False) -> grpc.aio.Channel:
     """An asyncio channel with the SDK's limits, TLS when a CA is set (pass `bearer()` as
-    call metadata for the token)."""
+    call metadata for the token). With `own`, its connection is its own: channels to one
+    address otherwise share one, and an engine of several processes serves each connection
+    from one of them."""
     check_token_transport(address, security)
+    options = [*_CHANNEL_OPTIONS, *([("grpc.use_local_subchannel_pool", 1)] if own else [])]
     if security.ca is None:
-        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(address, options=options)
     credentials = grpc.ssl_channel_credentials(security.ca, security.key, security.cert)
-    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 def open_channel(address: str, security: Security | None = None) -> grpc.Channel:

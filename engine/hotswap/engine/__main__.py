@@ -9,12 +9,17 @@ from collections.abc import Sequence
 
 from hotswap.engine.server import EngineServer
 from hotswap.engine.settings import Settings
+from hotswap.engine.workers import SETTINGS_ENV, settings_from_env
 from hotswap.service import log_config as _logs
 from hotswap.service.edge import StartupError, serve_until_signalled
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = Settings.from_args(sys.argv[1:] if argv is None else argv, os.environ)
+    worker = os.environ.get(SETTINGS_ENV)
+    if worker:  # a worker process of an engine started with --processes (engine/workers.py)
+        settings = settings_from_env(worker)
+    else:
+        settings = Settings.from_args(sys.argv[1:] if argv is None else argv, os.environ)
     _logs.configure("engine", settings.log_format, os.environ.get("HOTSWAP_LOG_LEVEL", "INFO"))
     try:
         asyncio.run(serve_until_signalled(lambda: EngineServer(settings), __name__))

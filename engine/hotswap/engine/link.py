@@ -17,14 +17,28 @@ from typing import Any
 import grpc
 
 from hotswap.engine import _convert, access
-from hotswap.engine.errors import BlobError, EngineError, PrepareError
-from hotswap.engine.host import EngineHost
+from hotswap.engine.errors import (
+    BlobError,
+    EngineError,
+    NotPrepared,
+    PrepareError,
+    WarmupFailed,
+)
+from hotswap.engine.host import EngineHost, Prepared
 from hotswap.engine.metrics import EngineMetrics
+from hotswap.engine.workers import WorkerGone, WorkerRelay, merge_logs
 from hotswap.service import log_config as _logs
 from hotswap.service.edge import channel_options
 from hotswap.v1 import fleet_pb2, fleet_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
+
+# A worker's failed prepare, as the error process 0 reports it with (the same cause).
+_ERRORS: dict[int, type[PrepareError]] = {
+    fleet_pb2.FAILURE_CAUSE_FETCH: BlobError,
+    fleet_pb2.FAILURE_CAUSE_WARMUP: WarmupFailed,
+    fleet_pb2.FAILURE_CAUSE_NOT_PREPARED: NotPrepared,
+}
 
 BACKOFF_START = 0.1
 BACKOFF_MAX = 2.0
@@ -78,7 +92,10 @@ class ControlLink:
         rules: access.Rules | None = None,
         logs: LogsAnswer | None = None,
         instance_id: str = "",
+        relay: WorkerRelay | None = None,
     ) -> None:
+        # This engine's worker processes, which every message reaches too (engine/workers.py).
+        self._relay = relay
         self._logs = logs
         self._metrics = metrics or EngineMetrics()
         # The engine credential, sent on every Fleet call (never logged).
@@ -172,6 +189,8 @@ class ControlLink:
 
     def _dispatch(self, message: fleet_pb2.ControlMessage) -> None:
         kind = message.WhichOneof("kind")
+        if kind == "access" and self._relay is not None:
+            self._relay.access(message.access)
         if kind == "access":
             self._rules.update(
                 message.access.required,
@@ -186,6 +205,8 @@ class ControlLink:
             self._spawn(self._apply_desired(message.desired))
         elif kind == "prepare":
             self._spawn(self._prepare(message.prepare))
+        elif kind == "commit" and self._relay is not None:
+            self._spawn(self._commit_everywhere(message.commit, self._relay))
         elif kind == "commit":
             token = _logs.request_id.set(message.commit.request_id)
             try:
@@ -195,6 +216,8 @@ class ControlLink:
         elif kind == "abort":
             token = _logs.request_id.set(message.abort.request_id)
             try:
+                if self._relay is not None:
+                    self._relay.abort(message.abort)
                 self._host.abort(message.abort.swap_id)
                 self._metrics.swaps.labels("aborted").inc()
                 log.info("swap %s aborted: %s", message.abort.swap_id, message.abort.reason)
@@ -205,14 +228,22 @@ class ControlLink:
         result = fleet_pb2.LogsResult(query_id=query.query_id)
         try:
             if self._logs is not None:
-                result.logs.CopyFrom(await self._logs(query.request))
-        except EngineError as exc:
+                own = await self._logs(query.request)
+                if self._relay is not None:
+                    others = await self._relay.logs(query)
+                    own = merge_logs(own, others, query.request.limit or 100)
+                result.logs.CopyFrom(own)
+        except (EngineError, WorkerGone, RuntimeError) as exc:
             result.error = str(exc)
         self._send(fleet_pb2.EngineMessage(logs=result))
 
     async def _apply_desired(self, desired: fleet_pb2.DesiredState) -> None:
         self._report()  # shows "Loading" while it builds; nothing applied yet (revision 0)
-        await self._host.reconcile([_convert.version_ref(v) for v in desired.pipelines])
+        refs = [_convert.version_ref(v) for v in desired.pipelines]
+        if self._relay is None:
+            await self._host.reconcile(refs)
+        else:  # applied once every process has applied it
+            await asyncio.gather(self._host.reconcile(refs), self._relay.apply_desired(desired))
         self._report(desired.revision)  # applied: the control plane's waiters may go on
         served = {tuple(s.key.split("/", 1)) for s in self._host.states()}
         self._metrics.forget_except({(w, p) for w, p in served})
@@ -224,7 +255,7 @@ class ControlLink:
         _logs.pipeline.set(ref.key)
         _logs.version.set(ref.number)
         try:
-            done = await self._host.prepare(prepare.swap_id, ref)
+            done = await self._prepare_everywhere(prepare, ref)
         except PrepareError as exc:
             self._metrics.swap_failed(exc.cause)
             log.error("prepare %s of %s v%d failed: %s", prepare.swap_id, ref.key, ref.number, exc)
@@ -263,6 +294,48 @@ class ControlLink:
             reused=done.reused,
         )
         self._send(fleet_pb2.EngineMessage(prepared=ready))
+
+    async def _prepare_everywhere(self, prepare: fleet_pb2.Prepare, ref: Any) -> Prepared:
+        """This process's prepare and, with workers, theirs: prepared when all are."""
+        if self._relay is None:
+            return await self._host.prepare(prepare.swap_id, ref)
+        try:
+            done, answers = await asyncio.gather(
+                self._host.prepare(prepare.swap_id, ref), self._relay.prepare(prepare)
+            )
+        except WorkerGone as exc:
+            self._host.abort(prepare.swap_id)
+            raise PrepareError(f"a worker process could not prepare: {exc}") from None
+        failed = next((a for a in answers if not a.ok), None)
+        if failed is not None:
+            self._host.abort(prepare.swap_id)
+            self._relay.abort(fleet_pb2.Abort(swap_id=prepare.swap_id, reason=failed.error))
+            error = _ERRORS.get(failed.cause, PrepareError)
+            raise error(f"a worker process: {failed.error}")
+        return done
+
+    async def _commit_everywhere(self, commit: fleet_pb2.Commit, relay: WorkerRelay) -> None:
+        """Commits here and in every worker; answered once all have switched, so a client
+        that sees Deploy return reads the new version from any process."""
+        _logs.request_id.set(commit.request_id)
+        try:
+            answers = await relay.commit(commit)
+        except WorkerGone as exc:
+            answers = [fleet_pb2.CommitResult(swap_id=commit.swap_id, error=str(exc))]
+        failed = next((a for a in answers if not a.ok), None)
+        if failed is not None:
+            self._host.abort(commit.swap_id)
+            self._send(
+                fleet_pb2.EngineMessage(
+                    committed=fleet_pb2.CommitResult(
+                        swap_id=commit.swap_id,
+                        error=f"a worker process: {failed.error}",
+                        cause=failed.cause or fleet_pb2.FAILURE_CAUSE_UNEXPECTED,
+                    )
+                )
+            )
+            return
+        self._commit(commit)
 
     def _observe_prepared(
         self, fetch_ms: float, load_ms: float, warmup_ms: float, reused: bool

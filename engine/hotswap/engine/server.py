@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 
-from hotswap.engine import access
+from hotswap.engine import access, workers
 from hotswap.engine._auth_interceptor import EngineAuthInterceptor
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.dataplane import DataPlane, InferenceQueue
@@ -21,6 +23,7 @@ from hotswap.engine.oip import InferenceServicer
 from hotswap.engine.runtime import RuntimeOptions
 from hotswap.engine.servicers import EngineIdentity, EngineServicer, code_name
 from hotswap.engine.settings import Settings
+from hotswap.engine.workers import WorkerRelay
 from hotswap.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from hotswap.service.edge import (
     StartupError,
@@ -54,12 +57,12 @@ class EngineServer:
         )
         # Fails closed: an engine with a control-plane credential belongs to a secured stack
         # and refuses every call until the control plane has sent who may call it.
-        self.access_rules = access.Rules(fail_closed=bool(settings.control_token))
+        self.access_rules = access.Rules(fail_closed=settings.secured)
         # Without a credential the engine can only join an open control plane (a secured one
         # refuses it), so it has nothing to check and skips the interceptor's cost.
-        guard = [EngineAuthInterceptor(self.access_rules)] if settings.control_token else []
+        guard = [EngineAuthInterceptor(self.access_rules)] if settings.secured else []
         self._server = grpc.aio.server(
-            options=server_options(),
+            options=server_options(reuse_port=settings.reuse_port or settings.processes > 1),
             interceptors=guard,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
@@ -74,6 +77,11 @@ class EngineServer:
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         self.inference_log: InferenceLog | None = None
         self._health: Health | None = None
+        # With --processes N: the relay to the N-1 worker processes, and the processes.
+        self.relay: WorkerRelay | None = None
+        self._relay_server: grpc.aio.Server | None = None
+        self._workers: list[subprocess.Popen[bytes]] = []
+        self._cache_dir: Path | None = None
 
     def _check_credential_transport(self) -> None:
         settings = self.settings
@@ -103,11 +111,11 @@ class EngineServer:
         self._health = await add_probes(self._server, SERVICES)
         # A secured engine does not answer per-pipeline names: anyone may ask health, and the
         # answers would tell them which workspaces and pipelines exist here.
-        health = EngineHealth(
-            host, self._health, SERVICES, per_pipeline=not self.settings.control_token
-        )
+        health = EngineHealth(host, self._health, SERVICES, per_pipeline=not self.settings.secured)
         self.supervisor.spawn("health", health.run_forever())
         await self._server.start()
+        if self.relay is not None:
+            await self._start_workers(self.relay, port, cache_dir)
         self.supervisor.spawn("control-link", link.run_forever())
         self.supervisor.spawn("reaper", host.reap_forever())
         if self.inference_log is not None:
@@ -129,6 +137,29 @@ class EngineServer:
             tmp.replace(self.settings.address_file)
         return self.address
 
+    async def _start_workers(self, relay: WorkerRelay, port: int, cache_dir: Path) -> None:
+        """Starts the worker processes on the bound port and waits until all are linked:
+        the control plane hears of this engine only once every process takes its swaps."""
+        address = workers.relay_address()
+        self._relay_server = workers.unix_server(relay, address)
+        await self._relay_server.start()
+        for index in range(1, self.settings.processes):
+            worker = workers.worker_settings(
+                self.settings, address, port, index, cache_dir, self.name
+            )
+            process = workers.spawn(worker)
+            self._workers.append(process)
+            self.supervisor.spawn(f"worker-{index}", workers.watch(process, worker.name))
+        try:
+            await relay.wait_connected(timeout=60)
+        except TimeoutError:
+            raise StartupError(
+                f"{relay.expected} worker process(es) did not start within 60 s; see the log"
+            ) from None
+        log.info(
+            "engine %s serves %s from %d processes", self.name, self.address, len(self._workers) + 1
+        )
+
     def _assemble(self, cache_dir: Path) -> tuple[EngineHost, ControlLink]:
         """Builds the parts in dependency order (fetcher, cache, host, log, data plane,
         servicers, link) and adds the servicers to the server."""
@@ -140,13 +171,16 @@ class EngineServer:
         )
         instance_id = new_instance_id()
         fetcher = BlobFetcher(channel, self.settings.control_token, self.name, instance_id)
+        cache = BlobCache(cache_dir / "blobs", fetcher.fetch)
         self.host = EngineHost(
-            BlobCache(cache_dir / "blobs", fetcher.fetch),
+            cache,
             RuntimeOptions(intra_op_threads=self.settings.threads),
             self.settings.retain_seconds,
             self.settings.retain_versions,
         )
         self.metrics.watch(self.host.loaded_versions, lambda: _dir_bytes(cache_dir / "blobs"))
+        if self.settings.processes > 1:
+            self.relay = WorkerRelay(cache, self.settings.processes - 1)
         if self.settings.inference_log:
             self.inference_log = InferenceLog(
                 LogSettings(
@@ -184,6 +218,7 @@ class EngineServer:
             rules=self.access_rules,
             logs=engine.logs,
             instance_id=instance_id,
+            relay=self.relay,
         )
         self._identity.name = self.name
         self._identity.address = self.address
@@ -202,6 +237,12 @@ class EngineServer:
         if self.link is not None:
             await self.link.close()
         await self._server.stop(grace)
+        if self._workers:
+            for index in range(1, len(self._workers) + 1):
+                await self.supervisor.cancel(f"worker-{index}")
+            await asyncio.to_thread(workers.stop, self._workers, grace)
+        if self._relay_server is not None:
+            await self._relay_server.stop(None)
         await self.supervisor.cancel("inference-log")  # flushes what is left
         await self.supervisor.cancel()
         if self.host is not None:

@@ -55,6 +55,17 @@ class Settings:
     # RPCs served at once (RESOURCE_EXHAUSTED beyond), and requests waiting for a thread.
     max_concurrent_rpcs: int = 1024
     max_queued: int = 256
+    # Processes serving the port (engine/workers.py); 1 = this process alone.
+    processes: int = 1
+    # Set for worker processes only: bind the port with SO_REUSEPORT beside process 0, and
+    # check tokens though this process holds no credential (process 0 does).
+    reuse_port: bool = False
+    require_access: bool = False
+
+    @property
+    def secured(self) -> bool:
+        """Whether calls need a token: the engine belongs to a secured stack."""
+        return bool(self.control_token) or self.require_access
 
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -169,6 +180,13 @@ class Settings:
             "RESOURCE_EXHAUSTED (%(default)s)",
         )
         parser.add_argument(
+            "--processes",
+            type=int,
+            default=int(env("HOTSWAP_ENGINE_PROCESSES", str(d.processes))),
+            help="processes serving this engine's port, each with its own event loop and "
+            "sessions: use the host's core count to use every core (%(default)s)",
+        )
+        parser.add_argument(
             "--log-format",
             choices=("text", "json"),
             default=env("HOTSWAP_LOG_FORMAT", d.log_format),
@@ -194,6 +212,8 @@ class Settings:
             found = env(variable)
             parser.add_argument(flag, type=Path, default=Path(found) if found else None, help=text)
         args = parser.parse_args(list(argv))
+        if args.processes < 1:
+            parser.error("--processes must be at least 1")
         token = env("HOTSWAP_ENGINE_TOKEN", "")
         if args.control_token_file is not None:
             token = args.control_token_file.read_text().strip()
@@ -228,6 +248,7 @@ class Settings:
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_queued=args.max_queued,
             log_format=args.log_format,
+            processes=args.processes,
         )
 
     def engine_name(self, port: int) -> str:

@@ -98,7 +98,10 @@ def stream_errors(
     return decorate
 
 
-def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+def server_options(
+    max_message_bytes: int = MAX_MESSAGE_BYTES, reuse_port: bool = False
+) -> list[tuple[str, int]]:
+    """`reuse_port` only for the processes of one engine, which share its port on purpose."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -109,7 +112,7 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         # gRPC turns SO_REUSEPORT on by default: a second server on a taken port would then
         # bind it too and the kernel would split connections between the two.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
 
 

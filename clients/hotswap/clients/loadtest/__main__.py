@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=float, help="seconds")
     load.add_argument("--requests", type=int, help="total requests")
     load.add_argument("--processes", type=int, default=1, help="client processes")
+    load.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections per engine in each client process (at least the engine's "
+        "--processes, to load all of them)",
+    )
     load.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     data = p.add_argument_group("input")
     data.add_argument("--input", type=Path, help=".arrow (IPC file/stream) or .df.json")
@@ -90,8 +97,8 @@ def main(argv: list[str]) -> int:
         parser.error("--swap-every needs --models a,b,c")
     if args.duration is None and args.requests is None and not (swapping and args.swaps):
         parser.error("bound the run with --duration and/or --requests (or --swaps)")
-    if args.concurrency < 1 or args.processes < 1:
-        parser.error("--concurrency and --processes must be ≥ 1")
+    if args.concurrency < 1 or args.processes < 1 or args.connections < 1:
+        parser.error("--concurrency, --processes and --connections must be ≥ 1")
     try:
         if args.input:
             table = _input.batch(_input.read_table(args.input), args.batch_rows)
@@ -127,6 +134,7 @@ def main(argv: list[str]) -> int:
         processes=args.processes,
         slice_s=args.slice_ms / 1e3,
         timeout=args.timeout,
+        connections=args.connections,
     )
     plan = None
     if swapping:

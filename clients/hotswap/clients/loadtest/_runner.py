@@ -59,6 +59,9 @@ class LoadSpec:
     processes: int = 1
     slice_s: float = 0.05
     timeout: float = 30.0
+    # Connections per address in each client process (an engine with --processes N serves
+    # each connection from one of its processes: open at least N to reach them all).
+    connections: int = 1
 
 
 @dataclass
@@ -140,7 +143,12 @@ async def _drive(
     spec: LoadSpec, worker: int, quota: int | None, t0: float, shared: Shared
 ) -> WorkerResult:
     result = WorkerResult()
-    channels = [aio_channel(a, spec.target.security) for a in spec.target.addresses]
+    own = spec.connections > 1
+    channels = [
+        aio_channel(a, spec.target.security, own)
+        for a in spec.target.addresses
+        for _ in range(spec.connections)
+    ]
     calls = _caller(spec, channels)
     end = t0 + spec.duration if spec.duration is not None else float("inf")
     issued = 0

@@ -1,0 +1,286 @@
+"""One engine on every core: worker processes that share the engine's port and its swaps.
+
+With `--processes N` the engine (process 0) starts N-1 worker processes. Each is an ordinary
+engine process bound to the same address with SO_REUSEPORT, so the kernel spreads incoming
+connections over all N, and each runs its own event loop, data plane and ONNX Runtime
+sessions: no GIL is shared. The control plane still sees one engine: only process 0 holds the
+Fleet stream. The workers' links connect to `WorkerRelay`, a Fleet service of process 0 on a
+local socket, which hands them every message process 0 gets and waits for all of them before
+process 0 answers:
+
+- a prepare is answered prepared only when every process has prepared (or with the first
+  failure), a commit committed only when every process has switched, so a client that saw
+  `Deploy` return reads the new version whichever process its connection reached;
+- the desired state counts as applied when every process applied it;
+- access rules reach every process (each checks tokens itself), log queries gather every
+  process's inference log, and blobs are fetched once, into the cache they share.
+
+A worker that exits stops the whole engine (its supervisor restarts it as one unit): a
+partial engine would answer for versions some of its processes do not serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pyarrow as pa
+
+from hotswap.engine.blob_cache import BlobCache
+from hotswap.engine.inference_log import encode
+from hotswap.engine.settings import Settings
+from hotswap.v1 import fleet_pb2, fleet_pb2_grpc, types_pb2
+
+log = logging.getLogger(__name__)
+
+# The settings of a worker process, as JSON in its environment (see `spawn`).
+SETTINGS_ENV = "HOTSWAP_WORKER_SETTINGS"
+CHUNK = 1 << 20
+
+
+class WorkerGone(RuntimeError):
+    """A worker's stream ended while process 0 waited for its answer."""
+
+
+@dataclasses.dataclass
+class _Worker:
+    name: str
+    outbox: asyncio.Queue[fleet_pb2.ControlMessage]
+    revision: int = 0  # the desired state revision it reported applied
+    waiting: dict[str, asyncio.Future[Any]] = dataclasses.field(default_factory=dict)
+
+
+class WorkerRelay(fleet_pb2_grpc.FleetServicer):
+    """Process 0's Fleet service for its workers, and the fan-out of its link's messages."""
+
+    def __init__(self, cache: BlobCache, expected: int) -> None:
+        self._cache = cache
+        self.expected = expected
+        self._workers: dict[str, _Worker] = {}
+        self._changed = asyncio.Condition()
+        # What a (re)connecting worker must be told first: the latest rules and desired state.
+        self._access: fleet_pb2.AccessRules | None = None
+        self._desired: fleet_pb2.DesiredState | None = None
+        self.on_lost: Callable[[str], None] = lambda name: None
+
+    # -- the workers' side ----------------------------------------------------------------
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[fleet_pb2.EngineMessage], context: Any
+    ) -> AsyncIterator[fleet_pb2.ControlMessage]:
+        hello = await anext(aiter(request_iterator))
+        worker = _Worker(hello.hello.name, asyncio.Queue())
+        if self._access is not None:
+            worker.outbox.put_nowait(fleet_pb2.ControlMessage(access=self._access))
+        if self._desired is not None:
+            worker.outbox.put_nowait(fleet_pb2.ControlMessage(desired=self._desired))
+        self._workers[worker.name] = worker
+        async with self._changed:
+            self._changed.notify_all()
+        reader = asyncio.create_task(self._read(worker, request_iterator))
+        try:
+            while True:
+                yield await worker.outbox.get()
+        finally:
+            reader.cancel()
+            self._workers.pop(worker.name, None)
+            for waiting in worker.waiting.values():
+                if not waiting.done():
+                    waiting.set_exception(WorkerGone(f"worker {worker.name} went away"))
+            self.on_lost(worker.name)
+
+    async def _read(
+        self, worker: _Worker, messages: AsyncIterator[fleet_pb2.EngineMessage]
+    ) -> None:
+        async for message in messages:
+            kind = message.WhichOneof("kind")
+            if kind == "state":
+                worker.revision = max(worker.revision, message.state.revision)
+                async with self._changed:
+                    self._changed.notify_all()
+            elif kind in ("prepared", "committed"):
+                answer = getattr(message, kind)
+                self._resolve(worker, f"{kind}:{answer.swap_id}", answer)
+            elif kind == "logs":
+                self._resolve(worker, f"logs:{message.logs.query_id}", message.logs)
+
+    @staticmethod
+    def _resolve(worker: _Worker, key: str, answer: Any) -> None:
+        waiting = worker.waiting.pop(key, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(answer)
+
+    async def FetchBlob(
+        self, request: fleet_pb2.FetchBlobRequest, context: Any
+    ) -> AsyncIterator[fleet_pb2.BlobChunk]:
+        # Through process 0's cache: a blob is fetched from the control plane once per host.
+        path = await self._cache.ensure(request.sha256)
+        with path.open("rb") as f:
+            f.seek(request.offset)
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                yield fleet_pb2.BlobChunk(data=chunk)
+
+    # -- process 0's side -----------------------------------------------------------------
+
+    async def wait_connected(self, timeout: float) -> None:
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: len(self._workers) >= self.expected), timeout
+            )
+
+    def _ask(self, message: fleet_pb2.ControlMessage, key: str) -> list[asyncio.Future[Any]]:
+        loop = asyncio.get_running_loop()
+        asked = []
+        for worker in list(self._workers.values()):
+            waiting: asyncio.Future[Any] = loop.create_future()
+            worker.waiting[key] = waiting
+            worker.outbox.put_nowait(message)
+            asked.append(waiting)
+        if len(asked) < self.expected:
+            missing: asyncio.Future[Any] = loop.create_future()
+            missing.set_exception(WorkerGone("a worker process is not connected"))
+            asked.append(missing)
+        return asked
+
+    async def prepare(self, prepare: fleet_pb2.Prepare) -> list[fleet_pb2.PrepareResult]:
+        """Every worker's answer to `prepare` (WorkerGone if one cannot answer)."""
+        message = fleet_pb2.ControlMessage(prepare=prepare)
+        return list(await asyncio.gather(*self._ask(message, f"prepared:{prepare.swap_id}")))
+
+    async def commit(self, commit: fleet_pb2.Commit) -> list[fleet_pb2.CommitResult]:
+        message = fleet_pb2.ControlMessage(commit=commit)
+        return list(await asyncio.gather(*self._ask(message, f"committed:{commit.swap_id}")))
+
+    def abort(self, abort: fleet_pb2.Abort) -> None:
+        self._tell(fleet_pb2.ControlMessage(abort=abort))
+
+    def access(self, rules: fleet_pb2.AccessRules) -> None:
+        self._access = rules
+        self._tell(fleet_pb2.ControlMessage(access=rules))
+
+    async def apply_desired(self, desired: fleet_pb2.DesiredState) -> None:
+        """Hands every worker the desired state; returns once all have applied it."""
+        self._desired = desired
+        self._tell(fleet_pb2.ControlMessage(desired=desired))
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: (
+                    len(self._workers) >= self.expected
+                    and all(w.revision >= desired.revision for w in self._workers.values())
+                )
+            )
+
+    async def logs(self, query: fleet_pb2.LogsQuery) -> list[fleet_pb2.LogsResult]:
+        message = fleet_pb2.ControlMessage(logs=query)
+        return list(await asyncio.gather(*self._ask(message, f"logs:{query.query_id}")))
+
+    def _tell(self, message: fleet_pb2.ControlMessage) -> None:
+        for worker in list(self._workers.values()):
+            worker.outbox.put_nowait(message)
+
+
+def merge_logs(
+    own: types_pb2.LogsResponse, others: list[fleet_pb2.LogsResult], limit: int
+) -> types_pb2.LogsResponse:
+    """One answer from every process's log rows: newest first, at most `limit`."""
+    tables = [pa.ipc.open_stream(own.arrow).read_all()] if own.arrow else []
+    dropped = own.dropped_rows
+    for result in others:
+        if result.error:
+            raise RuntimeError(result.error)
+        if result.logs.arrow:
+            tables.append(pa.ipc.open_stream(result.logs.arrow).read_all())
+        dropped += result.logs.dropped_rows
+    if not tables:
+        return types_pb2.LogsResponse(dropped_rows=dropped)
+    table = pa.concat_tables(tables, promote_options="default")
+    table = table.sort_by([("time", "descending")]).slice(0, limit)
+    return types_pb2.LogsResponse(arrow=encode(table), dropped_rows=dropped)
+
+
+def relay_address() -> str:
+    """A local socket path for the relay (short: socket paths are limited to ~100 bytes)."""
+    directory = Path(tempfile.mkdtemp(prefix="hotswap-"))
+    return f"unix:{directory / 'workers.sock'}"
+
+
+def worker_settings(
+    settings: Settings, relay: str, port: int, index: int, cache: Path, name: str
+) -> Settings:
+    """Worker `index`'s settings: process 0's (named `name`), on the same port, linked to
+    the relay."""
+    host = settings.listen.rsplit(":", 1)[0]
+    return dataclasses.replace(
+        settings,
+        control=relay,
+        listen=f"{host}:{port}",
+        name=f"{name}.w{index}",
+        cache_dir=cache,
+        log_dir=cache / "worker-logs" / f"w{index}",
+        processes=1,
+        reuse_port=True,
+        # Checked like process 0's calls: the rules come over the relay.
+        require_access=settings.require_access or bool(settings.control_token),
+        control_token="",
+        control_ca=None,
+        control_cert=None,
+        control_key=None,
+        metrics_port=-1,
+        address_file=None,
+    )
+
+
+def spawn(settings: Settings) -> subprocess.Popen[bytes]:
+    """Starts a worker process with `settings` (given as JSON, never as flags to re-parse)."""
+    encoded = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
+    }
+    env = {**os.environ, SETTINGS_ENV: json.dumps(encoded)}
+    env.pop("HOTSWAP_ENGINE_TOKEN", None)  # the credential stays with process 0
+    return subprocess.Popen([sys.executable, "-m", "hotswap.engine"], env=env)
+
+
+def settings_from_env(value: str) -> Settings:
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    raw = json.loads(value)
+    paths = {name for name, f in fields.items() if "Path" in str(f.type)}
+    values: dict[str, Any] = {
+        k: (Path(v) if k in paths and v is not None else v) for k, v in raw.items() if k in fields
+    }
+    return Settings(**values)
+
+
+async def watch(process: subprocess.Popen[bytes], name: str) -> None:
+    """Returns never while the worker runs; raises when it exits (the engine then stops)."""
+    code = await asyncio.to_thread(process.wait)
+    raise RuntimeError(f"worker process {name} exited with code {code}: stopping the engine")
+
+
+def stop(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(grace + 5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def unix_server(relay: WorkerRelay, address: str) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    fleet_pb2_grpc.add_FleetServicer_to_server(relay, server)
+    server.add_insecure_port(address)
+    return server
