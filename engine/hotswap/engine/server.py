@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,7 +83,7 @@ class EngineServer:
         self.relay: WorkerRelay | None = None
         self._relay_server: grpc.aio.Server | None = None
         self._workers: list[subprocess.Popen[bytes]] = []
-        self._cache_dir: Path | None = None
+        self._relay_dir = Path()
 
     def _check_credential_transport(self) -> None:
         settings = self.settings
@@ -140,7 +142,8 @@ class EngineServer:
     async def _start_workers(self, relay: WorkerRelay, port: int, cache_dir: Path) -> None:
         """Starts the worker processes on the bound port and waits until all are linked:
         the control plane hears of this engine only once every process takes its swaps."""
-        address = workers.relay_address()
+        self._relay_dir = Path(tempfile.mkdtemp(prefix="hotswap-"))  # mode 0700: this user's
+        address = f"unix:{self._relay_dir / 'workers.sock'}"
         self._relay_server = workers.unix_server(relay, address)
         await self._relay_server.start()
         for index in range(1, self.settings.processes):
@@ -243,6 +246,7 @@ class EngineServer:
             await asyncio.to_thread(workers.stop, self._workers, grace)
         if self._relay_server is not None:
             await self._relay_server.stop(None)
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
         await self.supervisor.cancel("inference-log")  # flushes what is left
         await self.supervisor.cancel()
         if self.host is not None:

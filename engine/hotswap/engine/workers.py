@@ -29,7 +29,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -207,12 +206,6 @@ def merge_logs(
     table = pa.concat_tables(tables, promote_options="default")
     table = table.sort_by([("time", "descending")]).slice(0, limit)
     return types_pb2.LogsResponse(arrow=encode(table), dropped_rows=dropped)
-
-
-def relay_address() -> str:
-    """A local socket path for the relay (short: socket paths are limited to ~100 bytes)."""
-    directory = Path(tempfile.mkdtemp(prefix="hotswap-"))
-    return f"unix:{directory / 'workers.sock'}"
 
 
 def worker_settings(
