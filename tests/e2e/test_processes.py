@@ -84,6 +84,14 @@ def test_a_worker_that_dies_stops_the_engine(two: LocalStack) -> None:
     assert "worker process engine-1.w1 exited" in two.log_tail("engine-1", 60)
 
 
+def test_workers_do_not_outlive_process_0(two: LocalStack) -> None:
+    [worker] = _workers(two)
+    two.processes["engine-1"].send_signal(signal.SIGKILL)
+    # An orphan would keep serving the port with versions nobody coordinates.
+    worker.wait(30)  # raises psutil.TimeoutExpired if it lives on
+    assert not worker.is_running()
+
+
 def test_every_process_checks_tokens(tmp_path: Path, assets: Path) -> None:
     tokens = tmp_path / "tokens.json"
     tokens.write_text(

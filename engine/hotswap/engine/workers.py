@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -43,8 +45,11 @@ from hotswap.v1 import fleet_pb2, fleet_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
 
-# The settings of a worker process, as JSON in its environment (see `spawn`).
+# The settings of a worker process, as JSON in its environment (see `spawn`), and the pid of
+# the process 0 it belongs to.
 SETTINGS_ENV = "HOTSWAP_WORKER_SETTINGS"
+PARENT_ENV = "HOTSWAP_WORKER_PARENT"
+_PR_SET_PDEATHSIG = 1
 CHUNK = 1 << 20
 
 
@@ -239,9 +244,18 @@ def spawn(settings: Settings) -> subprocess.Popen[bytes]:
     encoded = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
     }
-    env = {**os.environ, SETTINGS_ENV: json.dumps(encoded)}
+    env = {**os.environ, SETTINGS_ENV: json.dumps(encoded), PARENT_ENV: str(os.getpid())}
     env.pop("HOTSWAP_ENGINE_TOKEN", None)  # the credential stays with process 0
     return subprocess.Popen([sys.executable, "-m", "hotswap.engine"], env=env)
+
+
+def die_with_parent(parent: int) -> None:
+    """Makes this worker get SIGTERM when process 0 dies, however it dies: an orphan would
+    keep serving the port with versions nobody coordinates any more."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # process 0 died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def settings_from_env(value: str) -> Settings:
