@@ -106,6 +106,14 @@ def test_bad_infer_requests_are_refused_and_serving_continues(
     code, message = _error(lambda: engine.Infer(request, timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "column groups" in message
 
+    # A zero-width list column beside the tensor is echoed back (pyarrow crashes the process
+    # if asked to rebuild one: a request's own column must never be rebuilt that way).
+    odd = _api.tensor_table(xtest[:2]).append_column(
+        "z", pa.array([[], []], pa.list_(pa.float32(), 0))
+    )
+    echoed = _api.infer(engine, "housing", _api.ipc_stream(odd))
+    assert echoed.table.column("in.z").to_pylist() == [[], []]
+
     # Still serving, correctly.
     answer = _api.infer(engine, "housing", _api.ipc_stream(_api.tensor_table(xtest[:3])))
     np.testing.assert_array_equal(

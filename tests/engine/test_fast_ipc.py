@@ -85,6 +85,11 @@ def test_requests_outside_the_common_shape_take_the_general_path(xtest: np.ndarr
         "list<double>": _stream(pa.table({"tensor": [[1.0] * 18]})),
         "strings": _stream(pa.table({"tensor": ["a"]})),
         "file format": _file(good),
+        # pyarrow itself cannot rebuild a zero-width list (SIGFPE): the general path echoes it.
+        "zero width": _stream(
+            good.append_column("z", pa.array([[]] * 4, pa.list_(pa.float32(), 0)))
+        ),
+        "duplicate names": _stream(pa.Table.from_arrays([good["tensor"]] * 2, ["tensor"] * 2)),
         "past max_rows": None,
     }
     for case, data in cases.items():
@@ -136,6 +141,24 @@ def test_lying_metadata_never_reads_outside_the_request(xtest: np.ndarray) -> No
         read = read_request(bytes(forged), 100)
         if read is not None:  # that field was not an offset: the values must be the real ones
             np.testing.assert_array_equal(read[1]["tensor"], xtest[:2].astype(np.float32))
+    # A negative or unaligned metadata size (the schema's or the batch's).
+    for at in (4, start - 4):
+        for claimed in (-8, -(len(data) - start), 3):
+            forged = bytearray(data)
+            forged[at : at + 4] = claimed.to_bytes(4, "little", signed=True)
+            assert read_request(bytes(forged), 100) is None, (at, claimed)
+    # Vectors (field nodes, buffers) claiming more entries than the metadata holds.
+    vectors = 0
+    for i in range(0, size - 4, 4):
+        if meta[i : i + 4] in ((2).to_bytes(4, "little"), (3).to_bytes(4, "little")):
+            forged = bytearray(data)
+            forged[start + i : start + i + 4] = (10_000).to_bytes(4, "little")
+            read = read_request(bytes(forged), 100)
+            if read is None:
+                vectors += 1
+            else:  # that was not a vector length
+                np.testing.assert_array_equal(read[1]["tensor"], xtest[:2].astype(np.float32))
+    assert vectors >= 2  # the nodes' and the buffers' lengths were among them
     # Cut short anywhere: never an answer from bytes that are not there.
     for cut in range(8, len(data) - 8, 7):
         read = read_request(data[:cut], 100)

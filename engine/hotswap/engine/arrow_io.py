@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,8 @@ _WRITE_OPTIONS = ipc.IpcWriteOptions()
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _SCHEMA_CACHE_SIZE = 64
 _SCHEMAS: dict[bytes, pa.Schema] = {}
+_SCHEMAS_LOCK = threading.Lock()
+_SCHEMA_KEY_MAX = 4096
 # Numeric dtypes whose numpy buffer is exactly an Arrow data buffer (bool is bit-packed in
 # Arrow, strings are objects: those go through pa.array).
 _PLAIN_NAMES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8")
@@ -157,9 +160,11 @@ def _schema_of(message: ipc.Message) -> pa.Schema:
     schema = _SCHEMAS.get(key)
     if schema is None:
         schema = ipc.read_schema(message)
-        if len(_SCHEMAS) >= _SCHEMA_CACHE_SIZE:
-            _SCHEMAS.pop(next(iter(_SCHEMAS)), None)
-        _SCHEMAS[key] = schema
+        if len(key) <= _SCHEMA_KEY_MAX:  # big ones (custom metadata) would pin memory
+            with _SCHEMAS_LOCK:  # executor threads decode at once
+                if len(_SCHEMAS) >= _SCHEMA_CACHE_SIZE:
+                    _SCHEMAS.pop(next(iter(_SCHEMAS)), None)
+                _SCHEMAS[key] = schema
     return schema
 
 
@@ -453,6 +458,8 @@ def array_of(values: Array, kind: pa.DataType) -> pa.Array:
     `values` (`[rows]` or `[rows, width]`), zero-copy."""
     flat = np.ascontiguousarray(values).reshape(-1)
     if pa.types.is_fixed_size_list(kind):
+        if kind.list_size < 1:
+            raise InvalidInput("a fixed_size_list column must hold at least one value per row")
         child = pa.Array.from_buffers(kind.value_type, len(flat), [None, pa.py_buffer(flat)])
         return pa.FixedSizeListArray.from_arrays(child, type=kind)
     return pa.Array.from_buffers(kind, len(flat), [None, pa.py_buffer(flat)])

@@ -17,6 +17,7 @@ request the same way and refuses what this path would.
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,8 @@ class RequestLayout:
 
     @classmethod
     def of(cls, schema: pa.Schema) -> RequestLayout | None:
+        if len(set(schema.names)) != len(schema.names):
+            return None  # duplicate names: the general path refuses them as ambiguous
         columns = []
         for field in schema:
             kind, nested = field.type, False
@@ -55,13 +58,18 @@ class RequestLayout:
                 width, kind, nested = kind.list_size, kind.value_type, True
             else:
                 width = 1
-            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-                return None
+            if width < 1 or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+                return None  # (pyarrow cannot even build a zero-width list back: SIGFPE)
             columns.append(_Column(field.name, np.dtype(kind.to_pandas_dtype()), width, nested))
         return cls(schema, tuple(columns)) if columns else None
 
 
 _LAYOUTS: dict[bytes, RequestLayout | None] = {}
+# Executor threads read requests at once; evictions take the lock (look-ups need none).
+_LAYOUTS_LOCK = threading.Lock()
+# Schemas bigger than this (custom metadata, many columns) are not kept: 64 of them would pin
+# memory, and such a client is not the common case this path is for.
+_LAYOUT_KEY_MAX = 4096
 
 
 def read_request(data: bytes, max_rows: int) -> tuple[RequestLayout, dict[str, Array]] | None:
@@ -73,14 +81,16 @@ def read_request(data: bytes, max_rows: int) -> tuple[RequestLayout, dict[str, A
     if data[:4] != _CONTINUATION or len(data) < 16:
         return None
     (meta_size,) = struct.unpack_from("<i", data, 4)
+    if not 0 < meta_size <= _LAYOUT_KEY_MAX or meta_size % 8:
+        return None
     schema_end = 8 + meta_size
     key = data[8:schema_end]
-    layout = _LAYOUTS[key] if key in _LAYOUTS else _layout_of(data[:schema_end], key)
-    if layout is None:
-        return None
     try:
+        layout = _LAYOUTS[key] if key in _LAYOUTS else _layout_of(data[:schema_end], key)
+        if layout is None:
+            return None
         return _read_batch(data, schema_end, layout, max_rows)
-    except (struct.error, IndexError):
+    except (struct.error, IndexError, ValueError):
         return None  # malformed metadata: the general path says what is wrong
 
 
@@ -89,10 +99,15 @@ def _layout_of(schema_message: bytes, key: bytes) -> RequestLayout | None:
         schema = pa.ipc.read_schema(pa.py_buffer(schema_message))
     except (pa.ArrowException, ValueError, OSError):
         return None
-    layout = RequestLayout.of(schema)
-    if len(_LAYOUTS) >= _LAYOUTS_KEPT:
-        _LAYOUTS.pop(next(iter(_LAYOUTS)), None)
-    _LAYOUTS[key] = layout
+    # Schema.endianness (field 0 of the Schema table): big-endian values need byte swapping,
+    # which the general path does.
+    meta = schema_message[8:]
+    header = read_offset(meta, root_table(meta), 2)
+    layout = None if read_scalar(meta, header, 0, "<h") != 0 else RequestLayout.of(schema)
+    with _LAYOUTS_LOCK:
+        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)), None)
+        _LAYOUTS[key] = layout
     return layout
 
 
@@ -102,6 +117,8 @@ def _read_batch(
     if data[at : at + 4] != _CONTINUATION:
         return None
     (meta_size,) = struct.unpack_from("<i", data, at + 4)
+    if meta_size <= 0 or meta_size % 8:
+        return None
     meta_start = at + 8
     body_start = meta_start + meta_size
     meta = data[meta_start:body_start]
@@ -152,6 +169,8 @@ def _structs(meta: bytes, table: int, index: int) -> list[tuple[int, int]]:
     if at == 0:
         return []
     (count,) = struct.unpack_from("<I", meta, at)
+    if at + 4 + 16 * count > len(meta):
+        raise struct.error("a vector longer than its message")
     return list(struct.iter_unpack("<qq", meta[at + 4 : at + 4 + 16 * count]))
 
 

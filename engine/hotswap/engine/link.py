@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
+import pyarrow as pa
 
 from hotswap.engine import _convert, access
 from hotswap.engine.errors import (
@@ -96,6 +97,9 @@ class ControlLink:
     ) -> None:
         # This engine's worker processes, which every message reaches too (engine/workers.py).
         self._relay = relay
+        self._revision = 0  # the last desired state revision applied
+        if relay is not None:
+            relay.serving = self.serving_state
         self._logs = logs
         self._metrics = metrics or EngineMetrics()
         # The engine credential, sent on every Fleet call (never logged).
@@ -163,6 +167,8 @@ class ControlLink:
         # and swaps prepared for a previous stream will never be committed.
         self._outbox = asyncio.Queue()
         self._host.abort_all()
+        if self._relay is not None:
+            self._relay.abort_all()
         call = self._stub.Connect(self._requests(), metadata=self._auth)
         beat = self._spawn(self._heartbeat_forever())
         try:
@@ -233,7 +239,7 @@ class ControlLink:
                     others = await self._relay.logs(query)
                     own = merge_logs(own, others, query.request.limit or 100)
                 result.logs.CopyFrom(own)
-        except (EngineError, WorkerGone, RuntimeError) as exc:
+        except (EngineError, WorkerGone, RuntimeError, pa.ArrowException) as exc:
             result.error = str(exc)
         self._send(fleet_pb2.EngineMessage(logs=result))
 
@@ -243,7 +249,14 @@ class ControlLink:
         if self._relay is None:
             await self._host.reconcile(refs)
         else:  # applied once every process has applied it
-            await asyncio.gather(self._host.reconcile(refs), self._relay.apply_desired(desired))
+            try:
+                await asyncio.gather(self._host.reconcile(refs), self._relay.apply_desired(desired))
+            except WorkerGone as exc:  # not applied everywhere: not reported as applied
+                log.error(
+                    "desired state %d not applied by every process: %s", desired.revision, exc
+                )
+                return
+        self._revision = max(self._revision, desired.revision)
         self._report(desired.revision)  # applied: the control plane's waiters may go on
         served = {tuple(s.key.split("/", 1)) for s in self._host.states()}
         self._metrics.forget_except({(w, p) for w, p in served})
@@ -323,19 +336,38 @@ class ControlLink:
         except WorkerGone as exc:
             answers = [fleet_pb2.CommitResult(swap_id=commit.swap_id, error=str(exc))]
         failed = next((a for a in answers if not a.ok), None)
+        # Past the commit point process 0 switches even when a worker could not, and the
+        # workers are told what it now serves, so the engine converges on the new version;
+        # the failure goes to the control plane, which leaves this engine's address out
+        # of the endpoints until it reports the version.
+        self._commit(commit, failed)
         if failed is not None:
-            self._host.abort(commit.swap_id)
-            self._send(
-                fleet_pb2.EngineMessage(
-                    committed=fleet_pb2.CommitResult(
-                        swap_id=commit.swap_id,
-                        error=f"a worker process: {failed.error}",
-                        cause=failed.cause or fleet_pb2.FAILURE_CAUSE_UNEXPECTED,
-                    )
+            relay.resync(self.serving_state())
+
+    def serving_state(self) -> fleet_pb2.DesiredState:
+        """What this process serves, as a desired state (for its worker processes)."""
+        pipelines = []
+        for state in self._host.states():
+            if state.active is None:
+                continue
+            spec = state.active.spec
+            steps = [
+                types_pb2.ModelVersion(
+                    workspace=spec.workspace, name=s.model_name, version=s.model_version,
+                    sha256=s.sha256,
+                )
+                for s in spec.steps
+            ]  # fmt: skip
+            pipelines.append(
+                types_pb2.PipelineVersion(
+                    workspace=spec.workspace,
+                    pipeline=spec.pipeline,
+                    version_id=spec.version_id,
+                    number=spec.number,
+                    steps=steps,
                 )
             )
-            return
-        self._commit(commit)
+        return fleet_pb2.DesiredState(revision=self._revision, pipelines=pipelines)
 
     def _observe_prepared(
         self, fetch_ms: float, load_ms: float, warmup_ms: float, reused: bool
@@ -347,7 +379,9 @@ class ControlLink:
             stage("build").observe(load_ms / 1000)
             stage("warmup").observe(warmup_ms / 1000)
 
-    def _commit(self, commit: fleet_pb2.Commit) -> None:
+    def _commit(
+        self, commit: fleet_pb2.Commit, worker_failed: fleet_pb2.CommitResult | None = None
+    ) -> None:
         before = {s.key: s.active for s in self._host.states() if s.active is not None}
         try:
             switch_us = self._host.commit(commit.swap_id)
@@ -370,6 +404,12 @@ class ControlLink:
         # the commit answer (GetPipelineEndpoints after Deploy returns must include us).
         self._report()
         done_commit = fleet_pb2.CommitResult(swap_id=commit.swap_id, ok=True, switch_us=switch_us)
+        if worker_failed is not None:
+            done_commit = fleet_pb2.CommitResult(
+                swap_id=commit.swap_id,
+                error=f"a worker process: {worker_failed.error}",
+                cause=worker_failed.cause or fleet_pb2.FAILURE_CAUSE_UNEXPECTED,
+            )
         self._send(fleet_pb2.EngineMessage(committed=done_commit))
 
     async def close(self) -> None:

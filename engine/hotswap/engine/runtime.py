@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ _ELEMENT_TYPES: dict[str, np.dtype[Any]] = {
 
 # Answer templates one version keeps (request schemas x row counts x exclusions).
 _TEMPLATES_KEPT = 64
+# Requests of more rows are answered without a template (a template holds ~16 bytes a row).
+_TEMPLATE_ROWS = 4096
+_TEMPLATES_LOCK = threading.Lock()
 
 # Timed 1-row inferences after the first (allocating) one, to learn a request's real cost.
 WARM_RUNS = 3
@@ -212,7 +216,8 @@ class LoadedPipeline:
         ) = None
         # Answer templates of `fast_ipc` requests (see `answer`).
         self._templates: dict[
-            tuple[int, int, frozenset[str]], tuple[RequestLayout, AnswerTemplate, list[str]]
+            tuple[int, int, frozenset[str], tuple[tuple[str, tuple[int, ...]], ...]],
+            tuple[RequestLayout, AnswerTemplate, list[str]],
         ] = {}
         # By excluded column groups: (result schema, kept column indices, schema message).
         self._answer_schemas: dict[frozenset[str], tuple[pa.Schema, list[int], bytes]] = {}
@@ -322,7 +327,10 @@ class LoadedPipeline:
         """The answer to a request `fast_ipc` read: the template of this version, request
         schema, row count and exclusion with this request's values in place, or (the first
         time, or for outputs a template cannot hold) encoded from the result rows."""
-        key = (id(layout), inferred.num_rows, exclude)
+        # The outputs' types and shapes are in the key: a model with dynamic output shapes
+        # gives answers of other layouts, whose holes could still have the same sizes.
+        shapes = tuple((v.dtype.str, v.shape) for v in inferred.outputs)
+        key = (id(layout), inferred.num_rows, exclude, shapes)
         known = self._templates.get(key)
         if known is not None and known[0] is layout:
             answer = known[1].render(inferred.hole_values(known[2]))
@@ -330,13 +338,16 @@ class LoadedPipeline:
                 return answer
         result = inferred.batch()
         answer = self.encode(result, exclude)
-        if all(v.dtype.kind in "iuf" for v in inferred.outputs):
+        if inferred.num_rows <= _TEMPLATE_ROWS and all(
+            v.dtype.kind in "iuf" for v in inferred.outputs
+        ):
             kept = [n for n in result.schema.names if _part(n) not in exclude]
             holes = [i for i, name in enumerate(kept) if _part(name) in ("time", "in", "out")]
             template = AnswerTemplate.of(answer, result.select(kept), holes)
-            if len(self._templates) >= _TEMPLATES_KEPT:
-                self._templates.pop(next(iter(self._templates)), None)
-            self._templates[key] = (layout, template, [kept[i] for i in holes])
+            with _TEMPLATES_LOCK:  # executor threads answer at once
+                if len(self._templates) >= _TEMPLATES_KEPT:
+                    self._templates.pop(next(iter(self._templates)), None)
+                self._templates[key] = (layout, template, [kept[i] for i in holes])
         return answer
 
     def _run(self, feed: dict[str, Array], n: int) -> list[Array]:

@@ -117,7 +117,11 @@ class EngineServer:
         self.supervisor.spawn("health", health.run_forever())
         await self._server.start()
         if self.relay is not None:
-            await self._start_workers(self.relay, port, cache_dir)
+            try:
+                await self._start_workers(self.relay, port, cache_dir)
+            except BaseException:
+                await self._stop_workers(grace=0)  # none may serve the port on its own
+                raise
         self.supervisor.spawn("control-link", link.run_forever())
         self.supervisor.spawn("reaper", host.reap_forever())
         if self.inference_log is not None:
@@ -138,6 +142,16 @@ class EngineServer:
             tmp.write_text(self.address)
             tmp.replace(self.settings.address_file)
         return self.address
+
+    async def _stop_workers(self, grace: float) -> None:
+        # The watchers go first (a worker stopping now is no crash); their threads end as the
+        # workers exit below.
+        for index in range(1, len(self._workers) + 1):
+            await self.supervisor.cancel(f"worker-{index}")
+        await asyncio.to_thread(workers.stop, self._workers, grace)
+        if self._relay_server is not None:
+            await self._relay_server.stop(None)
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
 
     async def _start_workers(self, relay: WorkerRelay, port: int, cache_dir: Path) -> None:
         """Starts the worker processes on the bound port and waits until all are linked:
@@ -240,13 +254,7 @@ class EngineServer:
         if self.link is not None:
             await self.link.close()
         await self._server.stop(grace)
-        if self._workers:
-            for index in range(1, len(self._workers) + 1):
-                await self.supervisor.cancel(f"worker-{index}")
-            await asyncio.to_thread(workers.stop, self._workers, grace)
-        if self._relay_server is not None:
-            await self._relay_server.stop(None)
-            shutil.rmtree(self._relay_dir, ignore_errors=True)
+        await self._stop_workers(grace)
         await self.supervisor.cancel("inference-log")  # flushes what is left
         await self.supervisor.cancel()
         if self.host is not None:

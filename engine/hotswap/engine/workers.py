@@ -41,9 +41,16 @@ import pyarrow as pa
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.inference_log import encode
 from hotswap.engine.settings import Settings
+from hotswap.service.edge import server_options
+from hotswap.service.log_tables import concat_logs
 from hotswap.v1 import fleet_pb2, fleet_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
+
+# How long process 0 waits for its workers' answers: a stuck worker fails the swap (and the
+# control plane's own deadlines apply on top). Prepares build sessions, which can take long.
+PREPARE_TIMEOUT = 600.0
+ANSWER_TIMEOUT = 60.0
 
 # The settings of a worker process, as JSON in its environment (see `spawn`), and the pid of
 # the process 0 it belongs to.
@@ -73,10 +80,11 @@ class WorkerRelay(fleet_pb2_grpc.FleetServicer):
         self.expected = expected
         self._workers: dict[str, _Worker] = {}
         self._changed = asyncio.Condition()
-        # What a (re)connecting worker must be told first: the latest rules and desired state.
+        # What a (re)connecting worker must be told first: the latest rules, and what process 0
+        # serves now (set by its link; not the last DesiredState, which swaps have moved on).
         self._access: fleet_pb2.AccessRules | None = None
-        self._desired: fleet_pb2.DesiredState | None = None
-        self.on_lost: Callable[[str], None] = lambda name: None
+        self.serving: Callable[[], fleet_pb2.DesiredState] = fleet_pb2.DesiredState
+        self._preparing: set[str] = set()  # swaps the workers were asked to prepare
 
     # -- the workers' side ----------------------------------------------------------------
 
@@ -87,8 +95,7 @@ class WorkerRelay(fleet_pb2_grpc.FleetServicer):
         worker = _Worker(hello.hello.name, asyncio.Queue())
         if self._access is not None:
             worker.outbox.put_nowait(fleet_pb2.ControlMessage(access=self._access))
-        if self._desired is not None:
-            worker.outbox.put_nowait(fleet_pb2.ControlMessage(desired=self._desired))
+        worker.outbox.put_nowait(fleet_pb2.ControlMessage(desired=self.serving()))
         self._workers[worker.name] = worker
         async with self._changed:
             self._changed.notify_all()
@@ -98,11 +105,11 @@ class WorkerRelay(fleet_pb2_grpc.FleetServicer):
                 yield await worker.outbox.get()
         finally:
             reader.cancel()
-            self._workers.pop(worker.name, None)
+            if self._workers.get(worker.name) is worker:  # not a newer stream of that name
+                del self._workers[worker.name]
             for waiting in worker.waiting.values():
                 if not waiting.done():
                     waiting.set_exception(WorkerGone(f"worker {worker.name} went away"))
-            self.on_lost(worker.name)
 
     async def _read(
         self, worker: _Worker, messages: AsyncIterator[fleet_pb2.EngineMessage]
@@ -143,51 +150,79 @@ class WorkerRelay(fleet_pb2_grpc.FleetServicer):
                 self._changed.wait_for(lambda: len(self._workers) >= self.expected), timeout
             )
 
-    def _ask(self, message: fleet_pb2.ControlMessage, key: str) -> list[asyncio.Future[Any]]:
+    async def _ask(self, message: fleet_pb2.ControlMessage, key: str, timeout: float) -> list[Any]:
+        """Every worker's answer to `message` (matched by `key`), or WorkerGone if one is not
+        connected, goes away or does not answer within `timeout`."""
+        workers = list(self._workers.values())
+        if len(workers) < self.expected:
+            raise WorkerGone("a worker process is not connected")
         loop = asyncio.get_running_loop()
-        asked = []
-        for worker in list(self._workers.values()):
+        asked: list[tuple[_Worker, asyncio.Future[Any]]] = []
+        for worker in workers:
+            if key in worker.waiting:
+                raise WorkerGone(f"{key} is already being asked of worker {worker.name}")
             waiting: asyncio.Future[Any] = loop.create_future()
             worker.waiting[key] = waiting
             worker.outbox.put_nowait(message)
-            asked.append(waiting)
-        if len(asked) < self.expected:
-            missing: asyncio.Future[Any] = loop.create_future()
-            missing.set_exception(WorkerGone("a worker process is not connected"))
-            asked.append(missing)
-        return asked
+            asked.append((worker, waiting))
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*(f for _, f in asked)), timeout))
+        except TimeoutError:
+            raise WorkerGone(f"a worker process did not answer {key} in {timeout:g} s") from None
+        finally:
+            for worker, waiting in asked:
+                if worker.waiting.get(key) is waiting:
+                    del worker.waiting[key]
 
     async def prepare(self, prepare: fleet_pb2.Prepare) -> list[fleet_pb2.PrepareResult]:
         """Every worker's answer to `prepare` (WorkerGone if one cannot answer)."""
+        self._preparing.add(prepare.swap_id)
         message = fleet_pb2.ControlMessage(prepare=prepare)
-        return list(await asyncio.gather(*self._ask(message, f"prepared:{prepare.swap_id}")))
+        return await self._ask(message, f"prepared:{prepare.swap_id}", PREPARE_TIMEOUT)
 
     async def commit(self, commit: fleet_pb2.Commit) -> list[fleet_pb2.CommitResult]:
+        self._preparing.discard(commit.swap_id)
         message = fleet_pb2.ControlMessage(commit=commit)
-        return list(await asyncio.gather(*self._ask(message, f"committed:{commit.swap_id}")))
+        return await self._ask(message, f"committed:{commit.swap_id}", ANSWER_TIMEOUT)
 
     def abort(self, abort: fleet_pb2.Abort) -> None:
+        self._preparing.discard(abort.swap_id)
         self._tell(fleet_pb2.ControlMessage(abort=abort))
+
+    def abort_all(self) -> None:
+        """Aborts every swap the workers were asked to prepare (process 0's stream is new:
+        those swaps will never be committed)."""
+        for swap_id in list(self._preparing):
+            self.abort(fleet_pb2.Abort(swap_id=swap_id, reason="the control plane stream ended"))
 
     def access(self, rules: fleet_pb2.AccessRules) -> None:
         self._access = rules
         self._tell(fleet_pb2.ControlMessage(access=rules))
 
     async def apply_desired(self, desired: fleet_pb2.DesiredState) -> None:
-        """Hands every worker the desired state; returns once all have applied it."""
-        self._desired = desired
+        """Hands every worker the desired state; returns once all have applied it (raises
+        WorkerGone if they have not within the prepare timeout)."""
         self._tell(fleet_pb2.ControlMessage(desired=desired))
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: (
-                    len(self._workers) >= self.expected
-                    and all(w.revision >= desired.revision for w in self._workers.values())
-                )
+
+        def applied() -> bool:
+            workers = self._workers.values()
+            return len(workers) >= self.expected and all(
+                w.revision >= desired.revision for w in workers
             )
+
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(applied), PREPARE_TIMEOUT)
+        except TimeoutError:
+            raise WorkerGone("the worker processes did not apply the desired state") from None
+
+    def resync(self, serving: fleet_pb2.DesiredState) -> None:
+        """Tells every worker what process 0 serves (after a worker failed a commit)."""
+        self._tell(fleet_pb2.ControlMessage(desired=serving))
 
     async def logs(self, query: fleet_pb2.LogsQuery) -> list[fleet_pb2.LogsResult]:
         message = fleet_pb2.ControlMessage(logs=query)
-        return list(await asyncio.gather(*self._ask(message, f"logs:{query.query_id}")))
+        return await self._ask(message, f"logs:{query.query_id}", ANSWER_TIMEOUT)
 
     def _tell(self, message: fleet_pb2.ControlMessage) -> None:
         for worker in list(self._workers.values()):
@@ -208,8 +243,7 @@ def merge_logs(
         dropped += result.logs.dropped_rows
     if not tables:
         return types_pb2.LogsResponse(dropped_rows=dropped)
-    table = pa.concat_tables(tables, promote_options="default")
-    table = table.sort_by([("time", "descending")]).slice(0, limit)
+    table = concat_logs(tables).sort_by([("time", "descending")]).slice(0, limit)
     return types_pb2.LogsResponse(arrow=encode(table), dropped_rows=dropped)
 
 
@@ -287,7 +321,8 @@ def stop(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
 
 
 def unix_server(relay: WorkerRelay, address: str) -> grpc.aio.Server:
-    server = grpc.aio.server()
+    # The engine's message limits: a worker's LogsResult can be tens of MB.
+    server = grpc.aio.server(options=server_options())
     fleet_pb2_grpc.add_FleetServicer_to_server(relay, server)
     server.add_insecure_port(address)
     return server
