@@ -33,6 +33,45 @@ def test_up_runs_engines_and_stops_them_all(tmp_path: Path) -> None:
         _check_up(up)
 
 
+def test_up_with_processes_stops_every_process(tmp_path: Path) -> None:
+    command = [sys.executable, "-c", UP, "--data-dir", str(tmp_path), "--port", "0"]
+    with subprocess.Popen(
+        [*command, "--processes", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as up:
+        try:
+            assert up.stdout is not None
+            lines = []
+            for line in up.stdout:
+                lines.append(line)
+                if "Ctrl-C" in line:
+                    break
+            assert any("engine-1" in x and "(2 processes)" in x for x in lines), lines
+            engine = next(
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit()
+                and f"PPid:\t{up.pid}\n" in (p / "status").read_text(errors="replace")
+                and "hotswap.engine" in (p / "cmdline").read_text(errors="replace")
+            )
+            workers = [
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit()
+                and f"PPid:\t{engine}\n" in (p / "status").read_text(errors="replace")
+            ]
+            assert len(workers) == 1
+            up.send_signal(signal.SIGTERM)
+            assert up.wait(timeout=30) == 0
+            assert not _alive(engine) and not any(_alive(pid) for pid in workers)
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+
+
 def _check_up(up: subprocess.Popen[str]) -> None:
     try:
         assert up.stdout is not None

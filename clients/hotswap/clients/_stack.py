@@ -238,8 +238,22 @@ def main_up(argv: list[str]) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="ONNX Runtime threads per session (%(default)s)"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="processes per engine, sharing its port: the core count uses every core (%(default)s)",
+    )
     args = parser.parse_args(argv)
-    stack = LocalStack(args.data_dir, port=args.port, engines=args.engines, threads=args.threads)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    stack = LocalStack(
+        args.data_dir,
+        port=args.port,
+        engines=args.engines,
+        threads=args.threads,
+        engine_args=("--processes", str(args.processes)) if args.processes > 1 else (),
+    )
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
@@ -253,8 +267,9 @@ def main_up(argv: list[str]) -> int:
         f"   metrics http://{stack.metrics_address('control')}/metrics"
     )
     for name in stack.engine_names:
+        processes = f" ({args.processes} processes)" if args.processes > 1 else ""
         print(
-            f"{name:<14} {stack.address_of(name)}"
+            f"{name:<14} {stack.address_of(name)}{processes}"
             f"   metrics http://{stack.metrics_address(name)}/metrics"
         )
     print(f"data and logs  {args.data_dir}   — Ctrl-C stops everything", flush=True)
