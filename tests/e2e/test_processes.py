@@ -8,6 +8,7 @@ import collections
 import json
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import hotswap
 from hotswap.clients._rpc import Security
@@ -74,6 +76,15 @@ def test_every_process_serves_and_each_swap_is_read_everywhere(
     )
     assert set(served_by) == {"engine-1", "engine-1.w1"}, served_by
     assert sum(served_by.values()) == 3 * 24
+    # The engine's /metrics counts the requests of every process, not only process 0's.
+    text = urllib.request.urlopen(f"http://{two.metrics_address('engine-1')}/metrics").read()
+    ok = [
+        s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+        if s.name == "hotswap_engine_requests_total" and s.labels["code"] == "OK"
+    ]
+    assert sum(ok) == 3 * 24, ok
 
 
 def test_a_worker_that_dies_stops_the_engine(two: LocalStack) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from hotswap.engine.arrow_io import decode_ipc
 from hotswap.engine.fast_ipc import read_request
+from hotswap.engine.inference_log import InferenceLog, LogSettings
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, RuntimeOptions, StepSpec
 
 
@@ -163,3 +164,28 @@ def test_lying_metadata_never_reads_outside_the_request(xtest: np.ndarray) -> No
     for cut in range(8, len(data) - 8, 7):
         read = read_request(data[:cut], 100)
         assert read is None, cut
+
+
+def test_logged_rows_of_many_requests_are_each_requests_own(
+    rf: LoadedPipeline, xtest: np.ndarray, tmp_path: Path
+) -> None:
+    # The log builds the rows of a run of requests at once: each row must still be its own.
+    log = InferenceLog(LogSettings(tmp_path), "engine-test")
+    sent = [xtest[i : i + 1 + i % 3] for i in range(0, 40, 4)]  # 1-3 rows each
+    for x in sent:
+        read = read_request(_stream(_rows(x)), 100)
+        assert read is not None
+        inferred = rf.infer_arrays(read[1], read[0].schema)
+        log.append(rf, inferred, 1000, 100)
+    logged = log.query("ws", "p", 1000)
+    assert logged is not None and logged.num_rows == sum(len(x) for x in sent)
+    oldest_first = logged.take(pa.array(range(logged.num_rows - 1, -1, -1)))
+    expected = np.concatenate(sent).astype(np.float32)
+    got = np.asarray(oldest_first.column("in.tensor").to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(got, expected)
+    served = np.asarray(oldest_first.column("out.variable").to_pylist(), dtype=np.float32)
+    reference = np.concatenate(
+        [rf.infer_arrays({"tensor": x.astype(np.float32)}).outputs[0] for x in sent]
+    )
+    np.testing.assert_array_equal(served, reference)
+    assert oldest_first.schema.field("in.tensor").type == _rows(sent[0]).schema.field("tensor").type

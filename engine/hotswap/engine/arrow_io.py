@@ -473,9 +473,13 @@ def tensor_to_arrow(values: Array) -> pa.Array:
     return array
 
 
-def timestamp_column(epoch_ms: int, rows: int) -> pa.Array:
-    """A `timestamp[ms]` column repeating one instant `rows` times."""
-    data = np.full(rows, epoch_ms, dtype=np.int64)
+def timestamp_column(epoch_ms: int | Array, rows: int) -> pa.Array:
+    """A `timestamp[ms]` column repeating one instant `rows` times (or of one instant a row)."""
+    data = (
+        np.full(rows, epoch_ms, dtype=np.int64)
+        if isinstance(epoch_ms, int)
+        else np.ascontiguousarray(epoch_ms, dtype=np.int64)
+    )
     return pa.Array.from_buffers(_TIMESTAMP_MS, rows, [None, pa.py_buffer(data)])
 
 

@@ -10,7 +10,11 @@ a lock per update, which cost a 1-row request more than all its counting.
 from __future__ import annotations
 
 import bisect
+import itertools
+import logging
 import time
+import urllib.request
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -21,9 +25,12 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from hotswap.engine.runtime import LoadedPipeline
+
+log = logging.getLogger(__name__)
 
 # 1-row requests take ~0.1-1 ms; 1,000-row batches a few ms; large batches seconds.
 LATENCY_BUCKETS = (
@@ -79,6 +86,8 @@ class EngineMetrics:
         # Failures of requests no pipeline version was found for (unknown pipeline, bad input).
         self._unbound = Bound(("", "", ""))
         self.in_flight = 0
+        # The loopback /metrics addresses of this engine's worker processes, read per scrape.
+        self.worker_endpoints: Callable[[], list[str]] = list
         r.register(_RequestCollector(self))
         self.sessions_loaded = Gauge(
             "hotswap_engine_sessions_loaded",
@@ -180,48 +189,105 @@ _VERSION_LABELS = ["workspace", "pipeline", "version"]
 _BUCKET_BOUNDS = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]  # as `le` labels
 
 
-class _RequestCollector(Collector):
-    """The request series, from each version's `Bound` at scrape time."""
+class _Totals:
+    """The request series summed over the processes of one engine, before they become
+    metric families: counts by labels, latency buckets (cumulative) and sums."""
 
-    def __init__(self, metrics: EngineMetrics) -> None:
-        self._metrics = metrics
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, ...], float] = defaultdict(float)
+        self.rows: dict[tuple[str, ...], float] = defaultdict(float)
+        self.buckets: dict[tuple[str, ...], list[float]] = {}
+        self.latency_sum: dict[tuple[str, ...], float] = defaultdict(float)
+        self.in_flight = 0.0
 
-    def collect(self) -> Iterable[Metric]:
-        bounds = self._metrics.bounds()
+    def add_bound(self, bound: Bound, unbound: bool) -> None:
+        labels = bound.labels
+        for code, count in list(bound.failures.items()):
+            self.requests[(*labels, code)] += count
+        if unbound:
+            return
+        self.requests[(*labels, "OK")] += bound.ok
+        self.rows[labels] += bound.rows
+        cumulative = [float(c) for c in itertools.accumulate(list(bound.latency_counts))]
+        self._add_buckets(labels, cumulative)
+        self.latency_sum[labels] += bound.latency_sum
+
+    def _add_buckets(self, labels: tuple[str, ...], cumulative: list[float]) -> None:
+        known = self.buckets.get(labels)
+        self.buckets[labels] = (
+            cumulative if known is None else [a + b for a, b in zip(known, cumulative, strict=True)]
+        )
+
+    def add_text(self, text: str) -> None:
+        """Adds the request series of another process's `/metrics` text."""
+        buckets: dict[tuple[str, ...], dict[str, float]] = defaultdict(dict)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = tuple(sample.labels.get(k, "") for k in _VERSION_LABELS)
+                if sample.name == "hotswap_engine_requests_total":
+                    self.requests[(*labels, sample.labels.get("code", ""))] += sample.value
+                elif sample.name == "hotswap_engine_rows_total":
+                    self.rows[labels] += sample.value
+                elif sample.name == "hotswap_engine_request_duration_seconds_bucket":
+                    buckets[labels][sample.labels["le"]] = sample.value
+                elif sample.name == "hotswap_engine_request_duration_seconds_sum":
+                    self.latency_sum[labels] += sample.value
+                elif sample.name == "hotswap_engine_requests_in_flight":
+                    self.in_flight += sample.value
+        for labels, by_bound in buckets.items():
+            if set(by_bound) == set(_BUCKET_BOUNDS):
+                self._add_buckets(labels, [by_bound[le] for le in _BUCKET_BOUNDS])
+
+    def families(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
             "hotswap_engine_requests",
             "Inference requests by pipeline version and gRPC status code (OK or the error).",
             labels=[*_VERSION_LABELS, "code"],
         )
+        for labels, count in self.requests.items():
+            requests.add_metric(list(labels), count)
         latency = HistogramMetricFamily(
             "hotswap_engine_request_duration_seconds",
             "Inference time inside the engine (executor queue included), successful requests.",
             labels=_VERSION_LABELS,
         )
+        for labels, cumulative in self.buckets.items():
+            buckets = list(zip(_BUCKET_BOUNDS, cumulative, strict=True))
+            latency.add_metric(list(labels), buckets, self.latency_sum[labels])
         rows = CounterMetricFamily(
             "hotswap_engine_rows", "Rows inferred by pipeline version.", labels=_VERSION_LABELS
         )
-        for bound in bounds:
-            labels = list(bound.labels)
-            for code, count in list(bound.failures.items()):
-                requests.add_metric([*labels, code], count)
-            if bound is self._metrics._unbound:
-                continue
-            requests.add_metric([*labels, "OK"], bound.ok)
-            rows.add_metric(labels, bound.rows)
-            cumulative, buckets = 0, []
-            for le, count in zip(_BUCKET_BOUNDS, list(bound.latency_counts), strict=True):
-                cumulative += count
-                buckets.append((le, cumulative))
-            latency.add_metric(labels, buckets, bound.latency_sum)
+        for labels, count in self.rows.items():
+            rows.add_metric(list(labels), count)
         yield requests
         yield latency
         yield rows
         yield GaugeMetricFamily(
             "hotswap_engine_requests_in_flight",
             "Inference requests being served now.",
-            self._metrics.in_flight,
+            self.in_flight,
         )
+
+
+class _RequestCollector(Collector):
+    """The request series, from each version's `Bound` at scrape time, plus those of the
+    engine's worker processes (`--processes`): the engine's series count every process."""
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        totals = _Totals()
+        for bound in self._metrics.bounds():
+            totals.add_bound(bound, bound is self._metrics._unbound)
+        totals.in_flight += self._metrics.in_flight
+        for address in self._metrics.worker_endpoints():
+            try:
+                with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as answer:
+                    totals.add_text(answer.read().decode())
+            except (OSError, ValueError) as exc:  # a worker starting or stopping: skip it once
+                log.warning("worker metrics at %s not read: %s", address, exc)
+        yield from totals.families()
 
 
 class _LogCollector(Collector):

@@ -367,9 +367,14 @@ class LoadedPipeline:
         return outputs
 
     def _result(
-        self, epoch_ms: int, inputs: list[pa.Array], in_schema: pa.Schema, outputs: list[Array]
+        self,
+        epoch_ms: int | Array,
+        inputs: list[pa.Array],
+        in_schema: pa.Schema,
+        outputs: list[Array],
     ) -> pa.RecordBatch:
-        """The result rows: time, the inputs echoed, the outputs, check_failures."""
+        """The result rows: time (one instant, or one per row), the inputs echoed, the
+        outputs, check_failures."""
         n = len(outputs[0])
         columns = [timestamp_column(epoch_ms, n), *inputs]
         columns += [ndarray_to_arrow(value) for value in outputs]
@@ -463,15 +468,43 @@ class Inferred:
         """The result rows, as `infer` returns them; built once. The inputs are echoed with
         the request's types, or as fixed-size lists when it sent tensors."""
         if self._batch is None:
-            if self._schema is None:
-                arrays = [tensor_to_arrow(values) for values in self._inputs.values()]
-                names = list(self._inputs)
-                schema = pa.schema([(n, a.type) for n, a in zip(names, arrays, strict=True)])
-            else:
-                schema = self._schema
-                arrays = [array_of(self._inputs[f.name], f.type) for f in schema]
-            self._batch = self._loaded._result(self._epoch_ms, arrays, schema, self.outputs)
+            self._batch = self._build(self._epoch_ms)
         return self._batch
+
+    def _build(self, times: int | Array) -> pa.RecordBatch:
+        if self._schema is None:
+            arrays = [tensor_to_arrow(values) for values in self._inputs.values()]
+            names = list(self._inputs)
+            schema = pa.schema([(n, a.type) for n, a in zip(names, arrays, strict=True)])
+        else:
+            schema = self._schema
+            arrays = [array_of(self._inputs[f.name], f.type) for f in schema]
+        return self._loaded._result(times, arrays, schema, self.outputs)
+
+    def signature(self) -> tuple[Any, ...]:
+        """What results must share to be built as one batch (`merged_batch`)."""
+        return (
+            id(self._loaded),
+            id(self._schema),
+            tuple((k, v.dtype.str, v.shape[1:]) for k, v in self._inputs.items()),
+            tuple((v.dtype.str, v.shape[1:]) for v in self.outputs),
+        )
+
+    @staticmethod
+    def merged_batch(run: Sequence[Inferred]) -> pa.RecordBatch:
+        """The result rows of results of one `signature`, as one batch: a few numpy
+        concatenations instead of a batch per request."""
+        first = run[0]
+        if len(run) == 1:
+            return first.batch()
+        inputs = {k: np.concatenate([r._inputs[k] for r in run]) for k in first._inputs}
+        outputs = [np.concatenate([r.outputs[i] for r in run]) for i in range(len(first.outputs))]
+        times = np.repeat(
+            np.fromiter((r._epoch_ms for r in run), np.int64, len(run)),
+            np.fromiter((r.num_rows for r in run), np.int64, len(run)),
+        )
+        merged = Inferred(first._loaded, 0, inputs, outputs, first._schema)
+        return merged._build(times)
 
     def hole_values(self, columns: Sequence[str]) -> list[memoryview]:
         """The bytes of the result columns a template leaves open (time, in.*, out.*)."""

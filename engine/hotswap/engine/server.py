@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import shutil
 import subprocess
@@ -137,6 +138,10 @@ class EngineServer:
             self.settings.control,
             cache_dir,
         )
+        # Everything made so far (modules, the server, its parts) lives as long as the process:
+        # out of the collector's sight, a full collection no longer walks it. One took ~25 ms
+        # with the event loop stopped, a swap window's worst stall (ADR 5).
+        gc.freeze()
         if self.settings.address_file is not None:
             tmp = self.settings.address_file.with_suffix(".tmp")
             tmp.write_text(self.address)
@@ -156,6 +161,8 @@ class EngineServer:
     async def _start_workers(self, relay: WorkerRelay, port: int, cache_dir: Path) -> None:
         """Starts the worker processes on the bound port and waits until all are linked:
         the control plane hears of this engine only once every process takes its swaps."""
+        count = self.settings.processes - 1
+        self.metrics.worker_endpoints = lambda: workers.metrics_endpoints(cache_dir, count)
         self._relay_dir = Path(tempfile.mkdtemp(prefix="hotswap-"))  # mode 0700: this user's
         address = f"unix:{self._relay_dir / 'workers.sock'}"
         self._relay_server = workers.unix_server(relay, address)

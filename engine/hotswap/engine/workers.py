@@ -268,9 +268,25 @@ def worker_settings(
         control_ca=None,
         control_cert=None,
         control_key=None,
-        metrics_port=-1,
-        address_file=None,
+        # Scraped by process 0 over loopback, whose /metrics then counts every process.
+        metrics_port=0 if settings.metrics_port >= 0 else -1,
+        metrics_host="127.0.0.1",
+        address_file=worker_address_file(cache, index),
     )
+
+
+def worker_address_file(cache: Path, index: int) -> Path:
+    """Where worker `index` writes its addresses (`.metrics`: its metrics endpoint)."""
+    return cache / "worker-logs" / f"w{index}.address"
+
+
+def metrics_endpoints(cache: Path, count: int) -> list[str]:
+    """The metrics endpoints the workers have written so far."""
+    found = []
+    for index in range(1, count + 1):
+        with contextlib.suppress(OSError):
+            found.append(Path(f"{worker_address_file(cache, index)}.metrics").read_text().strip())
+    return found
 
 
 def spawn(settings: Settings) -> subprocess.Popen[bytes]:
@@ -278,6 +294,9 @@ def spawn(settings: Settings) -> subprocess.Popen[bytes]:
     encoded = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()
     }
+    if settings.address_file is not None:  # a stale one would name another process
+        settings.address_file.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{settings.address_file}.metrics").unlink(missing_ok=True)
     env = {**os.environ, SETTINGS_ENV: json.dumps(encoded), PARENT_ENV: str(os.getpid())}
     env.pop("HOTSWAP_ENGINE_TOKEN", None)  # the credential stays with process 0
     return subprocess.Popen([sys.executable, "-m", "hotswap.engine"], env=env)
