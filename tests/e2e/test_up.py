@@ -42,26 +42,10 @@ def test_up_with_processes_stops_every_process(tmp_path: Path) -> None:
         text=True,
     ) as up:
         try:
-            assert up.stdout is not None
-            lines = []
-            for line in up.stdout:
-                lines.append(line)
-                if "Ctrl-C" in line:
-                    break
+            lines = _banner(up)
             assert any("engine-1" in x and "(2 processes)" in x for x in lines), lines
-            engine = next(
-                int(p.name)
-                for p in Path("/proc").iterdir()
-                if p.name.isdigit()
-                and f"PPid:\t{up.pid}\n" in (p / "status").read_text(errors="replace")
-                and "hotswap.engine" in (p / "cmdline").read_text(errors="replace")
-            )
-            workers = [
-                int(p.name)
-                for p in Path("/proc").iterdir()
-                if p.name.isdigit()
-                and f"PPid:\t{engine}\n" in (p / "status").read_text(errors="replace")
-            ]
+            [engine] = [pid for pid in _children(up.pid) if "hotswap.engine" in _cmdline(pid)]
+            workers = _children(engine)
             assert len(workers) == 1
             up.send_signal(signal.SIGTERM)
             assert up.wait(timeout=30) == 0
@@ -72,14 +56,32 @@ def test_up_with_processes_stops_every_process(tmp_path: Path) -> None:
                 up.wait()
 
 
+def _banner(up: subprocess.Popen[str]) -> list[str]:
+    """What `hotswap up` prints until it says it is ready."""
+    assert up.stdout is not None
+    lines = []
+    for line in up.stdout:
+        lines.append(line)
+        if "Ctrl-C" in line:
+            break
+    return lines
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and f"PPid:\t{pid}\n" in (p / "status").read_text(errors="replace")
+    ]
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+
+
 def _check_up(up: subprocess.Popen[str]) -> None:
     try:
-        assert up.stdout is not None
-        lines = []
-        for line in up.stdout:
-            lines.append(line)
-            if "Ctrl-C" in line:
-                break
+        lines = _banner(up)
         control_line = next(x for x in lines if x.startswith("control plane"))
         address = control_line.split()[2]
         engines = _api.control(address).ListEngines(c.ListEnginesRequest()).engines
@@ -87,12 +89,7 @@ def _check_up(up: subprocess.Popen[str]) -> None:
             ("engine-1", "Connected"),
             ("engine-2", "Connected"),
         ]
-        children = [
-            int(p.name)
-            for p in Path("/proc").iterdir()
-            if p.name.isdigit()
-            and f"PPid:\t{up.pid}\n" in (p / "status").read_text(errors="replace")
-        ]
+        children = _children(up.pid)
         assert len(children) == 3
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=30) == 0

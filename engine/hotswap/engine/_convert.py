@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hotswap.engine.host import ModelRef, PipelineState, VersionRef
-from hotswap.engine.runtime import LoadedPipeline
+from hotswap.engine.runtime import LoadedPipeline, PipelineSpec
 from hotswap.v1 import fleet_pb2, types_pb2
 
 
@@ -14,6 +14,25 @@ def version_ref(version: types_pb2.PipelineVersion) -> VersionRef:
         version_id=version.version_id,
         number=version.number,
         models=tuple(ModelRef(m.name, m.version, m.sha256) for m in version.steps),
+    )
+
+
+def pipeline_version(spec: PipelineSpec) -> types_pb2.PipelineVersion:
+    """The inverse of `version_ref`, for a version this engine serves."""
+    return types_pb2.PipelineVersion(
+        workspace=spec.workspace,
+        pipeline=spec.pipeline,
+        version_id=spec.version_id,
+        number=spec.number,
+        steps=[
+            types_pb2.ModelVersion(
+                workspace=spec.workspace,
+                name=s.model_name,
+                version=s.model_version,
+                sha256=s.sha256,
+            )
+            for s in spec.steps
+        ],
     )
 
 

@@ -346,27 +346,11 @@ class ControlLink:
 
     def serving_state(self) -> fleet_pb2.DesiredState:
         """What this process serves, as a desired state (for its worker processes)."""
-        pipelines = []
-        for state in self._host.states():
-            if state.active is None:
-                continue
-            spec = state.active.spec
-            steps = [
-                types_pb2.ModelVersion(
-                    workspace=spec.workspace, name=s.model_name, version=s.model_version,
-                    sha256=s.sha256,
-                )
-                for s in spec.steps
-            ]  # fmt: skip
-            pipelines.append(
-                types_pb2.PipelineVersion(
-                    workspace=spec.workspace,
-                    pipeline=spec.pipeline,
-                    version_id=spec.version_id,
-                    number=spec.number,
-                    steps=steps,
-                )
-            )
+        pipelines = [
+            _convert.pipeline_version(state.active.spec)
+            for state in self._host.states()
+            if state.active is not None
+        ]
         return fleet_pb2.DesiredState(revision=self._revision, pipelines=pipelines)
 
     def _observe_prepared(
