@@ -36,7 +36,7 @@ class ScriptedWorker:
             yield await self._outbox.get()
 
     async def connect(self) -> ScriptedWorker:
-        self._call = fleet_pb2_grpc.FleetStub(self._channel).Connect(self._messages())  # type: ignore[arg-type]
+        self._call = fleet_pb2_grpc.FleetStub(self._channel).Connect(self._messages())
 
         async def read() -> None:
             async for message in self._call:
