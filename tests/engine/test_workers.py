@@ -6,6 +6,7 @@ serves, and a newer stream of a worker's name survives the older one's end."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,12 @@ import pytest
 
 from hotswap.engine import workers
 from hotswap.engine.blob_cache import BlobCache
+from hotswap.engine.host import EngineHost
+from hotswap.engine.link import ControlLink
+from hotswap.engine.runtime import RuntimeOptions
 from hotswap.engine.workers import WorkerGone, WorkerRelay
 from hotswap.v1 import fleet_pb2, fleet_pb2_grpc
+from hotswap.v1 import types_pb2 as t
 
 
 class ScriptedWorker:
@@ -98,9 +103,10 @@ async def test_a_worker_that_never_answers_fails_the_prepare_in_time(
     )
     [answer] = await asking
     assert (answer.swap_id, answer.ok, answer.error) == ("s2", False, "no blob")
-    # Process 0's stream ended: the prepared swaps are aborted on the workers too.
+    # Process 0's stream ended: the swaps the workers were asked to prepare are aborted too.
     hub.abort_all()
-    assert (await _next(worker, "abort")).abort.swap_id == "s2"
+    aborted = {(await _next(worker, "abort")).abort.swap_id for _ in range(2)}
+    assert aborted == {"s1", "s2"}
     await worker.close()
 
 
@@ -129,3 +135,66 @@ async def test_a_reconnecting_worker_is_told_what_process_0_serves(
     [answer] = await asking
     assert answer.ok
     await second.close()
+
+
+async def test_process_0_answers_a_swap_only_with_every_worker(
+    relay: tuple[WorkerRelay, str], tmp_path: Path, assets: Path
+) -> None:
+    """Process 0's link with the relay: a worker's failed prepare fails the swap with its
+    cause; a worker's failed commit (past the commit point) still switches process 0, is
+    reported as failed, and the workers are told what process 0 now serves."""
+    hub, address = relay
+    model = (assets / "models" / "rf_model.onnx").read_bytes()
+
+    async def fetch(sha256: str, offset: int) -> AsyncIterator[bytes]:
+        yield model[offset:]
+
+    host = EngineHost(BlobCache(tmp_path / "cache", fetch), RuntimeOptions(), 0)
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")  # never dialled: messages fed directly
+    link = ControlLink(host, "127.0.0.1:1", "e1", "127.0.0.1:2", 1.0, channel=channel, relay=hub)
+    worker = await ScriptedWorker(address).connect()
+    await hub.wait_connected(10)
+
+    async def exchange(message: fleet_pb2.ControlMessage, answer: Any) -> list[Any]:
+        link._dispatch(message)
+        kind = message.WhichOneof("kind")
+        told = await _next(worker, kind)
+        worker.send(fleet_pb2.EngineMessage(**{answer[0]: answer[1](told)}))
+        await asyncio.gather(*list(link._tasks))
+        out = []
+        while not link._outbox.empty():
+            out.append(link._outbox.get_nowait())
+        return out
+
+    sha = hashlib.sha256(model).hexdigest()
+    version = t.PipelineVersion(
+        workspace="ws", pipeline="p", version_id="id-2", number=2,
+        steps=[t.ModelVersion(name="rf", version="mv", sha256=sha)],
+    )  # fmt: skip
+    failed_prepare = await exchange(
+        fleet_pb2.ControlMessage(prepare=fleet_pb2.Prepare(swap_id="s1", version=version)),
+        ("prepared", lambda m: fleet_pb2.PrepareResult(
+            swap_id="s1", error="disk full", cause=fleet_pb2.FAILURE_CAUSE_FETCH)),
+    )  # fmt: skip
+    [answer] = [m.prepared for m in failed_prepare]
+    assert not answer.ok and "disk full" in answer.error
+    assert answer.cause == fleet_pb2.FAILURE_CAUSE_FETCH
+    assert (await _next(worker, "abort")).abort.swap_id == "s1"
+
+    ready = await exchange(
+        fleet_pb2.ControlMessage(prepare=fleet_pb2.Prepare(swap_id="s2", version=version)),
+        ("prepared", lambda m: fleet_pb2.PrepareResult(swap_id="s2", ok=True)),
+    )
+    assert [m.prepared.ok for m in ready] == [True]
+    committed = await exchange(
+        fleet_pb2.ControlMessage(commit=fleet_pb2.Commit(swap_id="s2")),
+        ("committed", lambda m: fleet_pb2.CommitResult(
+            swap_id="s2", error="not prepared", cause=fleet_pb2.FAILURE_CAUSE_NOT_PREPARED)),
+    )  # fmt: skip
+    [result] = [m.committed for m in committed if m.WhichOneof("kind") == "committed"]
+    assert not result.ok and "a worker process: not prepared" in result.error
+    assert [s.active.spec.number for s in host.states() if s.active] == [2]
+    resync = await _next(worker, "desired")
+    assert [(p.pipeline, p.number) for p in resync.desired.pipelines] == [("p", 2)]
+    await worker.close()
+    host.close()

@@ -318,6 +318,7 @@ class ControlLink:
             )
         except WorkerGone as exc:
             self._host.abort(prepare.swap_id)
+            self._relay.abort(fleet_pb2.Abort(swap_id=prepare.swap_id, reason=str(exc)))
             raise PrepareError(f"a worker process could not prepare: {exc}") from None
         failed = next((a for a in answers if not a.ok), None)
         if failed is not None:
