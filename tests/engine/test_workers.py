@@ -157,8 +157,7 @@ async def test_process_0_answers_a_swap_only_with_every_worker(
 
     async def exchange(message: fleet_pb2.ControlMessage, answer: Any) -> list[Any]:
         link._dispatch(message)
-        kind = message.WhichOneof("kind")
-        told = await _next(worker, kind)
+        told = await _next(worker, str(message.WhichOneof("kind")))
         worker.send(fleet_pb2.EngineMessage(**{answer[0]: answer[1](told)}))
         await asyncio.gather(*list(link._tasks))
         out = []
