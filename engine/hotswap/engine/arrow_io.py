@@ -12,8 +12,9 @@ import functools
 import math
 import struct
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -54,9 +55,6 @@ _READ_OPTIONS = ipc.IpcReadOptions()
 _WRITE_OPTIONS = ipc.IpcWriteOptions()
 # An IPC stream ends with a continuation marker and a zero length.
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
-_SCHEMA_CACHE_SIZE = 64
-_SCHEMAS: dict[bytes, pa.Schema] = {}
-_SCHEMAS_LOCK = threading.Lock()
 _SCHEMA_KEY_MAX = 4096
 # Numeric dtypes whose numpy buffer is exactly an Arrow data buffer (bool is bit-packed in
 # Arrow, strings are objects: those go through pa.array).
@@ -65,6 +63,38 @@ _PLAIN_TYPES: dict[np.dtype[Any], pa.DataType] = {
     np.dtype(name): pa.from_numpy_dtype(np.dtype(name))
     for name in (*_PLAIN_NAMES, "uint16", "uint32", "uint64")
 }
+
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+_D = TypeVar("_D")
+
+
+class BoundedCache(Generic[_K, _V]):
+    """At most `size` entries, the oldest dropped first. Look-ups take no lock (a dict read
+    is atomic); additions take one, since executor threads add at once."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: dict[_K, _V] = {}
+        self._lock = threading.Lock()
+
+    @overload
+    def get(self, key: _K) -> _V | None: ...
+    @overload
+    def get(self, key: _K, default: _D) -> _V | _D: ...
+    def get(self, key: _K, default: object = None) -> object:
+        return self._entries.get(key, default)
+
+    def put(self, key: _K, value: _V) -> None:
+        with self._lock:
+            if len(self._entries) >= self._size and key not in self._entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = value
+
+
+# Parsed request schemas by their metadata bytes (see `_schema_of`).
+_SCHEMAS: BoundedCache[bytes, pa.Schema] = BoundedCache(64)
 
 
 def decode_ipc(data: bytes, max_rows: int = 2**62) -> pa.RecordBatch:
@@ -161,10 +191,7 @@ def _schema_of(message: ipc.Message) -> pa.Schema:
     if schema is None:
         schema = ipc.read_schema(message)
         if len(key) <= _SCHEMA_KEY_MAX:  # big ones (custom metadata) would pin memory
-            with _SCHEMAS_LOCK:  # executor threads decode at once
-                if len(_SCHEMAS) >= _SCHEMA_CACHE_SIZE:
-                    _SCHEMAS.pop(next(iter(_SCHEMAS)), None)
-                _SCHEMAS[key] = schema
+            _SCHEMAS.put(key, schema)
     return schema
 
 
@@ -180,14 +207,7 @@ def _batch_header(meta: bytes, dictionary: bool) -> tuple[int, bool, int]:
         raise struct.error("a batch message without a header")
     rows = read_scalar(meta, batch, 0, "<q")
     compressed = field_position(meta, batch, 3) != 0
-    longest = rows
-    nodes_at = field_position(meta, batch, 1)
-    if nodes_at:
-        vector = nodes_at + struct.unpack_from("<I", meta, nodes_at)[0]
-        (count,) = struct.unpack_from("<I", meta, vector)
-        for i in range(count):
-            (node_length,) = struct.unpack_from("<q", meta, vector + 4 + 16 * i)
-            longest = max(longest, node_length)
+    longest = max([rows, *(length for length, _ in read_pairs(meta, batch, 1))])
     if rows < 0 or longest < 0:
         raise struct.error("a negative length")
     return rows, compressed, longest
@@ -219,6 +239,17 @@ def read_scalar(meta: bytes, table: int, index: int, fmt: str) -> int:
     """Scalar field `index` (`fmt` as struct writes it); 0 (the default) if absent."""
     at = field_position(meta, table, index)
     return int(struct.unpack_from(fmt, meta, at)[0]) if at else 0
+
+
+def read_pairs(meta: bytes, table: int, index: int) -> list[tuple[int, int]]:
+    """Field `index`, a vector of structs of two int64 (FieldNode, Buffer); [] if absent."""
+    at = read_offset(meta, table, index)
+    if at == 0:
+        return []
+    (count,) = struct.unpack_from("<I", meta, at)
+    if at + 4 + 16 * count > len(meta):
+        raise struct.error("a vector longer than its message")
+    return list(struct.iter_unpack("<qq", meta[at + 4 : at + 4 + 16 * count]))
 
 
 def encode_ipc(rows: pa.RecordBatch | pa.Table, schema_message: bytes = b"") -> bytes:

@@ -17,7 +17,6 @@ request the same way and refuses what this path would.
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +24,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hotswap.engine.arrow_io import Array, field_position, read_offset, read_scalar, root_table
+from hotswap.engine.arrow_io import (
+    Array,
+    BoundedCache,
+    field_position,
+    read_offset,
+    read_pairs,
+    read_scalar,
+    root_table,
+)
 
 _CONTINUATION = b"\xff\xff\xff\xff"
 _RECORD_BATCH = 3  # Message.header_type of a RecordBatch (Arrow's Message.fbs MessageHeader)
-_LAYOUTS_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +70,9 @@ class RequestLayout:
         return cls(schema, tuple(columns)) if columns else None
 
 
-_LAYOUTS: dict[bytes, RequestLayout | None] = {}
-# Executor threads read requests at once; evictions take the lock (look-ups need none).
-_LAYOUTS_LOCK = threading.Lock()
+# Request schemas by their metadata bytes; None for a schema this path does not read.
+_LAYOUTS: BoundedCache[bytes, RequestLayout | None] = BoundedCache(64)
+_UNSEEN = object()
 # Schemas bigger than this (custom metadata, many columns) are not kept: 64 of them would pin
 # memory, and such a client is not the common case this path is for.
 _LAYOUT_KEY_MAX = 4096
@@ -86,8 +92,9 @@ def read_request(data: bytes, max_rows: int) -> tuple[RequestLayout, dict[str, A
     schema_end = 8 + meta_size
     key = data[8:schema_end]
     try:
-        layout = _LAYOUTS[key] if key in _LAYOUTS else _layout_of(data[:schema_end], key)
-        if layout is None:
+        seen = _LAYOUTS.get(key, _UNSEEN)
+        layout = _layout_of(data[:schema_end], key) if seen is _UNSEEN else seen
+        if not isinstance(layout, RequestLayout):
             return None
         return _read_batch(data, schema_end, layout, max_rows)
     except (struct.error, IndexError, ValueError):
@@ -104,10 +111,7 @@ def _layout_of(schema_message: bytes, key: bytes) -> RequestLayout | None:
     meta = schema_message[8:]
     header = read_offset(meta, root_table(meta), 2)
     layout = None if read_scalar(meta, header, 0, "<h") != 0 else RequestLayout.of(schema)
-    with _LAYOUTS_LOCK:
-        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
-            _LAYOUTS.pop(next(iter(_LAYOUTS)), None)
-        _LAYOUTS[key] = layout
+    _LAYOUTS.put(key, layout)
     return layout
 
 
@@ -138,8 +142,8 @@ def _read_batch(
     rows = read_scalar(meta, batch, 0, "<q")
     if not 0 < rows <= max_rows:
         return None
-    nodes = _structs(meta, batch, 1)
-    buffers = _structs(meta, batch, 2)
+    nodes = read_pairs(meta, batch, 1)
+    buffers = read_pairs(meta, batch, 2)
     columns: dict[str, Array] = {}
     node, buffer = 0, 0
     for column in layout.columns:
@@ -163,17 +167,6 @@ def _read_batch(
     return layout, columns
 
 
-def _structs(meta: bytes, table: int, index: int) -> list[tuple[int, int]]:
-    """A vector of 16-byte structs of two int64 (FieldNode, Buffer)."""
-    at = read_offset(meta, table, index)
-    if at == 0:
-        return []
-    (count,) = struct.unpack_from("<I", meta, at)
-    if at + 4 + 16 * count > len(meta):
-        raise struct.error("a vector longer than its message")
-    return list(struct.iter_unpack("<qq", meta[at + 4 : at + 4 + 16 * count]))
-
-
 class AnswerTemplate:
     """An answer's bytes with holes where one request's values go: the time column, each
     echoed input and each output (in the answer's column order)."""
@@ -194,7 +187,7 @@ class AnswerTemplate:
         meta = answer[at + 8 : at + 8 + meta_size]
         body_start = at + 8 + meta_size
         batch = read_offset(meta, root_table(meta), 2)
-        buffers = _structs(meta, batch, 2)
+        buffers = read_pairs(meta, batch, 2)
         positions = _leaf_buffers(result.schema)
         pieces, holes, cursor = [], [], 0
         for column in leaves:

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -29,6 +28,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from hotswap.engine.arrow_io import (
     Array,
+    BoundedCache,
     Dims,
     InputReader,
     array_of,
@@ -87,7 +87,6 @@ _ELEMENT_TYPES: dict[str, np.dtype[Any]] = {
 _TEMPLATES_KEPT = 64
 # Requests of more rows are answered without a template (a template holds ~16 bytes a row).
 _TEMPLATE_ROWS = 4096
-_TEMPLATES_LOCK = threading.Lock()
 
 # Timed 1-row inferences after the first (allocating) one, to learn a request's real cost.
 WARM_RUNS = 3
@@ -214,11 +213,12 @@ class LoadedPipeline:
         self._schema_cache: (
             tuple[pa.Schema, list[tuple[np.dtype[Any], int]], pa.Schema, bytes] | None
         ) = None
-        # Answer templates of `fast_ipc` requests (see `answer`).
-        self._templates: dict[
+        # Answer templates of `fast_ipc` requests (see `answer`), with where each hole's
+        # values come from.
+        self._templates: BoundedCache[
             tuple[int, int, frozenset[str], tuple[tuple[str, tuple[int, ...]], ...]],
-            tuple[RequestLayout, AnswerTemplate, list[str]],
-        ] = {}
+            tuple[RequestLayout, AnswerTemplate, list[Hole]],
+        ] = BoundedCache(_TEMPLATES_KEPT)
         # By excluded column groups: (result schema, kept column indices, schema message).
         self._answer_schemas: dict[frozenset[str], tuple[pa.Schema, list[int], bytes]] = {}
         models = [
@@ -344,11 +344,16 @@ class LoadedPipeline:
             kept = [n for n in result.schema.names if _part(n) not in exclude]
             holes = [i for i, name in enumerate(kept) if _part(name) in ("time", "in", "out")]
             template = AnswerTemplate.of(answer, result.select(kept), holes)
-            with _TEMPLATES_LOCK:  # executor threads answer at once
-                if len(self._templates) >= _TEMPLATES_KEPT:
-                    self._templates.pop(next(iter(self._templates)), None)
-                self._templates[key] = (layout, template, [kept[i] for i in holes])
+            self._templates.put(key, (layout, template, [self._hole(kept[i]) for i in holes]))
         return answer
+
+    def _hole(self, column: str) -> Hole:
+        """Where a result column's values come from: ("time", 0), ("in", input column) or
+        ("out", output index)."""
+        group, _, name = column.partition(".")
+        if group == "out":
+            return ("out", self._out_names.index(name))
+        return (group, name)
 
     def _run(self, feed: dict[str, Array], n: int) -> list[Array]:
         outputs = self._steps[0].run(feed)
@@ -506,20 +511,22 @@ class Inferred:
         merged = Inferred(first._loaded, 0, inputs, outputs, first._schema)
         return merged._build(times)
 
-    def hole_values(self, columns: Sequence[str]) -> list[memoryview]:
+    def hole_values(self, holes: Sequence[Hole]) -> list[memoryview]:
         """The bytes of the result columns a template leaves open (time, in.*, out.*)."""
-        outputs = dict(zip(self._loaded.output_names, self.outputs, strict=True))
         values = []
-        for column in columns:
-            if column == "time":
+        for group, key in holes:
+            if group == "time":
                 array: Array = np.full(self.num_rows, self._epoch_ms, dtype=np.int64)
-            elif column.startswith("in."):
-                array = self._inputs[column[3:]]
+            elif group == "in":
+                array = self._inputs[cast(str, key)]
             else:
-                array = outputs[column[4:]]
+                array = self.outputs[cast(int, key)]
             values.append(memoryview(np.ascontiguousarray(array).data).cast("B"))
         return values
 
+
+Hole: TypeAlias = tuple[str, str | int]
+"""Where a template hole's values come from (`LoadedPipeline._hole`)."""
 
 LogRows: TypeAlias = "pa.RecordBatch | Inferred"
 """What the inference log is given for a request: its result rows, or what builds them."""
