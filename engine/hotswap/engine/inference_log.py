@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from hotswap.engine.runtime import Inferred, LoadedPipeline, LogRows, rows_of
+from hotswap.engine.runtime import Inferred, LoadedPipeline, LogRows
 from hotswap.service.log_tables import concat_logs
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class InferenceLog:
         if isinstance(first, Inferred):
             batches = [Inferred.merged_batch([cast(Inferred, e.table) for e in run])]
         else:
-            batches = [rows_of(e.table) for e in run]
+            batches = [cast(pa.RecordBatch, e.table) for e in run]  # a run is of one kind
         table = pa.Table.from_batches(batches).replace_schema_metadata(None)
         table = table.combine_chunks()  # one record batch, not one per request
         rows = np.fromiter((e.table.num_rows for e in run), np.int64, len(run))

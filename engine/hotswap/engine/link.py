@@ -36,9 +36,7 @@ log = logging.getLogger(__name__)
 
 # A worker's failed prepare, as the error process 0 reports it with (the same cause).
 _ERRORS: dict[int, type[PrepareError]] = {
-    fleet_pb2.FAILURE_CAUSE_FETCH: BlobError,
-    fleet_pb2.FAILURE_CAUSE_WARMUP: WarmupFailed,
-    fleet_pb2.FAILURE_CAUSE_NOT_PREPARED: NotPrepared,
+    _convert.failure_cause(error.cause): error for error in (BlobError, WarmupFailed, NotPrepared)
 }
 
 BACKOFF_START = 0.1
@@ -388,14 +386,15 @@ class ControlLink:
         # The report goes first so the control plane knows what we serve by the time it sees
         # the commit answer (GetPipelineEndpoints after Deploy returns must include us).
         self._report()
-        done_commit = fleet_pb2.CommitResult(swap_id=commit.swap_id, ok=True, switch_us=switch_us)
-        if worker_failed is not None:
-            done_commit = fleet_pb2.CommitResult(
+        if worker_failed is None:
+            answer = fleet_pb2.CommitResult(swap_id=commit.swap_id, ok=True, switch_us=switch_us)
+        else:
+            answer = fleet_pb2.CommitResult(
                 swap_id=commit.swap_id,
                 error=f"a worker process: {worker_failed.error}",
                 cause=worker_failed.cause or fleet_pb2.FAILURE_CAUSE_UNEXPECTED,
             )
-        self._send(fleet_pb2.EngineMessage(committed=done_commit))
+        self._send(fleet_pb2.EngineMessage(committed=answer))
 
     async def close(self) -> None:
         for task in list(self._tasks):

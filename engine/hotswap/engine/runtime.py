@@ -532,10 +532,6 @@ LogRows: TypeAlias = "pa.RecordBatch | Inferred"
 """What the inference log is given for a request: its result rows, or what builds them."""
 
 
-def rows_of(rows: LogRows) -> pa.RecordBatch:
-    return rows if isinstance(rows, pa.RecordBatch) else rows.batch()
-
-
 ANSWER_PARTS = ("time", "in", "out", "check_failures")
 """The column groups of a result, which a request may leave out of its answer."""
 

@@ -149,6 +149,8 @@ class EngineServer:
         return self.address
 
     async def _stop_workers(self, grace: float) -> None:
+        if self.relay is None:
+            return
         # The watchers go first (a worker stopping now is no crash); their threads end as the
         # workers exit below.
         for index in range(1, len(self._workers) + 1):
