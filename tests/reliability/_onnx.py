@@ -24,14 +24,20 @@ def _model(nodes: list[Any], initializers: list[Any] | None = None, domain: str 
     return bytes(model.SerializeToString())
 
 
-def external_data(location: str) -> bytes:
-    """y = x * w, where w's bytes live in an external file at `location`."""
+def _external_weight(location: str) -> TensorProto:
+    """A one-float tensor `w` whose bytes live in an external file at `location`."""
     weight = numpy_helper.from_array(np.ones((1,), np.float32), "w")
     weight.data_location = TensorProto.EXTERNAL
     weight.ClearField("raw_data")
     for key, value in (("location", location), ("length", "4")):
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
+    return weight
+
+
+def external_data(location: str) -> bytes:
+    """y = x * w, where w's bytes live in an external file at `location`."""
+    weight = _external_weight(location)
     return _model([helper.make_node("Mul", ["x", "w"], ["y"])], [weight])
 
 
@@ -53,12 +59,7 @@ def external_in_function_default(location: str) -> bytes:
     and that default keeps its bytes in an external file at `location`."""
     from onnx import AttributeProto, FunctionProto
 
-    weight = numpy_helper.from_array(np.ones((1,), np.float32), "w")
-    weight.data_location = TensorProto.EXTERNAL
-    weight.ClearField("raw_data")
-    for key, value in (("location", location), ("length", "4")):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
+    weight = _external_weight(location)
     constant = helper.make_node("Constant", [], ["c"])
     ref = AttributeProto(name="value", ref_attr_name="w", type=AttributeProto.TENSOR)
     constant.attribute.append(ref)

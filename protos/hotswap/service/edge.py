@@ -57,10 +57,8 @@ def unary_errors(
             try:
                 return await method(self, request, context)
             except Exception as exc:
-                code = status_for(table, exc)
-                if code is None:
-                    raise
-                await context.abort(code, str(exc))
+                await _abort_for(table, exc, context)
+                raise  # not in the table: grpc answers UNKNOWN and logs it
 
         return wrapper
 
@@ -88,14 +86,22 @@ def stream_errors(
                 async for item in method(self, request, context):
                     yield item
             except Exception as exc:
-                code = status_for(table, exc)
-                if code is None:
-                    raise
-                await context.abort(code, str(exc))
+                await _abort_for(table, exc, context)
+                raise
 
         return wrapper
 
     return decorate
+
+
+async def _abort_for(
+    table: StatusTable, exc: Exception, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    """Ends the call with `exc`'s status and message when the table maps it (abort raises);
+    returns for an exception the table does not know, which the caller re-raises."""
+    code = status_for(table, exc)
+    if code is not None:
+        await context.abort(code, str(exc))
 
 
 def server_options(
