@@ -27,6 +27,11 @@ PIPELINE = "housing"
 HERE = Path(__file__).resolve().parent
 
 
+def tensor(table: Any) -> npt.NDArray[np.float32]:
+    """A `tensor` column's rows as the float32 matrix the bare servers and ORT take."""
+    return np.frombuffer(_input.raw_tensor(table), np.float32).reshape(table.num_rows, -1)
+
+
 def floor(
     model: Path, x: npt.NDArray[np.float32], threads: int, seconds: float
 ) -> dict[str, float]:

@@ -16,14 +16,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import psutil
 
+import hotswap
+from bench import _cells
 from bench._cells import HERE, PIPELINE, WS
 from hotswap.oip import grpc_service_pb2 as oip
 
@@ -168,8 +171,6 @@ def kserve_server(model: Path, threads: int, tmp: Path, log: Any) -> Iterator[tu
 
 def sdk_cell(control: str, table: Any, seconds: float, exclude: tuple[str, ...]) -> dict[str, Any]:
     """Closed-loop `pipeline.infer` on `table` (one client thread), as a user calls it."""
-    import hotswap
-
     with hotswap.Client(control) as client:
         client.set_current_workspace(client.get_workspace(WS))
         pipeline = client.pipelines_by_name(PIPELINE)[0]
@@ -201,15 +202,9 @@ def phase(
     log: Any,
 ) -> dict[str, Any]:
     """Every OIP server up at once, each cell measured on them back to back; then the SDK."""
-    from contextlib import ExitStack
-
-    import onnxruntime as ort
-
-    from bench import _cells
-
     rf = models["rf"]
     input_name = ort.InferenceSession(str(rf), providers=["CPUExecutionProvider"]).get_inputs()[0]
-    tensors = {n: _tensor(tables[n]) for n in (1, 1000)}
+    tensors = {n: _cells.tensor(tables[n]) for n in (1, 1000)}
     out: dict[str, Any] = {"oip": [], "sdk": []}
     with ExitStack() as stack:
         servers: list[tuple[str, str, int]] = []
@@ -229,13 +224,6 @@ def phase(
         for exclude in ((), ("in",)):
             out["sdk"].append(sdk_cell(service.control_address, tables[1000], seconds, exclude))
     return out
-
-
-def _tensor(table: Any) -> np.ndarray:
-    from hotswap.clients.loadtest import _input
-
-    raw = _input.raw_tensor(table)
-    return np.frombuffer(raw, np.float32).reshape(table.num_rows, -1)
 
 
 def _pid_of(address: str) -> int:

@@ -23,7 +23,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `bench.*` when run as a script
 
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from bench import _auth, _cells, _models, _peers, _summary  # noqa: E402
@@ -60,10 +59,6 @@ def rows_table(rows: int) -> pa.Table:
     return _input.batch(base, rows)
 
 
-def tensor(table: pa.Table) -> Any:
-    return np.frombuffer(_input.raw_tensor(table), np.float32).reshape(table.num_rows, -1)
-
-
 def serving_phases(
     results: dict[str, Any], models: dict[str, Path], tmp: Path, seconds: float
 ) -> None:
@@ -71,7 +66,11 @@ def serving_phases(
     tables = {n: rows_table(n) for n in (1, 10, 100, 1000, 10000)}
     rf = models["rf"]
     results["floor"] = [
-        {"threads": t, "rows": n, **_cells.floor(rf, tensor(tables[n]), t, min(seconds, 1.0))}
+        {
+            "threads": t,
+            "rows": n,
+            **_cells.floor(rf, _cells.tensor(tables[n]), t, min(seconds, 1.0)),
+        }
         for t in (1, 0)
         for n in (1, 1000)
     ]
