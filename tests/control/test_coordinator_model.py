@@ -1,13 +1,15 @@
 """The swap coordinator against plain Python engines that implement its `EnginePort` (no grpc,
 no processes), driven by a Hypothesis state machine through random interleavings of deploys,
-prepare failures and timeouts, lost commit answers, disconnects, reconnects and control-plane
-restarts, over a real SQLite store.
+prepare failures and timeouts, lost commit answers, disconnects, reconnects, drains and
+control-plane restarts, over a real SQLite store.
 
 Invariants checked after every step:
 - one deploy commits at most one version: the store holds the target or what it held before;
 - a failed swap changes nothing that serves, on any engine, nor in the store;
 - read-your-writes: after a deploy returns, every engine it does not name as unconfirmed
   serves the new version;
+- a drain answers the engine with exactly what it still holds, and a drained engine that
+  holds nothing serves nothing; no deploy places replicas on a draining engine;
 - the desired state converges once engines are reachable (`settle`).
 """
 
@@ -50,6 +52,8 @@ class PlainEngine:
     serving: dict[str, int] = field(default_factory=dict)  # pipeline key -> version number
     prepared: dict[str, PipelineVersion] = field(default_factory=dict)
     applied: int = 0
+    draining: bool = False
+    kept: list[str] | None = None  # the DrainDone answer, once given
 
 
 class PlainEngines:
@@ -67,7 +71,11 @@ class PlainEngines:
         return engine
 
     def live(self) -> list[EngineRef]:
-        return [EngineRef(n, f"{n}:1") for n, e in sorted(self.engines.items()) if e.connected]
+        return [
+            EngineRef(n, f"{n}:1", draining=e.draining)
+            for n, e in sorted(self.engines.items())
+            if e.connected
+        ]
 
     def known(self, name: str) -> bool:
         return name in self.engines
@@ -111,6 +119,10 @@ class PlainEngines:
     async def wait_applied(self, engine: str, revision: int, timeout: float) -> bool:
         found = self.engines[engine]
         return found.connected and found.applied >= revision
+
+    def drained(self, engine: str, kept: Sequence[str]) -> None:
+        if self.engines[engine].connected:
+            self.engines[engine].kept = list(kept)
 
 
 class CoordinatorMachine(RuleBasedStateMachine):
@@ -178,6 +190,25 @@ class CoordinatorMachine(RuleBasedStateMachine):
         for timing in result.engines:
             if timing.engine not in result.unconfirmed:
                 assert self.port.engines[timing.engine].serving.get(KEY) == target
+            assert not self.port.engines[timing.engine].draining
+
+    @rule(engine=st.sampled_from(ENGINES))
+    def drain(self, engine: str) -> None:
+        """What the Fleet servicer does on a Drain message, then waits for the answer."""
+        found = self.port.engines[engine]
+        found.draining, found.kept = True, None
+
+        async def draining() -> None:
+            self.coordinator.engine_draining(engine)
+
+        self._run(draining())
+        self._drain()
+        deployment = self.store.get_pipeline("ws", "p").deployment
+        holds = deployment is not None and engine in deployment.engines
+        if found.connected:
+            assert found.kept == ([KEY] if holds else [])
+        if found.connected and not holds:
+            assert KEY not in found.serving  # released: its desired state no longer has it
 
     @rule(engine=st.sampled_from(ENGINES))
     def disconnect(self, engine: str) -> None:
@@ -214,7 +245,8 @@ class CoordinatorMachine(RuleBasedStateMachine):
     def settle(self) -> None:
         """Engines reachable and well: the desired state converges."""
         for name, engine in self.port.engines.items():
-            engine.mode, engine.connected = "ok", True
+            # A restarted engine (a new process) drains no more.
+            engine.mode, engine.connected, engine.draining = "ok", True, False
             self._connected(name)
         self._drain()
         deployment = self.store.get_pipeline("ws", "p").deployment

@@ -15,6 +15,7 @@ class Service:
         self.supervisor = Supervisor()
         self.body = body
         self.stopped = False
+        self.drained = False
 
     async def start(self) -> str:
         async def crash() -> None:
@@ -27,6 +28,9 @@ class Service:
         self.supervisor.spawn("reaper", crash() if self.body == "crash" else forever())
         return "here"
 
+    async def drain(self) -> None:
+        self.drained = True
+
     async def stop(self, grace: float = 0) -> None:
         self.stopped = True
         await self.supervisor.cancel()
@@ -37,6 +41,7 @@ async def test_a_crashed_task_stops_the_service_with_its_name() -> None:
     with pytest.raises(StartupError, match="background task reaper crashed: the reaper broke"):
         await asyncio.wait_for(serve_until_signalled(lambda: service, "test"), 10)
     assert service.stopped
+    assert not service.drained  # a crash is no orderly shutdown: nothing is handed over
 
 
 async def test_cancelled_tasks_are_not_crashes() -> None:

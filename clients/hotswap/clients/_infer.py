@@ -13,6 +13,7 @@ import pyarrow as pa
 from hotswap.clients._channels import Channels
 from hotswap.clients._convert import from_ipc, to_ipc
 from hotswap.clients._errors import (
+    CancelledError,
     DeploymentError,
     EntityNotFoundError,
     HotswapTimeoutError,
@@ -24,6 +25,8 @@ from hotswap.v1 import control_pb2, engine_pb2
 DEFAULT_TIMEOUT = 15.0
 DEFAULT_BATCH_ROWS = 10_000
 ENDPOINTS_TTL = 30.0
+# Engines one call tries: the first, then others after UNAVAILABLE or NOT_FOUND.
+MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +64,10 @@ class Router:
     """Finds the engines serving one pipeline and spreads requests over them round-robin.
 
     The address list is cached; it is refreshed after this client deploys or undeploys, every
-    ``ENDPOINTS_TTL`` seconds (so replicas added by someone else join in), and when an engine
-    answers UNAVAILABLE or NOT_FOUND (it went away, or stopped serving the pipeline), in which
-    case the request is retried once.
+    ``ENDPOINTS_TTL`` seconds (so replicas added by someone else join in), after a timeout,
+    and when an engine answers UNAVAILABLE, NOT_FOUND or CANCELLED (it went away, was cut off,
+    stopped serving the pipeline, or stopped mid-call), in which case the request is retried
+    on another engine, up to ``MAX_ATTEMPTS`` engines within the call's one timeout.
     """
 
     def __init__(self, channels: Channels, workspace: str, pipeline: str) -> None:
@@ -129,18 +133,31 @@ class Router:
             arrow=to_ipc(table),
             dataset_exclude=exclude,
         )
+        deadline = time.monotonic() + timeout
         addresses = self.addresses()
         if not addresses:
             addresses = self.addresses(refresh=True)
         address = self._pick(addresses)
-        try:
-            resp = self._send(address, request, timeout)
-        except (UnavailableError, EntityNotFoundError):
-            # The engine went away or moved on; ask the control plane again and retry once.
-            addresses = self.addresses(refresh=True)
-            others = [a for a in addresses if a != address] or addresses
-            address = self._pick(others)
-            resp = self._send(address, request, timeout)
+        failed: set[str] = set()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            left = deadline - time.monotonic()
+            try:
+                resp = self._send(address, request, left, timeout)
+                break
+            except InferenceTimeoutError:
+                self.invalidate()  # the engine may be gone: the next call asks again
+                raise
+            except (UnavailableError, EntityNotFoundError, CancelledError):
+                # The engine went away, is cut off (keepalive said so), moved on, or stopped
+                # while the call was in flight (the SDK never cancels its own calls): ask the
+                # control plane again and retry on another engine while time is left.
+                # Inference is a pure function of its input, so a retry is safe; the
+                # inference log may then hold the request twice.
+                failed.add(address)
+                if attempt == MAX_ATTEMPTS or deadline - time.monotonic() <= 0:
+                    raise
+                addresses = self.addresses(refresh=True)
+                address = self._pick([a for a in addresses if a not in failed] or addresses)
         self.last_served = Served.from_proto(resp, address)
         return from_ipc(resp.arrow)
 
@@ -151,10 +168,11 @@ class Router:
         return addresses[next(self._counter) % len(addresses)]
 
     def _send(
-        self, address: str, request: engine_pb2.InferRequest, timeout: float
+        self, address: str, request: engine_pb2.InferRequest, left: float, timeout: float
     ) -> engine_pb2.InferResponse:
+        """One attempt with `left` seconds of the call's `timeout`."""
         try:
-            return self._channels.infer_stub(address)(request, timeout=timeout)
+            return self._channels.infer_stub(address)(request, timeout=max(left, 0.001))
         except HotswapTimeoutError:
             raise InferenceTimeoutError(
                 f"inference on pipeline {self._pipeline!r} did not finish within {timeout:g} s "
@@ -162,7 +180,7 @@ class Router:
                 f"{max(2 * timeout, 30):g}); send fewer rows per call; or serve on more engines "
                 "with deploy(deployment_config=DeploymentConfigBuilder().replica_count(2).build())."
             ) from None
-        except (UnavailableError, EntityNotFoundError) as err:
+        except (UnavailableError, EntityNotFoundError, CancelledError) as err:
             # Name the engine, once (a connect failure already names it).
             message = err.message if address in err.message else f"engine {address}: {err.message}"
             raise type(err)(message) from None

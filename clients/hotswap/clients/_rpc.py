@@ -30,9 +30,18 @@ _Resp = TypeVar("_Resp", bound=Message)
 
 # Arrow payloads can be large; batches are split well below this.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Keepalive pings while calls are open: a peer whose host died or whose link was cut (no
+# RST ever comes) fails the call UNAVAILABLE within about KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS,
+# so the SDK refreshes its endpoints and retries elsewhere instead of waiting out the
+# deadline, and the dead connection is replaced (the services accept pings every second).
+KEEPALIVE_MS = 2000
+KEEPALIVE_TIMEOUT_MS = 2000
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 

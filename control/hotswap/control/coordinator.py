@@ -20,13 +20,16 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from hotswap.control import placement
 from hotswap.control.domain import Deployment, PipelineVersion, pipeline_key
 from hotswap.control.engine_port import (
     EngineGone,
     EnginePort,
+    EngineRef,
     EngineRefusedSwap,
     PrepareDone,
 )
@@ -110,20 +113,38 @@ class SwapCoordinator:
             self.resync(name)
         return self.revision
 
+    def _placeable(self) -> list[EngineRef]:
+        """Engines that may take replicas: live and not draining."""
+        return [e for e in self._engines.live() if not e.draining]
+
     def _lacking_replicas(self) -> list[Deployment]:
         starting = time.monotonic() - self._started < 2 * self._engines.lost_after
         deployments = self._store.deployments()
         known = {e for d in deployments for e in d.engines if self._engines.known(e)}
-        live = {e.name for e in self._engines.live()}
-        return placement.lacking_replicas(deployments, live, starting, known)
+        placeable = {e.name for e in self._placeable()}
+        return placement.lacking_replicas(deployments, placeable, starting, known)
 
     def refill_lost(self) -> None:
-        """Moves replicas of lost engines to live spares (called once per heartbeat). A
-        pipeline is tried again at most every `REFILL_BACKOFF` seconds."""
-        live = {e.name for e in self._engines.live()}
+        """Moves replicas of lost or draining engines to live spares (called once per
+        heartbeat). A pipeline is tried again at most every `REFILL_BACKOFF` seconds."""
+        placeable = {e.name for e in self._placeable()}
         for deployment in self._lacking_replicas():
-            if live - set(deployment.engines):
+            if placeable - set(deployment.engines):
                 self._start_refill(deployment)
+
+    def engine_draining(self, engine: str) -> None:
+        """`engine` is shutting down: every deployment on it moves now, one at a time (a
+        two-phase redeploy onto other engines, the drainer serving until the commit), not
+        after a backoff; then the engine hears what it keeps (what no other engine could
+        take: it serves that until it exits)."""
+        self._spawn(self._drain(engine))
+
+    async def _drain(self, engine: str) -> None:
+        for deployment in self._store.deployments():
+            if engine in deployment.engines:
+                await self._refill(deployment, f"control plane (draining engine {engine})")
+        kept = [d.version.key for d in self._store.deployments() if engine in d.engines]
+        self._engines.drained(engine, kept)
 
     def _start_refill(self, deployment: Deployment) -> None:
         key = deployment.version.key
@@ -133,13 +154,22 @@ class SwapCoordinator:
             return
         self._refilling.add(key)
         self._refilled_at[key] = now
-        task = asyncio.ensure_future(self._refill(deployment))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task = self._spawn(self._refill(deployment))
         task.add_done_callback(lambda _: self._refilling.discard(key))
 
-    async def _refill(self, deployment: Deployment) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _refill(
+        self, deployment: Deployment, why: str = "control plane (replacing lost engines)"
+    ) -> None:
         version = deployment.version
+        current = self._store.get_pipeline(version.workspace, version.pipeline).deployment
+        if current is None or current.version.number != version.number:
+            return  # undeployed or redeployed meanwhile: that deploy placed it
         try:
             await self.deploy(
                 version.workspace,
@@ -147,7 +177,7 @@ class SwapCoordinator:
                 version.number,
                 deployment.replicas,
                 version.number,
-                requested_by="control plane (replacing lost engines)",
+                requested_by=why,
             )
         except (DeployConflict, DeployFailed, NoEngines) as exc:
             # Another deploy moved on, or the engine could not prepare: the timeline says which.
@@ -161,14 +191,16 @@ class SwapCoordinator:
     # -- deploy -----------------------------------------------------------------------------
 
     def _choose_engines(self, current: Deployment | None, replicas: int) -> list[str]:
-        live = [e.name for e in self._engines.live()]
-        if not live:
+        candidates = self._placeable()
+        if not candidates:
+            draining = [e.name for e in self._engines.live() if e.draining]
             raise NoEngines(
-                "no engine is connected to the control plane: start one with "
-                "'hotswap engine --control HOST:PORT' (or use 'hotswap up')"
-            )
+                (f"every connected engine is shutting down ({', '.join(draining)}): " if draining
+                 else "no engine is connected to the control plane: ")
+                + "start one with 'hotswap engine --control HOST:PORT' (or use 'hotswap up')"
+            )  # fmt: skip
         assigned = set(current.engines) if current else set()
-        return placement.choose_engines(live, assigned, self._store.deployments(), replicas)
+        return placement.choose_engines(candidates, assigned, self._store.deployments(), replicas)
 
     async def deploy(
         self,

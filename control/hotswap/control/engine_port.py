@@ -10,8 +10,8 @@ with plain Python engines. Everything crossing it is a frozen dataclass or a dom
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from hotswap.control.domain import PipelineVersion
@@ -29,6 +29,10 @@ class EngineRefusedSwap(Exception):
 class EngineRef:
     name: str
     address: str
+    # Placement labels (`host`, `zone`, ...) as the engine announced them.
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # Shutting down: it serves what it has until its replicas moved, and gets no new ones.
+    draining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +56,7 @@ class EnginePort(Protocol):
     lost_after: float
 
     def live(self) -> list[EngineRef]:
-        """Connected engines whose heartbeats are current, by name."""
+        """Connected engines whose heartbeats are current (draining ones too), by name."""
         ...
 
     def known(self, name: str) -> bool:
@@ -77,6 +81,10 @@ class EnginePort(Protocol):
 
     def push_desired(self, engine: str, versions: Sequence[PipelineVersion], revision: int) -> None:
         """Sends `engine` everything it must serve now, numbered `revision` (no-op if gone)."""
+        ...
+
+    def drained(self, engine: str, kept: Sequence[str]) -> None:
+        """Tells a draining `engine` that its replicas moved, but for the pipelines `kept`."""
         ...
 
     async def wait_applied(self, engine: str, revision: int, timeout: float) -> bool:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hotswap.control import _convert
@@ -43,6 +43,8 @@ OUTBOX_LIMIT = 1024
 # Engines remembered at once (live ones and recently gone ones): each is a few KB.
 MAX_SESSIONS = 4096
 _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,255}")
+# Placement labels an engine may announce (Hello.labels); keys and values are names.
+MAX_LABELS = 16
 
 # What the access rules are made from: whether tokens are required, and the user tokens.
 AccessSource = Callable[[], tuple[bool, Sequence[Grant]]]
@@ -79,6 +81,16 @@ _STATES = {
 }
 
 
+def _checked_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """An engine's placement labels, if they are names; else InvalidArgument."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"an engine may carry at most {MAX_LABELS} labels, not {len(labels)}")
+    for key, value in labels.items():
+        check_name("engine label", key)
+        check_name(f"engine label {key!r} value", value)
+    return dict(labels)
+
+
 def _serving(message: fleet_pb2.ServingPipeline) -> Serving:
     return Serving(
         message.workspace,
@@ -101,6 +113,9 @@ class EngineConnection:
     instance_id: str = ""
     # The engine credential's name that opened the stream ("" on an open control plane).
     principal: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    # The engine said it is shutting down (Drain): no new replicas, its replicas move.
+    draining: bool = False
     outbox: asyncio.Queue[fleet_pb2.ControlMessage | None] = field(
         default_factory=lambda: asyncio.Queue(OUTBOX_LIMIT + 1)
     )
@@ -176,6 +191,7 @@ class Fleet:
             raise InvalidArgument(
                 f"engine address {hello.address[:60]!r} is not host:port: pass --advertise"
             )
+        labels = _checked_labels(hello.labels)
         old = self.connections.get(hello.name)
         if old is None:
             self._make_room()
@@ -196,7 +212,9 @@ class Fleet:
             if old.connected:
                 log.warning("engine %s reconnected; closing its previous stream", hello.name)
                 self._close(old, "replaced by a new connection from the same engine")
-        connection = EngineConnection(hello.name, hello.address, hello.instance_id, principal)
+        connection = EngineConnection(
+            hello.name, hello.address, hello.instance_id, principal, labels
+        )
         for serving in hello.serving:
             connection.serving[f"{serving.workspace}/{serving.pipeline}"] = _serving(serving)
         self.connections[hello.name] = connection
@@ -285,6 +303,11 @@ class Fleet:
             self._resolve(connection, ("commit", message.committed.swap_id), message)
         elif kind == "logs":
             self._resolve(connection, ("logs", message.logs.query_id), message)
+        elif kind == "drain":
+            if not connection.draining:
+                log.warning("engine %s is draining: %s", connection.name, message.drain.reason)
+            connection.draining = True
+            self._notify()
         elif kind == "state":
             state = message.state
             connection.serving = {f"{s.workspace}/{s.pipeline}": _serving(s) for s in state.serving}
@@ -334,7 +357,7 @@ class Fleet:
     def live(self) -> list[EngineRef]:
         """Connected engines whose heartbeats are current, by name."""
         return [
-            EngineRef(s.name, s.address)
+            EngineRef(s.name, s.address, s.labels, s.draining)
             for s in sorted(self.connections.values(), key=lambda s: s.name)
             if not s.lost(self.lost_after)
         ]
@@ -383,6 +406,12 @@ class Fleet:
                 revision=revision, pipelines=[_convert.pipeline_version(v) for v in versions]
             )
             self._send(connection, fleet_pb2.ControlMessage(desired=desired))
+
+    def drained(self, engine: str, kept: Sequence[str]) -> None:
+        connection = self.connections.get(engine)
+        if connection is not None:
+            done = fleet_pb2.DrainDone(kept=kept)
+            self._send(connection, fleet_pb2.ControlMessage(drained=done))
 
     async def wait_applied(self, engine: str, revision: int, timeout: float) -> bool:
         connection = self.connections.get(engine)

@@ -149,6 +149,9 @@ class ControlPlaneServer:
     async def wait(self) -> None:
         await self._server.wait_for_termination()
 
+    async def drain(self) -> None:
+        """Nothing to hand over: engines keep serving while the control plane is away."""
+
     async def stop(self, grace: float = 2.0) -> None:
         if self._health is not None:
             await self._health.shutdown()  # probes see NOT_SERVING while requests drain

@@ -68,6 +68,8 @@ def _engine_info(connection: EngineConnection, lost: bool) -> control_pb2.Engine
             control_pb2.CONNECTION_STATE_LOST if lost else control_pb2.CONNECTION_STATE_CONNECTED
         ),
         last_seen_ms=connection.last_seen_ms,
+        draining=connection.draining,
+        labels=connection.labels,
         serving=[
             f"{p.workspace}/{p.pipeline}@{p.number}"
             for p in connection.serving.values()
@@ -375,6 +377,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             try:
                 async for message in request_iterator:
                     self._fleet.handle(connection, message)
+                    if message.WhichOneof("kind") == "drain":
+                        self._coordinator.engine_draining(connection.name)
             finally:
                 self._fleet.disconnect(connection)
 

@@ -5,7 +5,7 @@ knows what it is meant to serve, and every pipeline assigned to it has a version
 pipeline that is loading or failed to load keeps the engine NOT_SERVING, so a load balancer
 or a Kubernetes readiness probe only sends traffic to an engine that can answer it all. An
 engine assigned nothing is ready (like Triton with an empty repository): it would otherwise
-never become ready, and rollouts would stall.
+never become ready, and rollouts would stall. A draining engine (shutting down) is not ready.
 
 Each pipeline also gets its own status, under ``hotswap.pipeline/<workspace>/<pipeline>``:
 SERVING while a version of it is active here, NOT_SERVING while assigned but not loaded (or
@@ -32,7 +32,7 @@ def pipeline_service(key: str) -> str:
 def readiness(host: EngineHost) -> tuple[bool, dict[str, bool]]:
     """Whether the engine is ready, and whether each assigned pipeline is, by key."""
     pipelines = {state.key: state.active is not None for state in host.states()}
-    return host.synced and all(pipelines.values()), pipelines
+    return host.synced and not host.draining and all(pipelines.values()), pipelines
 
 
 class EngineHealth:

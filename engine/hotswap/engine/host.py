@@ -137,6 +137,8 @@ class EngineHost:
         # Whether a desired state from the control plane has been applied: until then the
         # engine cannot know what it is meant to serve (health checks answer NOT_SERVING).
         self.synced = False
+        # Shutting down: health answers NOT_SERVING so balancers and probes send no more.
+        self.draining = False
         # Counts changes to what is active or assigned; health checks wait on it.
         self.changes = Changes()
 

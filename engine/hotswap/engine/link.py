@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import grpc
@@ -92,7 +92,14 @@ class ControlLink:
         logs: LogsAnswer | None = None,
         instance_id: str = "",
         relay: WorkerRelay | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
+        self._labels = dict(labels or {})
+        # Why this engine is shutting down, once it is (sent again on every new stream), and
+        # the control plane's answer: set once it moved what it could; `kept` is the rest.
+        self.draining = ""
+        self.drained = asyncio.Event()
+        self.kept: frozenset[str] = frozenset()
         # This engine's worker processes, which every message reaches too (engine/workers.py).
         self._relay = relay
         self._revision = 0  # the last desired state revision applied
@@ -134,6 +141,7 @@ class ControlLink:
                 address=self.address,
                 serving=[_convert.serving_pipeline(s) for s in self._host.states()],
                 instance_id=self.instance_id,
+                labels=self._labels,
             )
         )
         while True:
@@ -164,6 +172,8 @@ class ControlLink:
         # A fresh outbox per stream: stale answers for a previous session mean nothing now,
         # and swaps prepared for a previous stream will never be committed.
         self._outbox = asyncio.Queue()
+        if self.draining:
+            self._send(fleet_pb2.EngineMessage(drain=fleet_pb2.Drain(reason=self.draining)))
         self._host.abort_all()
         if self._relay is not None:
             self._relay.abort_all()
@@ -178,6 +188,13 @@ class ControlLink:
         finally:
             beat.cancel()
             call.cancel()
+
+    def drain(self, reason: str) -> None:
+        """Tells the control plane this engine is shutting down, now and on every reconnect:
+        it moves this engine's pipelines elsewhere and then releases them here."""
+        if not self.draining:
+            self.draining = reason
+            self._send(fleet_pb2.EngineMessage(drain=fleet_pb2.Drain(reason=reason)))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -203,6 +220,9 @@ class ControlLink:
                     for g in message.access.grants
                 ),
             )
+        elif kind == "drained":
+            self.kept = frozenset(message.drained.kept)
+            self.drained.set()
         elif kind == "logs":
             self._spawn(self._answer_logs(message.logs))
         elif kind == "desired":

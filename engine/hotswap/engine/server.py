@@ -43,6 +43,9 @@ from hotswap.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# Seconds between two looks at a drain's progress.
+DRAIN_POLL = 0.02
+
 # The services health checks and reflection name (besides Health and reflection themselves).
 SERVICES = (
     engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,
@@ -245,6 +248,7 @@ class EngineServer:
             logs=engine.logs,
             instance_id=instance_id,
             relay=self.relay,
+            labels=dict(self.settings.labels),
         )
         self._identity.name = self.name
         self._identity.address = self.address
@@ -255,6 +259,41 @@ class EngineServer:
             self._server,
         )
         return self.host, self.link
+
+    async def drain(self) -> None:
+        """On SIGTERM, before stopping: says so to the control plane, which moves this
+        engine's pipelines to other engines (two-phase, this one serving until each commit),
+        then answers with what no other engine could take. Returns once this engine serves
+        only that, when the control plane goes away, or after `drain_timeout`. Health answers
+        NOT_SERVING meanwhile; in-flight requests finish in `stop`. Worker processes have
+        nothing to say: process 0 drains for them."""
+        host, link = self.host, self.link
+        if host is None or link is None or self.settings.reuse_port or not host.states():
+            return
+        host.draining = True
+        host.changes.notify()
+        link.drain("shutting down (SIGTERM)")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+
+        def moving() -> bool:
+            released = link.drained.is_set() and {s.key for s in host.states()} <= link.kept
+            return not released and link.connected.is_set() and loop.time() < deadline
+
+        # Polled: the answer, the releases and a lost stream are three different events.
+        while moving():
+            await asyncio.sleep(DRAIN_POLL)
+        left = sorted(state.key for state in host.states())
+        if not link.drained.is_set():
+            log.warning(
+                "stopping without the control plane's drain answer (%s); still serving %s",
+                "timed out" if link.connected.is_set() else "it is away",
+                ", ".join(left),
+            )
+        elif left:
+            log.warning("drained; no other engine could take %s", ", ".join(left))
+        else:
+            log.info("drained: every pipeline moved to other engines")
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._health is not None:

@@ -61,6 +61,11 @@ class Settings:
     # check tokens though this process holds no credential (process 0 does).
     reuse_port: bool = False
     require_access: bool = False
+    # Placement labels sent to the control plane (`host`, `zone`: replicas spread over them).
+    labels: tuple[tuple[str, str], ...] = ()
+    # On SIGTERM, seconds to wait for the control plane to move this engine's pipelines
+    # elsewhere before the server stops (in-flight requests then get the stop's grace).
+    drain_timeout: float = 20.0
 
     @property
     def secured(self) -> bool:
@@ -187,6 +192,20 @@ class Settings:
             "sessions: use the host's core count to use every core (%(default)s)",
         )
         parser.add_argument(
+            "--labels",
+            type=parse_labels,
+            default=parse_labels(env("HOTSWAP_ENGINE_LABELS", "")),
+            help="where this engine runs, as key=value pairs (e.g. zone=a,host=n1): a "
+            "deployment's replicas go to engines on distinct hosts, then zones",
+        )
+        parser.add_argument(
+            "--drain-timeout",
+            type=float,
+            default=float(env("HOTSWAP_DRAIN_TIMEOUT", str(d.drain_timeout))),
+            help="on SIGTERM, seconds to wait for the control plane to move this engine's "
+            "pipelines to other engines before stopping (%(default)s)",
+        )
+        parser.add_argument(
             "--log-format",
             choices=("text", "json"),
             default=env("HOTSWAP_LOG_FORMAT", d.log_format),
@@ -249,10 +268,23 @@ class Settings:
             max_queued=args.max_queued,
             log_format=args.log_format,
             processes=args.processes,
+            labels=args.labels,
+            drain_timeout=args.drain_timeout,
         )
 
     def engine_name(self, port: int) -> str:
         return self.name or f"{socket.gethostname()}-{port}"
+
+
+def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
+    """``zone=a,host=n1`` as pairs; argparse shows the ValueError's message."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise argparse.ArgumentTypeError(f"label {item!r} is not key=value")
+        pairs.append((key, value))
+    return tuple(pairs)
 
 
 _DEFAULTS = Settings()

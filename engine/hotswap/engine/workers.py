@@ -318,6 +318,7 @@ def settings_from_env(value: str) -> Settings:
     values: dict[str, Any] = {
         k: (Path(v) if k in paths and v is not None else v) for k, v in raw.items() if k in fields
     }
+    values["labels"] = tuple(tuple(pair) for pair in values.get("labels", ()))
     return Settings(**values)
 
 

@@ -115,7 +115,9 @@ def server_options(
         ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
         # Let clients keep idle connections open with keepalive pings.
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # Clients ping every 2 s while a call is open (clients/_rpc.py KEEPALIVE_MS); a
+        # slower server limit would answer a long call's pings with GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
         # gRPC turns SO_REUSEPORT on by default: a second server on a taken port would then
         # bind it too and the kernel would split connections between the two.
         ("grpc.so_reuseport", int(reuse_port)),
@@ -238,6 +240,10 @@ class Service(Protocol):
 
     async def start(self) -> str: ...
 
+    async def drain(self) -> None:
+        """Before a signalled stop: hand work to others (engines), or nothing."""
+        ...
+
     async def stop(self, grace: float = ...) -> None: ...
 
 
@@ -259,6 +265,8 @@ async def serve_until_signalled(make: Callable[[], Service], name: str) -> None:
     await asyncio.wait([signalled, crashed], return_when=asyncio.FIRST_COMPLETED)
     signalled.cancel()
     logging.getLogger(name).info("shutting down")
+    if stop.is_set():  # signalled, not crashed
+        await service.drain()
     await service.stop()
     if crashed.done():
         raise StartupError(str(crashed.result()))

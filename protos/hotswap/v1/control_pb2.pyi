@@ -1118,12 +1118,34 @@ class EngineInfo(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
     STATE_CODE_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     state: _builtins.str
@@ -1131,9 +1153,15 @@ class EngineInfo(_message.Message):
     last_seen_ms: _builtins.int
     state_code: Global___ConnectionState.ValueType
     """`state` as an enum."""
+    draining: _builtins.bool
+    """The engine said it is shutting down: it gets no new replicas, and its replicas move."""
     @_builtins.property
     def serving(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Pipelines it serves now, as "workspace/pipeline@number"."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The engine's placement labels (Hello.labels)."""
 
     def __init__(
         self,
@@ -1144,10 +1172,12 @@ class EngineInfo(_message.Message):
         last_seen_ms: _builtins.int = ...,
         serving: _abc.Iterable[_builtins.str] | None = ...,
         state_code: Global___ConnectionState.ValueType = ...,
+        draining: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "last_seen_ms", b"last_seen_ms", "name", b"name", "serving", b"serving", "state", b"state", "state_code", b"state_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "name", b"name", "serving", b"serving", "state", b"state", "state_code", b"state_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -141,6 +141,7 @@ class EngineMessage(_message.Message):
     COMMITTED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     LOGS_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -153,6 +154,8 @@ class EngineMessage(_message.Message):
     def state(self) -> Global___StateReport: ...
     @_builtins.property
     def logs(self) -> Global___LogsResult: ...
+    @_builtins.property
+    def drain(self) -> Global___Drain: ...
     def __init__(
         self,
         *,
@@ -162,16 +165,43 @@ class EngineMessage(_message.Message):
         committed: Global___CommitResult | None = ...,
         state: Global___StateReport | None = ...,
         logs: Global___LogsResult | None = ...,
+        drain: Global___Drain | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "logs", b"logs", "prepared", b"prepared", "state", b"state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "logs", b"logs", "prepared", b"prepared", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "logs", b"logs", "prepared", b"prepared", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "logs", b"logs", "prepared", b"prepared", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "prepared", "committed", "state", "logs"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "prepared", "committed", "state", "logs", "drain"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___EngineMessage: _TypeAlias = EngineMessage  # noqa: Y015
+
+@_typing.final
+class Drain(_message.Message):
+    """The engine is shutting down (SIGTERM, e.g. a Kubernetes pod deletion): the control plane
+    stops placing replicas on it, moves the ones it has to other engines (prepare, then commit,
+    as any swap) and stops handing out its address, then answers DrainDone; the engine finishes
+    its in-flight requests and exits (or when its drain timeout passes).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for the log and ListEngines (e.g. "SIGTERM")."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Drain: _TypeAlias = Drain  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -181,10 +211,31 @@ class Hello(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Stable engine name; a restarted engine reuses it to get its assignments back."""
     address: _builtins.str
@@ -198,6 +249,13 @@ class Hello(_message.Message):
     def serving(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServingPipeline]:
         """Pipelines it serves now."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Where the engine runs, as the operator labelled it (`--labels zone=a,host=n1`): a
+        deployment's replicas go to engines on distinct `host`s, then distinct `zone`s, where
+        labels allow. At most 16 labels; keys and values are names (letters, digits, . _ -).
+        """
+
     def __init__(
         self,
         *,
@@ -205,10 +263,11 @@ class Hello(_message.Message):
         address: _builtins.str = ...,
         serving: _abc.Iterable[Global___ServingPipeline] | None = ...,
         instance_id: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id", "name", b"name", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id", "labels", b"labels", "name", b"name", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -355,6 +414,7 @@ class ControlMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     ACCESS_FIELD_NUMBER: _builtins.int
     LOGS_FIELD_NUMBER: _builtins.int
+    DRAINED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def desired(self) -> Global___DesiredState: ...
     @_builtins.property
@@ -369,6 +429,8 @@ class ControlMessage(_message.Message):
     def access(self) -> Global___AccessRules: ...
     @_builtins.property
     def logs(self) -> Global___LogsQuery: ...
+    @_builtins.property
+    def drained(self) -> Global___DrainDone: ...
     def __init__(
         self,
         *,
@@ -379,16 +441,46 @@ class ControlMessage(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         access: Global___AccessRules | None = ...,
         logs: Global___LogsQuery | None = ...,
+        drained: Global___DrainDone | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "logs", b"logs", "prepare", b"prepare"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "drained", b"drained", "heartbeat", b"heartbeat", "kind", b"kind", "logs", b"logs", "prepare", b"prepare"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "heartbeat", b"heartbeat", "kind", b"kind", "logs", b"logs", "prepare", b"prepare"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "access", b"access", "commit", b"commit", "desired", b"desired", "drained", b"drained", "heartbeat", b"heartbeat", "kind", b"kind", "logs", b"logs", "prepare", b"prepare"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["desired", "prepare", "commit", "abort", "heartbeat", "access", "logs"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["desired", "prepare", "commit", "abort", "heartbeat", "access", "logs", "drained"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ControlMessage: _TypeAlias = ControlMessage  # noqa: Y015
+
+@_typing.final
+class DrainDone(_message.Message):
+    """The answer to Drain, once the control plane has moved what it could: the engine releases
+    the moved pipelines as its desired state says (sent before this) and may exit once it
+    serves only `kept`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEPT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def kept(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Pipelines ("workspace/pipeline") still assigned to the engine: no other engine could
+        take them, so it serves them until it exits.
+        """
+
+    def __init__(
+        self,
+        *,
+        kept: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainDone: _TypeAlias = DrainDone  # noqa: Y015
 
 @_typing.final
 class LogsQuery(_message.Message):
