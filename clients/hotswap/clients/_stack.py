@@ -62,6 +62,12 @@ class LocalStack:
         return self._addresses["control"]
 
     @property
+    def fleet_address(self) -> str:
+        """Where engines connect: the control plane's own port, or its --fleet-listen."""
+        path = self.data_dir / "control.address.fleet"
+        return path.read_text().strip() if path.is_file() else self.control_address
+
+    @property
     def engine_names(self) -> list[str]:
         return [f"engine-{i}" for i in range(1, self._engines + 1)]
 
@@ -82,6 +88,7 @@ class LocalStack:
         self._logs.mkdir(parents=True, exist_ok=True)
         address_file = self.data_dir / f"{name}.address"
         address_file.unlink(missing_ok=True)
+        Path(f"{address_file}.fleet").unlink(missing_ok=True)
         log = (self._logs / f"{name}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.processes[name] = subprocess.Popen(
@@ -146,7 +153,7 @@ class LocalStack:
                 "-m",
                 "hotswap.engine",
                 "--control",
-                self.control_address,
+                self.fleet_address,
                 "--listen",
                 f"{self._host}:{port}",
                 "--name",

@@ -70,11 +70,9 @@ class ControlPlaneServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
         if self.tokens is not None:
             interceptors.append(AuthInterceptor(self.tokens))
-        self._server = grpc.aio.server(
-            options=server_options(),
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
-        )
+        self._server = self._grpc_server(interceptors)
+        # With --fleet-listen, engines have a server (and port) of their own.
+        self._fleet_server = self._grpc_server(interceptors) if settings.fleet_listen else None
         control_pb2_grpc.add_ControlPlaneServicer_to_server(
             ControlPlaneServicer(
                 self.store,
@@ -87,31 +85,50 @@ class ControlPlaneServer:
             self._server,
         )
         fleet_pb2_grpc.add_FleetServicer_to_server(
-            FleetServicer(self.fleet, self.coordinator, self.blobs, self.store), self._server
+            FleetServicer(self.fleet, self.coordinator, self.blobs, self.store),
+            self._fleet_server or self._server,
         )
         self.address = ""
+        self.fleet_address = ""  # where engines connect: `address` unless --fleet-listen
+        self._health_server: grpc.aio.Server | None = None
         self.supervisor = Supervisor()
         self._health: Health | None = None
 
-    async def start(self) -> str:
-        host = self.settings.listen.rsplit(":", 1)[0]
-        credentials = server_credentials(
-            self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
+    def _grpc_server(self, interceptors: list[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+        return grpc.aio.server(
+            options=server_options(),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs or None,
         )
-        port = bind(self._server, self.settings.listen, credentials)
-        self._health = await add_probes(self._server, SERVICES)
+
+    async def start(self) -> str:
+        settings = self.settings
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+        port = bind(self._server, settings.listen, credentials)
+        self.address = f"{settings.listen.rsplit(':', 1)[0]}:{port}"
+        self.fleet_address = self.address
+        services = SERVICES if self._fleet_server is None else SERVICES[:1]
+        self._health = await add_probes(self._server, services)
+        if self._fleet_server is not None:
+            fleet_port = bind(self._fleet_server, settings.fleet_listen, credentials)
+            self.fleet_address = f"{settings.fleet_listen.rsplit(':', 1)[0]}:{fleet_port}"
+            await self._fleet_server.start()
+        if settings.health_listen:
+            self._health_server, _ = await self._health.serve_alone(settings.health_listen)
         await self._server.start()
         # The store was opened (and migrated) in __init__: the API can answer from now on.
-        for name in ("", *SERVICES):
+        for name in ("", *services):
             await self._health.set(name, True)
-        self.address = f"{host}:{port}"
         self.supervisor.spawn(
             "heartbeat",
             self.fleet.heartbeat_forever(self.settings.heartbeat_interval, self._housekeeping),
         )
         log.info(
-            "control plane serving on %s with %s (data in %s)",
+            "control plane serving on %s%s with %s (data in %s)",
             self.address,
+            f", engines on {self.fleet_address}" if self._fleet_server is not None else "",
             "mutual TLS" if self.settings.tls_client_ca else "TLS" if credentials else "plaintext",
             self.settings.data_dir,
         )
@@ -126,9 +143,8 @@ class ControlPlaneServer:
                 self.settings.metrics_host, self.settings.metrics_port, self.settings.address_file
             )
         if self.settings.address_file is not None:
-            tmp = self.settings.address_file.with_suffix(".tmp")
-            tmp.write_text(self.address)
-            tmp.replace(self.settings.address_file)
+            _write_atomically(Path(f"{self.settings.address_file}.fleet"), self.fleet_address)
+            _write_atomically(self.settings.address_file, self.address)  # last: "started"
         return self.address
 
     def _access(self) -> tuple[bool, list[Grant]]:
@@ -158,10 +174,19 @@ class ControlPlaneServer:
         await self.supervisor.cancel()
         await self.coordinator.close()
         await self._server.stop(grace)
+        for other in (self._fleet_server, self._health_server):
+            if other is not None:
+                await other.stop(grace)
         self.metrics_endpoint.stop()
         self.timeline.close()
         self.store.close()
         self._dir_lock.close()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def lock_data_dir(data_dir: Path) -> TextIO:

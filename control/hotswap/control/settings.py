@@ -38,6 +38,11 @@ class Settings:
     max_concurrent_rpcs: int = 1024
     # Seconds after which a disconnected engine no deployment names is forgotten.
     forget_after: float = 3600.0
+    # The Fleet service (engines' stream and blob downloads) on a port of its own, so a
+    # firewall or NetworkPolicy can let only engines reach it; "" = on --listen.
+    fleet_listen: str = ""
+    # gRPC health alone, in plaintext, for probes that speak no TLS; "" = off.
+    health_listen: str = ""
 
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -49,6 +54,13 @@ class Settings:
             "--listen",
             default=env("HOTSWAP_LISTEN", "127.0.0.1:50051"),
             help="host:port to serve on; port 0 picks a free one (default %(default)s)",
+        )
+        parser.add_argument(
+            "--fleet-listen",
+            default=env("HOTSWAP_FLEET_LISTEN", ""),
+            help="serve engines (Fleet: their stream and model downloads) on this host:port "
+            "only, not on --listen, so a firewall can keep everyone else off it (default: "
+            "on --listen)",
         )
         parser.add_argument(
             "--data-dir",
@@ -138,6 +150,8 @@ class Settings:
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             forget_after=args.forget_after,
             log_format=args.log_format,
+            fleet_listen=args.fleet_listen,
+            health_listen=args.health_listen,
         )
 
 

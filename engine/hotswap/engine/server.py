@@ -83,6 +83,7 @@ class EngineServer:
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         self.inference_log: InferenceLog | None = None
         self._health: Health | None = None
+        self._health_server: grpc.aio.Server | None = None  # --health-listen
         # With --processes N: the relay to the N-1 worker processes, and the processes.
         self.relay: WorkerRelay | None = None
         self._relay_server: grpc.aio.Server | None = None
@@ -119,6 +120,8 @@ class EngineServer:
         # answers would tell them which workspaces and pipelines exist here.
         health = EngineHealth(host, self._health, SERVICES, per_pipeline=not self.settings.secured)
         self.supervisor.spawn("health", health.run_forever())
+        if self.settings.health_listen:
+            self._health_server, _ = await self._health.serve_alone(self.settings.health_listen)
         await self._server.start()
         if self.relay is not None:
             try:
@@ -302,6 +305,8 @@ class EngineServer:
         if self.link is not None:
             await self.link.close()
         await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self._stop_workers(grace)
         await self.supervisor.cancel("inference-log")  # flushes what is left
         await self.supervisor.cancel()

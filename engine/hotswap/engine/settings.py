@@ -66,6 +66,8 @@ class Settings:
     # On SIGTERM, seconds to wait for the control plane to move this engine's pipelines
     # elsewhere before the server stops (in-flight requests then get the stop's grace).
     drain_timeout: float = 20.0
+    # gRPC health alone, in plaintext, for probes that speak no TLS; "" = off.
+    health_listen: str = ""
 
     @property
     def secured(self) -> bool:
@@ -270,6 +272,7 @@ class Settings:
             processes=args.processes,
             labels=args.labels,
             drain_timeout=args.drain_timeout,
+            health_listen=args.health_listen,
         )
 
     def engine_name(self, port: int) -> str:

@@ -272,6 +272,7 @@ def worker_settings(
         metrics_port=0 if settings.metrics_port >= 0 else -1,
         metrics_host="127.0.0.1",
         address_file=worker_address_file(cache, index),
+        health_listen="",  # process 0 answers the probes
     )
 
 

@@ -187,7 +187,14 @@ def add_server_flags(
     metrics_host: str,
     max_concurrent_rpcs: int,
 ) -> None:
-    """The flags both servers take the same way: where metrics bind, and the RPC limit."""
+    """The flags both servers take the same way: where metrics and the health-only port
+    bind, and the RPC limit."""
+    parser.add_argument(
+        "--health-listen",
+        default=env("HOTSWAP_HEALTH_LISTEN") or "",
+        help="also answer gRPC health checks alone, in plaintext, on this host:port: for "
+        "probes that speak no TLS, such as Kubernetes' (default: off)",
+    )
     parser.add_argument(
         "--metrics-host",
         default=env("HOTSWAP_METRICS_HOST") or metrics_host,

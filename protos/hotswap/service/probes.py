@@ -19,6 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from hotswap.service.edge import bind, server_options
+
 LIVENESS = "liveness"
 """A service name that is SERVING while the process runs, for liveness probes (readiness
 uses the empty name)."""
@@ -88,6 +90,19 @@ class Health:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         await self._servicer.set(service, status)
+
+    async def serve_alone(self, listen: str) -> tuple[grpc.aio.Server, int]:
+        """Starts a plaintext server on `listen` answering these statuses and nothing else
+        (no reflection, no service of the main port): for probes that speak no TLS. Its
+        Watch streams count against the same bound as the main port's. Returns the server
+        and its port."""
+        server = grpc.aio.server(
+            options=server_options(), maximum_concurrent_rpcs=2 * MAX_OPEN_STREAMS
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
+        port = bind(server, listen, None)
+        await server.start()
+        return server, port
 
     async def shutdown(self) -> None:
         """Every status becomes NOT_SERVING for good: call before a graceful stop, so that
