@@ -63,6 +63,19 @@ class Host:
         self.processes.append(process)
         return process
 
+    def run(self, args: list[str], env: dict[str, str] | None = None) -> str:
+        """Runs `python args...` on this host to its end; returns what it printed."""
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.namespace, sys.executable, *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -84,6 +97,7 @@ class Network:
         self._operator = f"hs{self.tag}op"
         self._made: list[str] = []  # namespaces, for close()
         self._blackholes: list[tuple[str, str]] = []
+        self._etc: list[Path] = []  # /etc/netns/<ns> folders made by hosts_file
 
     def _address(self) -> str:
         address = str(self.subnet[self._next_host])
@@ -125,6 +139,15 @@ class Network:
         self.hosts[name] = host
         return host
 
+    def hosts_file(self, host: Host, entries: list[tuple[str, str]]) -> None:
+        """Gives `host` its own /etc/hosts (`ip netns exec` mounts /etc/netns/<ns>/hosts
+        over it): a name with several addresses, as a headless Service's DNS answers."""
+        folder = Path("/etc/netns") / host.namespace
+        folder.mkdir(parents=True, exist_ok=True)
+        self._etc.append(folder)
+        lines = ["127.0.0.1 localhost", *(f"{address} {name}" for address, name in entries)]
+        (folder / "hosts").write_text("\n".join(lines) + "\n")
+
     # -- faults ---------------------------------------------------------------------------
 
     def cut(self, host: Host) -> None:
@@ -157,6 +180,8 @@ class Network:
             with contextlib.suppress(subprocess.CalledProcessError):
                 _ip("netns", "del", namespace)
         self._made.clear()
+        for folder in self._etc:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def __exit__(
         self,

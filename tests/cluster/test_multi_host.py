@@ -8,13 +8,15 @@ a resync took) for the issue's note; the asserts are the guarantees."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 import hotswap
-from tests.cluster.conftest import LOST_AFTER, Cluster, Operator, until
+from tests.cluster.conftest import ENGINE_PORT, LOST_AFTER, Cluster, Operator, until
 from tests.cluster.netns import Network, namespaces_left, skip_unless_possible
 
 pytestmark = pytest.mark.timeout(180)
@@ -236,3 +238,34 @@ def test_the_network_leaves_nothing_behind(tmp_path: Path) -> None:
         assert sorted(namespaces_left(tag)) == [f"hs{tag}-one", f"hs{tag}-sw"]
     assert namespaces_left(tag) == []
     assert sleeper.poll() is not None
+
+
+@pytest.mark.parametrize("resolver", ["ares", "native"])
+def test_plain_grpc_round_robin_over_a_dns_name_with_every_engine(
+    cluster: Cluster, operator: Operator, resolver: str
+) -> None:
+    """The fallback path for any gRPC client: `dns:///` a name with one address per engine
+    (a headless Service) and the standard round_robin policy. Read-your-writes holds there
+    when every engine behind the name serves the pipeline: deploy() returns after all of them
+    committed."""
+    names = ("engine-1", "engine-2")
+    for name in names:
+        cluster.start_engine(name)
+    operator.deploy("rf", replicas=2)
+    cluster.network.hosts_file(
+        cluster.client_host, [(cluster.engines[n].address, "hotswap-engine.test") for n in names]
+    )
+    target = f"dns:///hotswap-engine.test:{ENGINE_PORT}"
+    second = operator.deploy("gbr", replicas=2)
+    out = cluster.client_host.run(
+        ["-m", "tests.cluster._dns_client", target, "ws", "p", "200"],
+        env={"GRPC_DNS_RESOLVER": resolver},
+    )
+    answers = json.loads(out)
+    assert answers == {"versions": {str(second): 200}, "errors": {}}
+    # Both engines took their turn: their own logs say which rows each served.
+    rows = operator.pipeline.logs(limit=1000, dataset=["*"])
+    served = Counter(rows["metadata.engine"])
+    assert set(served) == set(names)
+    assert min(served.values()) >= 80  # round robin: ~100 each
+    _report("dns:/// round robin", resolver=resolver, **served)
