@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -40,8 +41,17 @@ def test_deploy_switches_both_engines(stack2: LocalStack, assets: Path, xtest: n
     first = _api.deploy(stub, "housing", v1, replicas=2)
     assert sorted(e.engine for e in first.engines) == ["engine-1", "engine-2"]
     v2 = _api.new_version(stub, "housing", "gbr").number
+    before_us = time.time_ns() // 1000
     swap = _api.deploy(stub, "housing", v2)
+    after_us = time.time_ns() // 1000
     assert len(swap.engines) == 2 and all(e.switch_us > 0 for e in swap.engines)
+    # Each engine says when it switched (its clock; one machine here): inside the deploy, and
+    # the timeline keeps the same instants.
+    assert all(before_us < e.switched_at_us < after_us for e in swap.engines)
+    recorded = stub.ListSwaps(c.ListSwapsRequest(workspace=_api.WS, pipeline="housing")).swaps[0]
+    assert {e.engine: e.switched_at_us for e in recorded.engines} == {
+        e.engine: e.switched_at_us for e in swap.engines
+    }
     _serves(stack2, assets, xtest[:3], "gbr", v2)
     assert sorted(_api.endpoints(stub, "housing")) == sorted(stack2.engine_addresses)
 

@@ -80,6 +80,8 @@ class EngineTiming:
     commit_ms: float
     switch_us: float
     reused: bool
+    # The engine's clock when it switched, Unix microseconds (0: it did not report one).
+    switched_at_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,13 @@ class DeployResult:
     request_id: str = ""
     unconfirmed: tuple[str, ...] = ()
 
+    @property
+    def cutover_ms(self) -> float:
+        """From the first engine's switch to the last one's, by the engines' clocks: the
+        window in which requests to different engines may meet different versions."""
+        instants = [e.switched_at_us for e in self.engines if e.switched_at_us]
+        return (max(instants) - min(instants)) / 1000 if instants else 0.0
+
     @classmethod
     def from_proto(
         cls, resp: control_pb2.DeployResponse, wall_ms: float, request_id: str = ""
@@ -135,6 +144,7 @@ class DeployResult:
                     e.commit_ms,
                     e.switch_us,
                     e.reused,
+                    e.switched_at_us,
                 )
                 for e in resp.engines
             ),

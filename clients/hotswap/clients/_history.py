@@ -147,6 +147,7 @@ def swap_dict(swap: control_pb2.SwapRecord) -> dict[str, Any]:
                 "warmup_ms": round(e.warmup_ms, 3),
                 "commit_ms": round(e.commit_ms, 3),
                 "switch_us": round(e.switch_us, 3),
+                "switched_at_us": e.switched_at_us,
                 "reused": e.reused,
             }
             for e in swap.engines

@@ -81,6 +81,7 @@ def engine_stage(stage: EngineStage) -> control_pb2.EngineSwapTiming:
         warmup_ms=stage.warmup_ms,
         commit_ms=stage.commit_ms,
         switch_us=stage.switch_us,
+        switched_at_us=stage.switched_at_us,
         reused=stage.reused,
         stage=stage.stage,
         stage_code=enum_value(control_pb2.SwapStage, "SWAP_STAGE", stage.stage),

@@ -395,6 +395,7 @@ class SwapCoordinator:
             stage.commit_ms = _ms_since(start)
             return
         stage.commit_ms, stage.switch_us = _ms_since(start), answer.switch_us
+        stage.switched_at_us = answer.switched_at_us
         stage.stage = "committed"
         self._metrics.engine_stage_seconds.labels("commit").observe(stage.commit_ms / 1000)
 

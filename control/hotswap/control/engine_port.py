@@ -50,6 +50,8 @@ class CommitDone:
     """An engine's answer to commit: the prepared version serves now."""
 
     switch_us: float
+    # The engine's wall-clock instant of the switch, Unix microseconds (0: not reported).
+    switched_at_us: int = 0
 
 
 class EnginePort(Protocol):

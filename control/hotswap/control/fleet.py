@@ -391,7 +391,7 @@ class Fleet:
         answer = (await self._ask(engine, message, ("commit", swap_id), timeout)).committed
         if not answer.ok:
             raise EngineRefusedSwap(answer.error)
-        return CommitDone(answer.switch_us)
+        return CommitDone(answer.switch_us, answer.switched_at_us)
 
     def abort(self, engine: str, swap_id: str, reason: str, request_id: str) -> None:
         connection = self.connections.get(engine)

@@ -33,6 +33,8 @@ class EngineStage:
     warmup_ms: float = 0.0
     commit_ms: float = 0.0
     switch_us: float = 0.0
+    # The engine's wall-clock instant of the switch (Unix µs; 0 until it switched).
+    switched_at_us: int = 0
     reused: bool = False
     error: str = ""
 

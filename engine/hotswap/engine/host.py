@@ -139,6 +139,8 @@ class EngineHost:
         self.synced = False
         # Shutting down: health answers NOT_SERVING so balancers and probes send no more.
         self.draining = False
+        # Wall-clock instant (Unix µs) of the last commit's reference swap.
+        self.switched_at_us = 0
         # Counts changes to what is active or assigned; health checks wait on it.
         self.changes = Changes()
 
@@ -241,6 +243,7 @@ class EngineHost:
         old = self._active.get(key)
         self._active[key] = loaded
         switch_us = (time.perf_counter_ns() - start) / 1000
+        self.switched_at_us = time.time_ns() // 1000
         self._pending.pop(key, None)
         self._retained.pop(loaded.spec.version_id, None)
         if old is not None and old is not loaded:

@@ -407,7 +407,12 @@ class ControlLink:
         # the commit answer (GetPipelineEndpoints after Deploy returns must include us).
         self._report()
         if worker_failed is None:
-            answer = fleet_pb2.CommitResult(swap_id=commit.swap_id, ok=True, switch_us=switch_us)
+            answer = fleet_pb2.CommitResult(
+                swap_id=commit.swap_id,
+                ok=True,
+                switch_us=switch_us,
+                switched_at_us=self._host.switched_at_us,
+            )
         else:
             answer = fleet_pb2.CommitResult(
                 swap_id=commit.swap_id,

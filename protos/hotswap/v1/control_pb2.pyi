@@ -693,6 +693,7 @@ class EngineSwapTiming(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     STAGE_CODE_FIELD_NUMBER: _builtins.int
+    SWITCHED_AT_US_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
     """Engine name."""
     address: _builtins.str
@@ -719,6 +720,10 @@ class EngineSwapTiming(_message.Message):
     """Why the stage is "failed", for a person."""
     stage_code: Global___SwapStage.ValueType
     """`stage` as an enum (the string stays for older clients)."""
+    switched_at_us: _builtins.int
+    """When the engine switched, microseconds since the Unix epoch by its own clock (0 until
+    it did): the spread of these over a swap's engines is its cutover window.
+    """
     def __init__(
         self,
         *,
@@ -734,10 +739,11 @@ class EngineSwapTiming(_message.Message):
         stage: _builtins.str = ...,
         error: _builtins.str = ...,
         stage_code: Global___SwapStage.ValueType = ...,
+        switched_at_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commit_ms", b"commit_ms", "engine", b"engine", "error", b"error", "fetch_ms", b"fetch_ms", "load_ms", b"load_ms", "prepare_ms", b"prepare_ms", "reused", b"reused", "stage", b"stage", "stage_code", b"stage_code", "switch_us", b"switch_us", "warmup_ms", b"warmup_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commit_ms", b"commit_ms", "engine", b"engine", "error", b"error", "fetch_ms", b"fetch_ms", "load_ms", b"load_ms", "prepare_ms", b"prepare_ms", "reused", b"reused", "stage", b"stage", "stage_code", b"stage_code", "switch_us", b"switch_us", "switched_at_us", b"switched_at_us", "warmup_ms", b"warmup_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -351,6 +351,7 @@ class CommitResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     SWITCH_US_FIELD_NUMBER: _builtins.int
     CAUSE_FIELD_NUMBER: _builtins.int
+    SWITCHED_AT_US_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
     ok: _builtins.bool
     error: _builtins.str
@@ -358,6 +359,10 @@ class CommitResult(_message.Message):
     """Time to swap the active reference, microseconds."""
     cause: Global___FailureCause.ValueType
     """Why committing failed, typed."""
+    switched_at_us: _builtins.int
+    """When the active reference was swapped, microseconds since the Unix epoch (this engine's
+    clock): the instant from which new requests here meet the new version.
+    """
     def __init__(
         self,
         *,
@@ -366,10 +371,11 @@ class CommitResult(_message.Message):
         error: _builtins.str = ...,
         switch_us: _builtins.float = ...,
         cause: Global___FailureCause.ValueType = ...,
+        switched_at_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "error", b"error", "ok", b"ok", "swap_id", b"swap_id", "switch_us", b"switch_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "error", b"error", "ok", b"ok", "swap_id", b"swap_id", "switch_us", b"switch_us", "switched_at_us", b"switched_at_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
