@@ -30,7 +30,7 @@ SUBCOMMANDS = [
         "create", "list", "add-step", "replace-step", "deploy", "undeploy", "status", "versions",
         "rollback",
     )),
-    ["infer"], ["demo"],
+    ["infer"], ["demo"], ["engines"], ["swaps"], ["logs"],
 ]  # fmt: skip
 
 
@@ -104,6 +104,15 @@ def cli(stack: LocalStack) -> Cli:
     name = next(_names)
     assert _run("workspace", "create", name, "--json", address=stack.control_address)
     return Cli(stack.control_address, name)
+
+
+def test_engines_lists_the_fleet(cli: Cli, stack: LocalStack) -> None:
+    found = cli.json("engines")
+    assert [(e["name"], e["address"], e["state"], e["draining"]) for e in found] == [
+        ("engine-1", stack.address_of("engine-1"), "Connected", False)
+    ]
+    text = _run("engines", address=stack.control_address).stdout
+    assert "engine-1" in text and "Connected" in text
 
 
 def test_workspaces_round_trip(cli: Cli) -> None:

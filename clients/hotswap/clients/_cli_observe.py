@@ -1,4 +1,5 @@
-"""``hotswap logs`` and ``hotswap swaps``: a pipeline's inference logs and swap timeline."""
+"""``hotswap logs``, ``hotswap swaps`` and ``hotswap engines``: a pipeline's inference logs and
+swap timeline, and the fleet."""
 
 from __future__ import annotations
 
@@ -45,6 +46,34 @@ def add_parsers(
     p.add_argument("pipeline")
     p.add_argument("--limit", type=int, default=20, help="swaps to show (default %(default)s)")
     p.set_defaults(func=swaps)
+    p = sub.add_parser(
+        "engines",
+        help="the engines the control plane knows, and what each serves",
+        description="Every engine the control plane knows: its address, whether it is "
+        "connected or lost, draining, its labels and the pipelines it serves.",
+        parents=[common],
+    )
+    p.set_defaults(func=engines)
+
+
+def engines(args: argparse.Namespace) -> Output:
+    with _client(args) as wl:
+        found = wl.list_engines()
+    if not found:
+        return Output(
+            [], "no engine has connected: start one with `hotswap engine` or `hotswap up`"
+        )
+    rows = [
+        (
+            e["name"],
+            e["address"],
+            e["state"] + (" (draining)" if e["draining"] else ""),
+            ",".join(f"{k}={v}" for k, v in sorted(e["labels"].items())),
+            ", ".join(e["serving"]),
+        )
+        for e in found
+    ]
+    return Output(found, grid_text(("engine", "address", "state", "labels", "serving"), rows))
 
 
 def _short(value: Any) -> Any:

@@ -277,6 +277,24 @@ class Client:
             return self.get_pipeline(name)
         return Pipeline(self._channels, proto, [])
 
+    def list_engines(self) -> list[dict[str, Any]]:
+        """The engines the control plane knows: name, address, state (``Connected`` or
+        ``Lost``), whether it is draining (shutting down), its placement labels, and what it
+        serves (only the pipelines of workspaces this client may see)."""
+        resp = self._channels.control.list_engines(control_pb2.ListEnginesRequest())
+        return [
+            {
+                "name": e.name,
+                "address": e.address,
+                "state": e.state,
+                "draining": e.draining,
+                "labels": dict(e.labels),
+                "serving": list(e.serving),
+                "last_seen": format_ms(e.last_seen_ms),
+            }
+            for e in resp.engines
+        ]
+
     def list_pipelines(self) -> PipelineList:
         """The current workspace's pipelines."""
         resp = self._channels.control.list_pipelines(
