@@ -215,6 +215,66 @@ def phase(
     return result
 
 
+def targets(fleet: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(what, measured, goal, met) for the fleet's goals (issue 13)."""
+    light, loaded, n = fleet["light"], fleet["loaded"], fleet["engines"]
+
+    def ms(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f} ms"
+
+    def within(value: float | None, goal: float) -> bool:
+        return value is not None and value <= goal
+
+    def ratio(key: str) -> float:
+        value = fleet[f"{key}_loaded_ratio"]
+        return float("inf") if value is None else float(value)
+
+    rows = [
+        (f"{n}-engine deploy p50 (probed)", ms(light["deploy_p50_ms"]), "<= 50 ms",
+         within(light["deploy_p50_ms"], 50)),
+        (f"{n}-engine cutover spread p50, as probed every 10 ms",
+         ms(light["probe_spread_p50_ms"]), "<= 15 ms", within(light["probe_spread_p50_ms"], 15)),
+        (f"{n}-engine cutover spread p50, engines' switch instants",
+         ms(light["engine_spread_p50_ms"]), "<= 5 ms", within(light["engine_spread_p50_ms"], 5)),
+    ]  # fmt: skip
+    for key, what in (("deploy_p50_ms", "deploy p50"), ("probe_spread_p50_ms", "probed spread")):
+        rows.append(
+            (f"{n}-engine {what} under a saturating load vs light",
+             f"{ms(loaded[key])} = {ratio(key):.1f}x", "<= 2x", ratio(key) <= 2)
+        )  # fmt: skip
+    return rows
+
+
+def summary(fleet: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## Fleet: {fleet['engines']} engines on this machine, every one swapped together",
+        "",
+        "A prober asks each engine for 1 row every 10 ms; spread = first to last engine "
+        "answering with the new version. The engines' own switch instants "
+        "(`switched_at_us`) give it without the 10 ms grain. Saturated: `hotswap loadtest` "
+        "at concurrency 64 from 2 processes over every engine.",
+        "",
+        "| load | swaps | deploy p50 / max ms | prepare p50 | commit p50 | spread (engines) "
+        "p50 / max ms | spread (probed) p50 / max ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("light", "loaded"):
+        s = fleet[name]
+
+        def f(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.1f}"
+
+        lines.append(
+            f"| {name} | {s['swaps']} | {f(s['deploy_p50_ms'])} / {f(s['deploy_max_ms'])} "
+            f"| {f(s['prepare_p50_ms'])} | {f(s['commit_p50_ms'])} "
+            f"| {f(s['engine_spread_p50_ms'])} / {f(s['engine_spread_max_ms'])} "
+            f"| {f(s['probe_spread_p50_ms'])} / {f(s['probe_spread_max_ms'])} "
+            f"({s['probed_swaps']} swaps seen by every probe) |"
+        )
+    return lines
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["probe"]:
         asyncio.run(_probe(Path(argv[1]), Path(argv[2]), argv[3:]))

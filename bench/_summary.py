@@ -220,6 +220,10 @@ def markdown(r: dict[str, Any]) -> str:
         rows += _peers.targets(r["protocols"], floor)
     if r.get("processes"):
         rows.append(processes_target(r["processes"]))
+    if r.get("fleet"):
+        from bench import _fleet
+
+        rows += _fleet.targets(r["fleet"])
     for what, got, goal, ok in rows:
         lines.append(f"| {what} | {got} | {goal} | {'pass' if ok else '**miss**'} |")
     if r.get("logging"):
@@ -245,6 +249,10 @@ def markdown(r: dict[str, Any]) -> str:
         from bench import _auth
 
         lines += _auth.summary(r["auth"])
+    if r.get("fleet"):
+        from bench import _fleet
+
+        lines += _fleet.summary(r["fleet"])
     lines += [
         "",
         "## Floor: in-process ONNX Runtime (rf)",

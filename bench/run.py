@@ -4,7 +4,8 @@
 
 Phases: (1) in-process ONNX Runtime, (2) the bare reference server and (3) the service on
 the same batches; (4) 50 swaps under load; (5) a soak of many swaps with the engine's RSS
-sampled; (6) deploy time and serving pause for ~1/10/100 MB models. Writes
+sampled; (6) deploy time and serving pause for ~1/10/100 MB models; (7) a 16-engine
+fleet's deploy time and cutover spread, light and saturated (bench/_fleet.py). Writes
 <out>/<date>-<host>.json and .md (see bench/README.md).
 """
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # `bench.*` when run as a script
 
 import pyarrow as pa  # noqa: E402
 
-from bench import _auth, _cells, _models, _peers, _summary  # noqa: E402
+from bench import _auth, _cells, _fleet, _models, _peers, _summary  # noqa: E402
 from hotswap.clients.loadtest import SwapPlan, _input  # noqa: E402
 
 SHARED_MODELS = ROOT.parent / "shared" / "assets" / "models"
@@ -249,6 +250,7 @@ def main(argv: list[str]) -> int:
             swap_phase(results, stack, engine, 50)
             soak_phase(results, stack, engine, 200 if args.quick else 1000)
             cost_phase(results, stack, engine, [1, 10] if args.quick else [1, 10, 100], tmp)
+        results["fleet"] = _fleet.phase(models, tmp, log, swaps=10 if args.quick else 20)
     results["elapsed_s"] = time.monotonic() - began
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"

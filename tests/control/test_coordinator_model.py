@@ -95,7 +95,7 @@ class PlainEngines:
         return PrepareDone(1.0, 1.0, 1.0, reused=False)
 
     async def commit(
-        self, engine: str, swap_id: str, request_id: str, timeout: float
+        self, engine: str, swap_id: str, request_id: str, timeout: float, switch_at_us: int = 0
     ) -> CommitDone:
         found = self._reachable(engine)
         version = found.prepared.pop(swap_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import shutil
+import time
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -89,7 +90,7 @@ async def test_rollback_to_a_retained_version_is_a_pointer_flip(
     await host.prepare("s4", _ref(3, "gbr", shas["gbr"]))
     host.commit("s4")
     assert len(host.loaded_versions()) == 2  # v3 active, v1 retained
-    assert not (await host.prepare("s5", _ref(2, "gbr", shas["gbr"]))).reused
+    assert {p.spec.version_id for p in host.loaded_versions()} == {"id-3", "id-1"}
 
 
 async def test_retain_versions_bounds_what_stays_loaded(tmp_path: Path, assets: Path) -> None:
@@ -156,11 +157,56 @@ async def test_a_new_version_shares_the_sessions_of_models_already_loaded(
     host.commit("s2")
     rf_session = host.loaded_versions()[1].sessions_by_sha()[shas["rf"]]
     # Version 3 runs rf again, with a new version id: rf's session (held by retained v1) is
-    # shared, not built.
+    # shared, not built, nor warmed up again (v1 ran the same steps).
     prepared = await host.prepare("s3", _ref(3, "rf", shas["rf"]))
-    assert not prepared.reused
+    assert (prepared.reused, prepared.load_ms, prepared.warmup_ms) == (True, 0.0, 0.0)
     host.commit("s3")
     v3 = host.lookup("ws", "p")
     assert v3.spec.number == 3
     assert v3.sessions_by_sha()[shas["rf"]] is rf_session
     assert v3.infer(_batch()).num_rows == 1
+
+
+async def test_a_version_with_the_same_models_in_order_shares_the_warm_sessions(
+    tmp_path: Path, assets: Path
+) -> None:
+    cache, shas = _cache(tmp_path, assets)
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=300)
+    first = await host.prepare("s1", _ref(1, "rf", shas["rf"]))
+    assert not first.reused
+    host.commit("s1")
+    again = await host.prepare("s2", _ref(2, "rf", shas["rf"]))  # a new version, same model
+    assert (again.reused, again.load_ms, again.warmup_ms) == (True, 0.0, 0.0)
+    host.commit("s2")
+    served = host.lookup("ws", "p")
+    assert served.spec.number == 2
+    assert served.sessions_by_sha() == host.loaded_versions()[1].sessions_by_sha()
+    # A different model is built and warmed up as ever.
+    other = await host.prepare("s3", _ref(3, "gbr", shas["gbr"]))
+    assert not other.reused and other.warmup_ms > 0
+    out = served.infer(_batch())
+    assert out.num_rows == 1
+
+
+async def test_a_scheduled_switch_serves_the_new_version_from_its_instant(
+    tmp_path: Path, assets: Path
+) -> None:
+    cache, shas = _cache(tmp_path, assets)
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=60)
+    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
+    host.commit("s1")
+    await host.prepare("s2", _ref(2, "gbr", shas["gbr"]))
+    now_us = time.time_ns() // 1000
+    host.schedule("s2", now_us + 3_600_000_000)  # an hour ahead: not yet
+    assert host.lookup("ws", "p").spec.number == 1
+    host.abort("s2")  # an abort drops the schedule with the prepared version
+    assert host.lookup("ws", "p").spec.number == 1
+    with pytest.raises(PrepareError):
+        host.commit("s2")
+
+    await host.prepare("s3", _ref(3, "gbr", shas["gbr"]))
+    host.schedule("s3", now_us)  # already due: the next lookup switches, before any commit
+    assert host.lookup("ws", "p").spec.number == 3
+    assert host.switched_at_us == now_us  # from the instant, not from when a request came
+    assert host.commit("s3") < 1000  # the commit finds it done, and answers as usual
+    assert host.lookup("ws", "p").spec.number == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -80,3 +81,18 @@ async def test_access_rules_desired_state_and_a_swap(tmp_path: Path, assets: Pat
     assert not refused.committed.ok
     assert refused.committed.cause == f.FAILURE_CAUSE_NOT_PREPARED
     link._host.close()
+
+
+async def test_a_commit_switches_at_its_instant_not_before(tmp_path: Path, assets: Path) -> None:
+    model = (assets / "models" / "rf_model.onnx").read_bytes()
+    link, _ = _link(tmp_path, model)
+    link._dispatch(f.ControlMessage(prepare=f.Prepare(swap_id="s1", version=_version(model))))
+    [prepared] = await _sent(link)
+    assert prepared.prepared.ok
+    switch_at_us = time.time_ns() // 1000 + 200_000  # 200 ms from now
+    link._dispatch(f.ControlMessage(commit=f.Commit(swap_id="s1", switch_at_us=switch_at_us)))
+    assert await _sent(link) == []  # nothing yet: the instant has not come
+    answer = await asyncio.wait_for(link._outbox.get(), 5)  # the state report, then the answer
+    committed = (await asyncio.wait_for(link._outbox.get(), 5)).committed
+    assert answer.state.serving[0].number == 1 and committed.ok
+    assert committed.received_at_us < switch_at_us <= committed.switched_at_us

@@ -57,6 +57,28 @@ class DeployResult:
     unconfirmed: tuple[str, ...] = ()
 
 
+class SwitchLead:
+    """How far ahead of now a commit's switch instant is set: long enough that every engine
+    has the message by then, short because deploy() waits for it. Learnt from the engines'
+    reports of when the message reached them: the slowest delivery of a swap, with a margin,
+    rises at once and decays slowly (the next swap likely meets the same load)."""
+
+    FLOOR_US, START_US, CAP_US = 2_000, 10_000, 100_000
+    MARGIN = 1.25
+
+    def __init__(self) -> None:
+        self.us = self.START_US
+
+    def learn(self, delivery_us: list[int]) -> None:
+        """`delivery_us`: per engine, from sending the commit to its arrival there (clock
+        differences between hosts included, which the lead must cover too)."""
+        if not delivery_us:
+            return
+        needed = int(max(delivery_us) * self.MARGIN) + 500
+        target = max(needed, int(self.us * 0.8))
+        self.us = min(self.CAP_US, max(self.FLOOR_US, target))
+
+
 def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
@@ -88,6 +110,7 @@ class SwapCoordinator:
         self._background: set[asyncio.Task[None]] = set()
         self._refilling: set[str] = set()
         self._refilled_at: dict[str, float] = {}
+        self._lead = SwitchLead()
 
     # -- desired state (level-triggered) -------------------------------------------------
 
@@ -375,13 +398,14 @@ class SwapCoordinator:
         for engine in engines:
             self._engines.abort(engine, swap.swap_id, reason, swap.request_id)
 
-    async def _commit_one(self, engine: str, swap: Swap) -> None:
+    async def _commit_one(self, engine: str, swap: Swap, switch_at_us: int) -> int:
+        """Commits on `engine`; returns when the message reached it (Unix µs; 0 unknown)."""
         start = time.perf_counter()
         stage = swap.engines[engine]
         stage.stage = "committing"
         try:
             answer = await self._engines.commit(
-                engine, swap.swap_id, swap.request_id, self._commit_timeout
+                engine, swap.swap_id, swap.request_id, self._commit_timeout, switch_at_us
             )
         except (TimeoutError, EngineGone) as exc:
             # Past the commit point the engine converges from its desired state on reconnect;
@@ -389,18 +413,25 @@ class SwapCoordinator:
             log.warning("engine %s did not confirm commit %s: %s", engine, swap.swap_id, exc)
             stage.stage, stage.error = "failed", f"no commit confirmation: {exc or 'timeout'}"
             stage.commit_ms = stage.switch_us = -1.0
-            return
+            return 0
         except EngineRefusedSwap as exc:
             stage.stage, stage.error = "failed", str(exc)
             stage.commit_ms = _ms_since(start)
-            return
+            return 0
         stage.commit_ms, stage.switch_us = _ms_since(start), answer.switch_us
         stage.switched_at_us = answer.switched_at_us
         stage.stage = "committed"
         self._metrics.engine_stage_seconds.labels("commit").observe(stage.commit_ms / 1000)
+        return answer.received_at_us
 
     async def _commit_all(self, engines: list[str], swap: Swap) -> None:
-        await asyncio.gather(*(self._commit_one(e, swap) for e in engines))
+        """Commits everywhere. Several engines switch together at one instant a little ahead
+        (`SwitchLead`), rather than one by one as their messages arrive."""
+        sent_us = time.time_ns() // 1000
+        switch_at_us = sent_us + self._lead.us if len(engines) > 1 else 0
+        received = await asyncio.gather(*(self._commit_one(e, swap, switch_at_us) for e in engines))
+        if switch_at_us:
+            self._lead.learn([r - sent_us for r in received if r])
 
     # -- undeploy -------------------------------------------------------------------------
 

@@ -52,6 +52,8 @@ class CommitDone:
     switch_us: float
     # The engine's wall-clock instant of the switch, Unix microseconds (0: not reported).
     switched_at_us: int = 0
+    # When the Commit message reached the engine, Unix microseconds (0: not reported).
+    received_at_us: int = 0
 
 
 class EnginePort(Protocol):
@@ -74,8 +76,10 @@ class EnginePort(Protocol):
     ) -> PrepareDone: ...
 
     async def commit(
-        self, engine: str, swap_id: str, request_id: str, timeout: float
-    ) -> CommitDone: ...
+        self, engine: str, swap_id: str, request_id: str, timeout: float, switch_at_us: int = 0
+    ) -> CommitDone:
+        """Phase 2; the engine switches at `switch_at_us` (Unix µs, 0: at once)."""
+        ...
 
     def abort(self, engine: str, swap_id: str, reason: str, request_id: str) -> None:
         """Tells `engine` to drop what it prepared for `swap_id` (no answer expected)."""

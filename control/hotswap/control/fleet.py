@@ -383,15 +383,17 @@ class Fleet:
         return PrepareDone(answer.fetch_ms, answer.load_ms, answer.warmup_ms, answer.reused)
 
     async def commit(
-        self, engine: str, swap_id: str, request_id: str, timeout: float
+        self, engine: str, swap_id: str, request_id: str, timeout: float, switch_at_us: int = 0
     ) -> CommitDone:
         message = fleet_pb2.ControlMessage(
-            commit=fleet_pb2.Commit(swap_id=swap_id, request_id=request_id)
+            commit=fleet_pb2.Commit(
+                swap_id=swap_id, request_id=request_id, switch_at_us=switch_at_us
+            )
         )
         answer = (await self._ask(engine, message, ("commit", swap_id), timeout)).committed
         if not answer.ok:
             raise EngineRefusedSwap(answer.error)
-        return CommitDone(answer.switch_us, answer.switched_at_us)
+        return CommitDone(answer.switch_us, answer.switched_at_us, answer.received_at_us)
 
     def abort(self, engine: str, swap_id: str, reason: str, request_id: str) -> None:
         connection = self.connections.get(engine)

@@ -139,8 +139,12 @@ class EngineHost:
         self.synced = False
         # Shutting down: health answers NOT_SERVING so balancers and probes send no more.
         self.draining = False
-        # Wall-clock instant (Unix µs) of the last commit's reference swap.
+        # Wall-clock instant (Unix µs) from which the last commit's version served.
         self.switched_at_us = 0
+        # Commits scheduled for an instant (swap id -> Unix µs), and those a request switched
+        # before the commit call came (swap id -> the switch's µs).
+        self._due: dict[str, int] = {}
+        self._switched: dict[str, float] = {}
         # Counts changes to what is active or assigned; health checks wait on it.
         self.changes = Changes()
 
@@ -154,6 +158,8 @@ class EngineHost:
         Without `workspace`, the pipeline is found by name among the workspaces `visible`
         admits (the caller's), and it must be the only one of that name there.
         """
+        if self._due:  # a switch is scheduled: has its instant come?
+            self._switch_due()
         found = (
             self._active.get(f"{workspace}/{pipeline}")
             if workspace and visible(workspace)
@@ -209,11 +215,26 @@ class EngineHost:
                 for m, path in zip(ref.models, paths, strict=True)
             ),
         )
+        twin = self._same_steps(spec)
+        if twin is not None:
+            # The same models in the same order are loaded, chained and warm already (a new
+            # version of a pipeline that only changed metadata, or a swap back and forth):
+            # their sessions serve this version too, with nothing to build or warm up.
+            loaded = LoadedPipeline.build(spec, self._options, twin, warm_up=False)
+            return loaded, Prepared(fetch_ms, 0.0, 0.0, reused=True)
         # Sessions are built from file paths in a worker thread: the event loop keeps serving.
         loaded = await asyncio.get_running_loop().run_in_executor(
             self._builder, LoadedPipeline.build, spec, self._options, self._loaded_sessions()
         )
         return loaded, Prepared(fetch_ms, loaded.load_ms, loaded.warmup_ms, reused=False)
+
+    def _same_steps(self, spec: PipelineSpec) -> dict[str, Any] | None:
+        """The sessions of a held version (active or retained) with exactly `spec`'s models
+        in `spec`'s order, if there is one."""
+        shas = [step.sha256 for step in spec.steps]
+        held = [*self._active.values(), *(p for p, _ in self._retained.values())]
+        twin = next((p for p in held if [s.sha256 for s in p.spec.steps] == shas), None)
+        return twin.sessions_by_sha() if twin is not None else None
 
     def _loaded_sessions(self) -> dict[str, Any]:
         """Sessions held by the active and retained versions, by model sha: a new version
@@ -233,8 +254,33 @@ class EngineHost:
         self._prepared[swap_id] = loaded
         return prepared
 
+    def schedule(self, swap_id: str, at_us: int) -> None:
+        """Phase 2 at an instant: from `at_us` (Unix µs, this engine's clock) on, every lookup
+        gets the prepared version, whichever comes first: the first request after the instant
+        or `commit`, which the caller runs at (or after) it. Every engine of a swap given the
+        same instant thus switches at once, whenever its own timer fires."""
+        if swap_id not in self._prepared:
+            raise NotPrepared(f"swap {swap_id} was not prepared on this engine (or was aborted)")
+        self._due[swap_id] = at_us
+
+    def _switch_due(self) -> None:
+        now_us = time.time_ns() // 1000
+        for swap_id, at_us in list(self._due.items()):
+            if now_us >= at_us:
+                self._switched[swap_id] = self._switch(swap_id, at_us)
+
     def commit(self, swap_id: str) -> float:
-        """Phase 2: makes the prepared version active. Returns the switch time in µs."""
+        """Phase 2: makes the prepared version active (if a request after its scheduled
+        instant has not already). Returns the switch time in µs."""
+        if swap_id in self._due:
+            self._switch_due()
+        if swap_id in self._switched:
+            return self._switched.pop(swap_id)
+        self._due.pop(swap_id, None)
+        return self._switch(swap_id, time.time_ns() // 1000)
+
+    def _switch(self, swap_id: str, at_us: int) -> float:
+        self._due.pop(swap_id, None)
         loaded = self._prepared.pop(swap_id, None)
         if loaded is None:
             raise NotPrepared(f"swap {swap_id} was not prepared on this engine (or was aborted)")
@@ -243,7 +289,9 @@ class EngineHost:
         old = self._active.get(key)
         self._active[key] = loaded
         switch_us = (time.perf_counter_ns() - start) / 1000
-        self.switched_at_us = time.time_ns() // 1000
+        # From when requests meet it: the scheduled instant (no lookup since saw the old
+        # version), or now.
+        self.switched_at_us = at_us
         self._pending.pop(key, None)
         self._retained.pop(loaded.spec.version_id, None)
         if old is not None and old is not loaded:
@@ -255,11 +303,13 @@ class EngineHost:
     def abort_all(self) -> None:
         """Drops every prepared-but-uncommitted swap (their coordinator is gone)."""
         self._preparing.clear()
+        self._due.clear()
         self._graveyard.extend(self._prepared.values())
         self._prepared.clear()
 
     def abort(self, swap_id: str) -> None:
         self._preparing.discard(swap_id)
+        self._due.pop(swap_id, None)
         dropped = self._prepared.pop(swap_id, None)
         if dropped is not None:
             self._graveyard.append(dropped)

@@ -46,6 +46,18 @@ BACKOFF_MAX = 2.0
 LogsAnswer = Callable[[types_pb2.GetLogsRequest], Awaitable[types_pb2.LogsResponse]]
 
 
+# The furthest ahead a commit's switch instant is honoured (a clock far off must not hold
+# a swap back).
+MAX_SWITCH_LEAD = 1.0
+
+
+def _until(switch_at_us: int) -> float:
+    """Seconds from now (this engine's clock) to a commit's switch instant, 0 if passed."""
+    if not switch_at_us:
+        return 0.0
+    return min(max(switch_at_us / 1e6 - time.time(), 0.0), MAX_SWITCH_LEAD)
+
+
 def new_instance_id() -> str:
     """Tells this process's streams from another engine's under the same name."""
     return uuid.uuid4().hex
@@ -100,6 +112,8 @@ class ControlLink:
         self.draining = ""
         self.drained = asyncio.Event()
         self.kept: frozenset[str] = frozenset()
+        # When each Commit arrived (Unix µs), for its answer.
+        self._received_at_us: dict[str, int] = {}
         # This engine's worker processes, which every message reaches too (engine/workers.py).
         self._relay = relay
         self._revision = 0  # the last desired state revision applied
@@ -230,13 +244,16 @@ class ControlLink:
         elif kind == "prepare":
             self._spawn(self._prepare(message.prepare))
         elif kind == "commit" and self._relay is not None:
+            self._received_at_us[message.commit.swap_id] = time.time_ns() // 1000
             self._spawn(self._commit_everywhere(message.commit, self._relay))
         elif kind == "commit":
-            token = _logs.request_id.set(message.commit.request_id)
-            try:
-                self._commit(message.commit)
-            finally:
-                _logs.request_id.reset(token)
+            commit = message.commit
+            self._received_at_us[commit.swap_id] = time.time_ns() // 1000
+            delay = _until(commit.switch_at_us)
+            if delay > 0 and self._schedule(commit):
+                asyncio.get_running_loop().call_later(delay, self._commit_now, commit)
+            else:
+                self._commit_now(commit)
         elif kind == "abort":
             token = _logs.request_id.set(message.abort.request_id)
             try:
@@ -247,6 +264,22 @@ class ControlLink:
                 log.info("swap %s aborted: %s", message.abort.swap_id, message.abort.reason)
             finally:
                 _logs.request_id.reset(token)
+
+    def _schedule(self, commit: fleet_pb2.Commit) -> bool:
+        """Requests after the commit's instant meet the new version even before the timer
+        fires. False when there is nothing to schedule (the commit then fails as usual)."""
+        try:
+            self._host.schedule(commit.swap_id, commit.switch_at_us)
+        except PrepareError:
+            return False
+        return True
+
+    def _commit_now(self, commit: fleet_pb2.Commit) -> None:
+        token = _logs.request_id.set(commit.request_id)
+        try:
+            self._commit(commit)
+        finally:
+            _logs.request_id.reset(token)
 
     async def _answer_logs(self, query: fleet_pb2.LogsQuery) -> None:
         result = fleet_pb2.LogsResult(query_id=query.query_id)
@@ -389,6 +422,7 @@ class ControlLink:
         try:
             switch_us = self._host.commit(commit.swap_id)
         except PrepareError as exc:
+            self._received_at_us.pop(commit.swap_id, None)
             self._metrics.swap_failed(exc.cause)
             failed_commit = fleet_pb2.CommitResult(
                 swap_id=commit.swap_id, error=str(exc), cause=_convert.failure_cause(exc.cause)
@@ -412,6 +446,7 @@ class ControlLink:
                 ok=True,
                 switch_us=switch_us,
                 switched_at_us=self._host.switched_at_us,
+                received_at_us=self._received_at_us.pop(commit.swap_id, 0),
             )
         else:
             answer = fleet_pb2.CommitResult(

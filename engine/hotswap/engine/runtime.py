@@ -241,8 +241,11 @@ class LoadedPipeline:
         spec: PipelineSpec,
         options: RuntimeOptions,
         reuse: Mapping[str, Any] | None = None,
+        *,
+        warm_up: bool = True,
     ) -> LoadedPipeline:
-        """Build the sessions from the steps' files, check the chain, run a warm-up inference.
+        """Build the sessions from the steps' files, check the chain, run a warm-up inference
+        (unless `warm_up` is off: for steps another loaded version already chains and warmed).
 
         Blocks for as long as ONNX Runtime needs (seconds for big models): call it in a thread.
         `reuse` maps model sha256 to sessions already loaded (with the same options) by other
@@ -261,9 +264,10 @@ class LoadedPipeline:
             for i, step in enumerate(spec.steps)
         ]
         pipeline = cls(spec, sessions, (time.perf_counter() - started) * 1000)
-        started = time.perf_counter()
-        pipeline._warm_up()
-        pipeline.warmup_ms = (time.perf_counter() - started) * 1000
+        if warm_up:
+            started = time.perf_counter()
+            pipeline._warm_up()
+            pipeline.warmup_ms = (time.perf_counter() - started) * 1000
         return pipeline
 
     def sessions_by_sha(self) -> dict[str, Any]:

@@ -352,6 +352,7 @@ class CommitResult(_message.Message):
     SWITCH_US_FIELD_NUMBER: _builtins.int
     CAUSE_FIELD_NUMBER: _builtins.int
     SWITCHED_AT_US_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_US_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
     ok: _builtins.bool
     error: _builtins.str
@@ -363,6 +364,10 @@ class CommitResult(_message.Message):
     """When the active reference was swapped, microseconds since the Unix epoch (this engine's
     clock): the instant from which new requests here meet the new version.
     """
+    received_at_us: _builtins.int
+    """When the Commit message reached the engine, Unix microseconds (its clock): how much lead
+    the control plane must give the next switch instant.
+    """
     def __init__(
         self,
         *,
@@ -372,10 +377,11 @@ class CommitResult(_message.Message):
         switch_us: _builtins.float = ...,
         cause: Global___FailureCause.ValueType = ...,
         switched_at_us: _builtins.int = ...,
+        received_at_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "error", b"error", "ok", b"ok", "swap_id", b"swap_id", "switch_us", b"switch_us", "switched_at_us", b"switched_at_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "error", b"error", "ok", b"ok", "received_at_us", b"received_at_us", "swap_id", b"swap_id", "switch_us", b"switch_us", "switched_at_us", b"switched_at_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -672,18 +678,26 @@ class Commit(_message.Message):
 
     SWAP_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SWITCH_AT_US_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
     request_id: _builtins.str
     """The x-request-id of the Deploy call that started this swap."""
+    switch_at_us: _builtins.int
+    """When to switch, microseconds since the Unix epoch (0: at once). The control plane picks
+    an instant just after every engine should have the message, so all switch together
+    instead of one after another as the messages arrive; an engine that gets it later
+    switches at once. Never more than a second ahead.
+    """
     def __init__(
         self,
         *,
         swap_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        switch_at_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "swap_id", b"swap_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "swap_id", b"swap_id", "switch_at_us", b"switch_at_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
