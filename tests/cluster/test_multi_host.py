@@ -26,6 +26,17 @@ def _report(what: str, **numbers: object) -> None:
     print(f"\n[multi-host] {what}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
 
 
+def _two_replicas_and_a_spare(cluster: Cluster, operator: Operator) -> tuple[int, set[str], str]:
+    """Three engine hosts, rf deployed on two: (the version, the two, the spare)."""
+    names = {"engine-1", "engine-2", "engine-3"}
+    for name in sorted(names):
+        cluster.start_engine(name)
+    version = operator.deploy("rf", replicas=2)
+    placed = set(cluster.serving("ws", "p"))
+    assert len(placed) == 2
+    return version, placed, (names - placed).pop()
+
+
 def _slowest(records: list[dict[str, float]]) -> float:
     return max((r["end"] - r["start"] for r in records), default=0.0)
 
@@ -106,13 +117,8 @@ def test_a_link_cut_during_prepare_aborts_the_deploy_and_the_rest_keeps_serving(
 def test_an_engine_cut_off_from_the_control_plane_keeps_serving_and_its_replica_moves(
     cluster: Cluster, operator: Operator
 ) -> None:
-    for name in ("engine-1", "engine-2", "engine-3"):
-        cluster.start_engine(name)
-    version = operator.deploy("rf", replicas=2)
-    placed = set(cluster.serving("ws", "p"))
-    assert len(placed) == 2
+    version, placed, spare = _two_replicas_and_a_spare(cluster, operator)
     cut_name = sorted(placed)[1]
-    spare = ({"engine-1", "engine-2", "engine-3"} - placed).pop()
     cut_engine = cluster.engines[cut_name]
     with cluster.load("ws", "p") as load:
         cluster.network.partition(cut_engine, cluster.control)
@@ -156,12 +162,8 @@ def test_an_engine_cut_off_from_the_control_plane_keeps_serving_and_its_replica_
 def test_an_engine_host_killed_costs_clients_seconds_at_most(
     cluster: Cluster, operator: Operator
 ) -> None:
-    for name in ("engine-1", "engine-2", "engine-3"):
-        cluster.start_engine(name)
-    version = operator.deploy("rf", replicas=2)
-    placed = set(cluster.serving("ws", "p"))
+    version, placed, spare = _two_replicas_and_a_spare(cluster, operator)
     victim = sorted(placed)[0]
-    spare = ({"engine-1", "engine-2", "engine-3"} - placed).pop()
     with cluster.load("ws", "p") as load:
         # The host dies: its link first, so no RST from the dying process reaches anyone.
         cluster.network.cut(cluster.engines[victim])

@@ -5,6 +5,7 @@ nothing else; the main ports no longer serve what moved."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import hotswap
+from hotswap.clients._rpc import Security
 from hotswap.clients._stack import LocalStack
 from hotswap.v1 import control_pb2 as c
 from hotswap.v1 import control_pb2_grpc as cg
@@ -105,3 +107,39 @@ def test_the_health_port_answers_health_and_nothing_else(
         assert _code(reflection.ServerReflectionInfo, iter([ask])) == (
             grpc.StatusCode.UNIMPLEMENTED
         )
+
+
+def test_the_fleet_port_checks_engine_credentials_like_the_main_port(tmp_path: Path) -> None:
+    """On a secured control plane the Fleet port is no side door: no token, a user's token,
+    or an engine credential under a name it is not bound to, are all refused there."""
+    admin, engine_token = "admin-token-0123456789abcdef", "engine-token-0123456789abcdef"
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(
+        json.dumps(
+            {
+                "users": [{"name": "admin", "token": admin, "workspaces": ["*"]}],
+                "engines": [{"name": "fleet", "token": engine_token, "names": ["engine-*"]}],
+            }
+        )
+    )
+    with LocalStack(
+        tmp_path / "secured",
+        engines=0,
+        control_args=("--fleet-listen", "127.0.0.1:0", "--tokens-file", str(tokens)),
+        security=Security(token=admin),
+    ) as stack:
+        hello = f.EngineMessage(hello=f.Hello(name="intruder", address="198.18.0.9:1"))
+        with grpc.insecure_channel(stack.fleet_address) as fleet:
+            stub: Any = fg.FleetStub(fleet)  # type: ignore[arg-type]
+            for metadata, code in (
+                ((), grpc.StatusCode.UNAUTHENTICATED),
+                ((("authorization", f"Bearer {admin}"),), grpc.StatusCode.PERMISSION_DENIED),
+                ((("authorization", f"Bearer {engine_token}"),), grpc.StatusCode.PERMISSION_DENIED),
+            ):
+                with pytest.raises(grpc.RpcError) as refused:
+                    next(stub.Connect(iter([hello]), metadata=metadata, timeout=5))
+                assert refused.value.code() == code
+            blob = f.FetchBlobRequest(sha256="0" * 64, engine="engine-1")
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.FetchBlob(blob, timeout=5))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
