@@ -271,3 +271,28 @@ def test_plain_grpc_round_robin_over_a_dns_name_with_every_engine(
     assert set(served) == set(names)
     assert min(served.values()) >= 80  # round robin: ~100 each
     _report("dns:/// round robin", resolver=resolver, **served)
+
+
+def test_with_the_control_plane_away_an_engine_dying_costs_nothing(
+    cluster: Cluster, operator: Operator
+) -> None:
+    """The SDK cannot ask for fresh endpoints, so it retries on the engines it knew."""
+    for name in ("engine-1", "engine-2"):
+        cluster.start_engine(name)
+    version = operator.deploy("rf", replicas=2)
+    with cluster.load("ws", "p") as load:
+        cluster.network.cut(cluster.control)
+        cluster.engines["engine-2"].kill_all()  # its link is up: callers get a reset at once
+        died = time.monotonic()
+        load.wait_served(200, since=died)
+    requests = load.requests
+    after = [r for r in requests.records if r["end"] > died]
+    assert requests.failed == []
+    assert {r["engine"] for r in requests.after(died + 3.0)} == {cluster.engine_address("engine-1")}
+    assert {r["version"] for r in after} == {version}
+    _report(
+        "control plane away, an engine dies",
+        requests=len(requests.records),
+        failed=len(requests.failed),
+        slowest_after_death_ms=round(_slowest(after) * 1000, 1),
+    )

@@ -175,11 +175,13 @@ async def test_a_version_with_the_same_models_in_order_shares_the_warm_sessions(
     first = await host.prepare("s1", _ref(1, "rf", shas["rf"]))
     assert not first.reused
     host.commit("s1")
+    warm = host.lookup("ws", "p")
     again = await host.prepare("s2", _ref(2, "rf", shas["rf"]))  # a new version, same model
     assert (again.reused, again.load_ms, again.warmup_ms) == (True, 0.0, 0.0)
     host.commit("s2")
     served = host.lookup("ws", "p")
     assert served.spec.number == 2
+    assert served.row_ms == warm.row_ms < 1000  # still fast enough to run inline
     assert served.sessions_by_sha() == host.loaded_versions()[1].sessions_by_sha()
     # A different model is built and warmed up as ever.
     other = await host.prepare("s3", _ref(3, "gbr", shas["gbr"]))
@@ -210,3 +212,10 @@ async def test_a_scheduled_switch_serves_the_new_version_from_its_instant(
     assert host.switched_at_us == now_us  # from the instant, not from when a request came
     assert host.commit("s3") < 1000  # the commit finds it done, and answers as usual
     assert host.lookup("ws", "p").spec.number == 3
+
+    # A new control-plane stream drops what was only prepared, but a scheduled switch is
+    # past its commit point: it happens at once.
+    await host.prepare("s4", _ref(4, "rf", shas["rf"]))
+    host.schedule("s4", time.time_ns() // 1000 + 3_600_000_000)
+    host.abort_all()
+    assert host.lookup("ws", "p").spec.number == 4

@@ -27,6 +27,8 @@ DEFAULT_BATCH_ROWS = 10_000
 ENDPOINTS_TTL = 30.0
 # Engines one call tries: the first, then others after UNAVAILABLE or NOT_FOUND.
 MAX_ATTEMPTS = 3
+# Seconds a retry waits for fresh endpoints before it falls back on the ones it knows.
+REFRESH_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,7 @@ class Router:
         with self._lock:
             self._addresses = None
 
-    def addresses(self, *, refresh: bool = False) -> list[str]:
+    def addresses(self, *, refresh: bool = False, timeout: float | None = None) -> list[str]:
         """The engines serving the deployed version now (cached unless ``refresh``)."""
         with self._lock:
             fresh = time.monotonic() - self._fetched_at < ENDPOINTS_TTL
@@ -94,7 +96,8 @@ class Router:
         resp = self._channels.control.get_pipeline_endpoints(
             control_pb2.GetPipelineEndpointsRequest(
                 workspace=self._workspace, pipeline=self._pipeline
-            )
+            ),
+            timeout=timeout,
         )
         addresses = list(resp.addresses)
         with self._lock:
@@ -156,10 +159,19 @@ class Router:
                 failed.add(address)
                 if attempt == MAX_ATTEMPTS or deadline - time.monotonic() <= 0:
                     raise
-                addresses = self.addresses(refresh=True)
+                addresses = self._refreshed(addresses, deadline)
                 address = self._pick([a for a in addresses if a not in failed] or addresses)
         self.last_served = Served.from_proto(resp, address)
         return from_ipc(resp.arrow)
+
+    def _refreshed(self, known: list[str], deadline: float) -> list[str]:
+        """The endpoints asked again within the call's time left; the ones known already when
+        the control plane cannot answer in time (engines keep serving while it is away)."""
+        left = min(deadline - time.monotonic(), REFRESH_TIMEOUT)
+        try:
+            return self.addresses(refresh=True, timeout=max(left, 0.001))
+        except (UnavailableError, HotswapTimeoutError):
+            return known
 
     def _pick(self, addresses: list[str]) -> str:
         if not addresses:

@@ -164,6 +164,10 @@ class LocalStack:
                 str(self._threads),
                 "--metrics-port",
                 "0",
+                # On one machine a drain takes milliseconds; do not wait long for a control
+                # plane a test has killed.
+                "--drain-timeout",
+                "5",
                 *(self._engine_args if engine_args is None else engine_args),
             ],
         )
@@ -204,17 +208,22 @@ class LocalStack:
             process.wait(timeout=30)
 
     def stop(self, grace: float = 10.0) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)
-                process.terminate()
+        """Engines first (each drains, with the control plane there to answer), then the
+        control plane; whatever has not exited after `grace` seconds is killed."""
         deadline = time.monotonic() + grace
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        engines = [p for name, p in self.processes.items() if name != "control"]
+        control = [p for name, p in self.processes.items() if name == "control"]
+        for group in (engines, control):
+            for process in group:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGCONT)
+                    process.terminate()
+            for process in group:
+                try:
+                    process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
 
     def __enter__(self) -> LocalStack:
         self.start()

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between two attempts to give a pipeline's lost replicas to spare engines.
 REFILL_BACKOFF = 10.0
+# Rounds of moving a draining engine's deployments (see `_drain`).
+DRAIN_PASSES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,7 @@ class SwapCoordinator:
         self._refilling: set[str] = set()
         self._refilled_at: dict[str, float] = {}
         self._lead = SwitchLead()
+        self._draining: dict[str, asyncio.Task[None]] = {}
 
     # -- desired state (level-triggered) -------------------------------------------------
 
@@ -156,16 +159,35 @@ class SwapCoordinator:
                 self._start_refill(deployment)
 
     def engine_draining(self, engine: str) -> None:
-        """`engine` is shutting down: every deployment on it moves now, one at a time (a
-        two-phase redeploy onto other engines, the drainer serving until the commit), not
-        after a backoff; then the engine hears what it keeps (what no other engine could
-        take: it serves that until it exits)."""
-        self._spawn(self._drain(engine))
+        """`engine` is shutting down: every deployment on it moves now, together (two-phase
+        redeploys onto other engines, the drainer serving until each commit), not after a
+        backoff; then the engine hears what it keeps (what no other engine could take: it
+        serves that until it exits). One drain per engine runs at a time, however often it
+        says so."""
+        if engine not in self._draining:
+            task = self._spawn(self._drain(engine))
+            self._draining[engine] = task
+            task.add_done_callback(lambda _: self._draining.pop(engine, None))
 
     async def _drain(self, engine: str) -> None:
-        for deployment in self._store.deployments():
-            if engine in deployment.engines:
-                await self._refill(deployment, f"control plane (draining engine {engine})")
+        why = f"control plane (draining engine {engine})"
+        # More than one pass: a deploy that was running when the drain began may have placed
+        # a pipeline on this engine after the pass that looked.
+        def on_it() -> list[Deployment]:
+            return [d for d in self._store.deployments() if engine in d.engines]
+
+        for _ in range(DRAIN_PASSES):
+            before = on_it()
+            if not before or not self._placeable():
+                break
+            keys = {d.version.key for d in before}
+            self._refilling |= keys  # the lost-replica check leaves them to this drain
+            try:
+                await asyncio.gather(*(self._refill(d, why) for d in before))
+            finally:
+                self._refilling -= keys
+            if on_it() == before:
+                break  # nothing changed (no engine could take them): another pass would not
         kept = [d.version.key for d in self._store.deployments() if engine in d.engines]
         self._engines.drained(engine, kept)
 
@@ -431,7 +453,10 @@ class SwapCoordinator:
         switch_at_us = sent_us + self._lead.us if len(engines) > 1 else 0
         received = await asyncio.gather(*(self._commit_one(e, swap, switch_at_us) for e in engines))
         if switch_at_us:
-            self._lead.learn([r - sent_us for r in received if r])
+            # A report past the round trip is a clock ahead of ours (or a lie), not a slow
+            # delivery: capped there, one engine cannot hold every swap's lead at its cap.
+            round_trip_us = time.time_ns() // 1000 - sent_us
+            self._lead.learn([min(r - sent_us, round_trip_us) for r in received if r])
 
     # -- undeploy -------------------------------------------------------------------------
 

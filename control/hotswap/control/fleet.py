@@ -213,7 +213,7 @@ class Fleet:
                 log.warning("engine %s reconnected; closing its previous stream", hello.name)
                 self._close(old, "replaced by a new connection from the same engine")
         connection = EngineConnection(
-            hello.name, hello.address, hello.instance_id, principal, labels
+            hello.name, hello.address, hello.instance_id, principal, labels, hello.draining
         )
         for serving in hello.serving:
             connection.serving[f"{serving.workspace}/{serving.pipeline}"] = _serving(serving)

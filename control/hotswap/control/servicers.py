@@ -371,13 +371,16 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
+        if connection.draining:  # a drain its previous stream began
+            self._coordinator.engine_draining(connection.name)
         self._coordinator.engine_connected(connection.name)
 
         async def read() -> None:
             try:
                 async for message in request_iterator:
+                    was_draining = connection.draining
                     self._fleet.handle(connection, message)
-                    if message.WhichOneof("kind") == "drain":
+                    if connection.draining and not was_draining:
                         self._coordinator.engine_draining(connection.name)
             finally:
                 self._fleet.disconnect(connection)

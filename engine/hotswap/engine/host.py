@@ -142,9 +142,9 @@ class EngineHost:
         # Wall-clock instant (Unix µs) from which the last commit's version served.
         self.switched_at_us = 0
         # Commits scheduled for an instant (swap id -> Unix µs), and those a request switched
-        # before the commit call came (swap id -> the switch's µs).
+        # before the commit call came (swap id -> the switch's µs and instant).
         self._due: dict[str, int] = {}
-        self._switched: dict[str, float] = {}
+        self._switched: dict[str, tuple[float, int]] = {}
         # Counts changes to what is active or assigned; health checks wait on it.
         self.changes = Changes()
 
@@ -219,8 +219,12 @@ class EngineHost:
         if twin is not None:
             # The same models in the same order are loaded, chained and warm already (a new
             # version of a pipeline that only changed metadata, or a swap back and forth):
-            # their sessions serve this version too, with nothing to build or warm up.
-            loaded = LoadedPipeline.build(spec, self._options, twin, warm_up=False)
+            # their sessions serve this version too, with nothing to build or warm up, and
+            # the twin's measured row time decides inline execution as it did for the twin.
+            loaded = LoadedPipeline.build(
+                spec, self._options, twin.sessions_by_sha(), warm_up=False
+            )
+            loaded.row_ms = twin.row_ms
             return loaded, Prepared(fetch_ms, 0.0, 0.0, reused=True)
         # Sessions are built from file paths in a worker thread: the event loop keeps serving.
         loaded = await asyncio.get_running_loop().run_in_executor(
@@ -228,13 +232,12 @@ class EngineHost:
         )
         return loaded, Prepared(fetch_ms, loaded.load_ms, loaded.warmup_ms, reused=False)
 
-    def _same_steps(self, spec: PipelineSpec) -> dict[str, Any] | None:
-        """The sessions of a held version (active or retained) with exactly `spec`'s models
-        in `spec`'s order, if there is one."""
+    def _same_steps(self, spec: PipelineSpec) -> LoadedPipeline | None:
+        """A held version (active or retained) with exactly `spec`'s models in `spec`'s
+        order, if there is one."""
         shas = [step.sha256 for step in spec.steps]
         held = [*self._active.values(), *(p for p, _ in self._retained.values())]
-        twin = next((p for p in held if [s.sha256 for s in p.spec.steps] == shas), None)
-        return twin.sessions_by_sha() if twin is not None else None
+        return next((p for p in held if [s.sha256 for s in p.spec.steps] == shas), None)
 
     def _loaded_sessions(self) -> dict[str, Any]:
         """Sessions held by the active and retained versions, by model sha: a new version
@@ -263,20 +266,22 @@ class EngineHost:
             raise NotPrepared(f"swap {swap_id} was not prepared on this engine (or was aborted)")
         self._due[swap_id] = at_us
 
-    def _switch_due(self) -> None:
+    def _switch_due(self, everything: bool = False) -> None:
         now_us = time.time_ns() // 1000
         for swap_id, at_us in list(self._due.items()):
-            if now_us >= at_us:
-                self._switched[swap_id] = self._switch(swap_id, at_us)
+            if everything or now_us >= at_us:
+                switch_us = self._switch(swap_id, min(at_us, now_us))
+                self._switched[swap_id] = (switch_us, self.switched_at_us)
 
     def commit(self, swap_id: str) -> float:
         """Phase 2: makes the prepared version active (if a request after its scheduled
-        instant has not already). Returns the switch time in µs."""
+        instant has not already). Returns the switch time in µs; `switched_at_us` says from
+        when this swap's version served."""
         if swap_id in self._due:
             self._switch_due()
         if swap_id in self._switched:
-            return self._switched.pop(swap_id)
-        self._due.pop(swap_id, None)
+            switch_us, self.switched_at_us = self._switched.pop(swap_id)
+            return switch_us
         return self._switch(swap_id, time.time_ns() // 1000)
 
     def _switch(self, swap_id: str, at_us: int) -> float:
@@ -303,7 +308,9 @@ class EngineHost:
     def abort_all(self) -> None:
         """Drops every prepared-but-uncommitted swap (their coordinator is gone)."""
         self._preparing.clear()
-        self._due.clear()
+        # A scheduled switch is past its commit point: it happens now rather than never.
+        self._switch_due(everything=True)
+        self._switched.clear()
         self._graveyard.extend(self._prepared.values())
         self._prepared.clear()
 

@@ -156,6 +156,7 @@ class ControlLink:
                 serving=[_convert.serving_pipeline(s) for s in self._host.states()],
                 instance_id=self.instance_id,
                 labels=self._labels,
+                draining=bool(self.draining),
             )
         )
         while True:
@@ -186,8 +187,7 @@ class ControlLink:
         # A fresh outbox per stream: stale answers for a previous session mean nothing now,
         # and swaps prepared for a previous stream will never be committed.
         self._outbox = asyncio.Queue()
-        if self.draining:
-            self._send(fleet_pb2.EngineMessage(drain=fleet_pb2.Drain(reason=self.draining)))
+        self._received_at_us.clear()
         self._host.abort_all()
         if self._relay is not None:
             self._relay.abort_all()
@@ -204,8 +204,8 @@ class ControlLink:
             call.cancel()
 
     def drain(self, reason: str) -> None:
-        """Tells the control plane this engine is shutting down, now and on every reconnect:
-        it moves this engine's pipelines elsewhere and then releases them here."""
+        """Tells the control plane this engine is shutting down, now and in the Hello of every
+        reconnect: it moves this engine's pipelines elsewhere and then releases them here."""
         if not self.draining:
             self.draining = reason
             self._send(fleet_pb2.EngineMessage(drain=fleet_pb2.Drain(reason=reason)))
@@ -383,10 +383,17 @@ class ControlLink:
         """Commits here and in every worker; answered once all have switched, so a client
         that sees Deploy return reads the new version from any process."""
         _logs.request_id.set(commit.request_id)
+        # This process switches at the same instant as its workers (they schedule it too),
+        # not once they have answered.
+        if _until(commit.switch_at_us) > 0:
+            self._schedule(commit)
         try:
             answers = await relay.commit(commit)
         except WorkerGone as exc:
             answers = [fleet_pb2.CommitResult(swap_id=commit.swap_id, error=str(exc))]
+        except BaseException:
+            self._received_at_us.pop(commit.swap_id, None)
+            raise
         failed = next((a for a in answers if not a.ok), None)
         # Past the commit point process 0 switches even when a worker could not, and the
         # workers are told what it now serves, so the engine converges on the new version;
@@ -449,6 +456,7 @@ class ControlLink:
                 received_at_us=self._received_at_us.pop(commit.swap_id, 0),
             )
         else:
+            self._received_at_us.pop(commit.swap_id, None)
             answer = fleet_pb2.CommitResult(
                 swap_id=commit.swap_id,
                 error=f"a worker process: {worker_failed.error}",

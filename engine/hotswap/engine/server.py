@@ -264,14 +264,16 @@ class EngineServer:
         return self.host, self.link
 
     async def drain(self) -> None:
-        """On SIGTERM, before stopping: says so to the control plane, which moves this
-        engine's pipelines to other engines (two-phase, this one serving until each commit),
-        then answers with what no other engine could take. Returns once this engine serves
-        only that, when the control plane goes away, or after `drain_timeout`. Health answers
-        NOT_SERVING meanwhile; in-flight requests finish in `stop`. Worker processes have
-        nothing to say: process 0 drains for them."""
+        """On SIGTERM, before stopping: says so to the control plane (even when serving
+        nothing, so that no replica is placed here meanwhile), which moves this engine's
+        pipelines to other engines (two-phase, this one serving until each commit) and answers
+        with what no other engine could take. Returns once this engine serves only that, or
+        after `drain_timeout`. A stream lost meanwhile (a control plane restarting) does not
+        end the wait while pipelines are still here: the drain goes on when the link is back.
+        Health answers NOT_SERVING throughout; in-flight requests finish in `stop`. Worker
+        processes have nothing to say: process 0 drains for them."""
         host, link = self.host, self.link
-        if host is None or link is None or self.settings.reuse_port or not host.states():
+        if host is None or link is None or self.settings.reuse_port:
             return
         host.draining = True
         host.changes.notify()
@@ -280,19 +282,24 @@ class EngineServer:
         deadline = loop.time() + self.settings.drain_timeout
 
         def moving() -> bool:
-            released = link.drained.is_set() and {s.key for s in host.states()} <= link.kept
-            return not released and link.connected.is_set() and loop.time() < deadline
+            if loop.time() >= deadline:
+                return False
+            served = {s.key for s in host.states()}
+            if link.drained.is_set():
+                return not served <= link.kept
+            return bool(served) or link.connected.is_set()
 
-        # Polled: the answer, the releases and a lost stream are three different events.
+        # Polled: the answer, the releases and the stream's ups and downs are separate events.
         while moving():
             await asyncio.sleep(DRAIN_POLL)
         left = sorted(state.key for state in host.states())
         if not link.drained.is_set():
-            log.warning(
-                "stopping without the control plane's drain answer (%s); still serving %s",
-                "timed out" if link.connected.is_set() else "it is away",
-                ", ".join(left),
-            )
+            if left or link.connected.is_set():
+                log.warning(
+                    "stopping without the control plane's drain answer (%s); still serving %s",
+                    "timed out" if link.connected.is_set() else "it is away",
+                    ", ".join(left) or "nothing",
+                )
         elif left:
             log.warning("drained; no other engine could take %s", ", ".join(left))
         else:

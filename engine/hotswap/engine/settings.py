@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -279,14 +280,25 @@ class Settings:
         return self.name or f"{socket.gethostname()}-{port}"
 
 
+# What the control plane accepts as a label key or value (and as any other name).
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_LABELS = 16
+
+
 def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
-    """``zone=a,host=n1`` as pairs; argparse shows the ValueError's message."""
+    """``zone=a,host=n1`` as pairs, checked as the control plane will check them, so a bad
+    label stops the engine at start rather than at every connect; argparse shows why."""
     pairs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise argparse.ArgumentTypeError(f"label {item!r} is not key=value")
+        if not sep or not _LABEL.fullmatch(key) or not _LABEL.fullmatch(value):
+            raise argparse.ArgumentTypeError(
+                f"label {item[:60]!r} is not key=value with both 1-100 letters, digits, '.', "
+                "'_' or '-'"
+            )
         pairs.append((key, value))
+    if len(pairs) > MAX_LABELS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_LABELS} labels, not {len(pairs)}")
     return tuple(pairs)
 
 

@@ -29,6 +29,9 @@ HEALTH_SERVICE: str = health.SERVICE_NAME
 REFLECTION_SERVICE: str = reflection.SERVICE_NAME
 
 
+# A health request names a service: a few hundred bytes at most.
+HEALTH_MESSAGE_BYTES = 4096
+
 # Streams anyone may hold open without a token (health Watch, reflection), per server: they
 # must not take the server's whole `maximum_concurrent_rpcs` from callers who have one.
 MAX_OPEN_STREAMS = 64
@@ -97,7 +100,14 @@ class Health:
         Watch streams count against the same bound as the main port's. Returns the server
         and its port."""
         server = grpc.aio.server(
-            options=server_options(), maximum_concurrent_rpcs=2 * MAX_OPEN_STREAMS
+            options=[
+                *server_options(max_message_bytes=HEALTH_MESSAGE_BYTES),
+                # Nobody parks a connection here: probes open, ask and go.
+                ("grpc.max_connection_idle_ms", 30_000),
+                ("grpc.max_connection_age_ms", 120_000),
+                ("grpc.max_connection_age_grace_ms", 5_000),
+            ],
+            maximum_concurrent_rpcs=2 * MAX_OPEN_STREAMS,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
         port = bind(server, listen, None)

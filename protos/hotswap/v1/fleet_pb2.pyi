@@ -236,6 +236,7 @@ class Hello(_message.Message):
     SERVING_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Stable engine name; a restarted engine reuses it to get its assignments back."""
     address: _builtins.str
@@ -244,6 +245,10 @@ class Hello(_message.Message):
     """Random id generated when the engine process starts. A Hello under a name that is live
     from another instance is refused (FAILED_PRECONDITION); the same instance reconnecting
     replaces its own stale stream.
+    """
+    draining: _builtins.bool
+    """The engine is shutting down (it sent Drain on an earlier stream): it gets no replicas,
+    and the drain goes on, on this stream.
     """
     @_builtins.property
     def serving(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServingPipeline]:
@@ -264,10 +269,11 @@ class Hello(_message.Message):
         serving: _abc.Iterable[Global___ServingPipeline] | None = ...,
         instance_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id", "labels", b"labels", "name", b"name", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "instance_id", b"instance_id", "labels", b"labels", "name", b"name", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
