@@ -171,6 +171,7 @@ class SwapCoordinator:
 
     async def _drain(self, engine: str) -> None:
         why = f"control plane (draining engine {engine})"
+
         # More than one pass: a deploy that was running when the drain began may have placed
         # a pipeline on this engine after the pass that looked.
         def on_it() -> list[Deployment]:
