@@ -26,15 +26,19 @@ def _report(what: str, **numbers: object) -> None:
     print(f"\n[multi-host] {what}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
 
 
+def _rf_on(cluster: Cluster, operator: Operator, engines: int, replicas: int) -> int:
+    """Engine hosts engine-1..`engines`, rf deployed on `replicas` of them; its version."""
+    for index in range(1, engines + 1):
+        cluster.start_engine(f"engine-{index}")
+    return operator.deploy("rf", replicas=replicas)
+
+
 def _two_replicas_and_a_spare(cluster: Cluster, operator: Operator) -> tuple[int, set[str], str]:
     """Three engine hosts, rf deployed on two: (the version, the two, the spare)."""
-    names = {"engine-1", "engine-2", "engine-3"}
-    for name in sorted(names):
-        cluster.start_engine(name)
-    version = operator.deploy("rf", replicas=2)
+    version = _rf_on(cluster, operator, engines=3, replicas=2)
     placed = set(cluster.serving("ws", "p"))
     assert len(placed) == 2
-    return version, placed, (names - placed).pop()
+    return version, placed, ({"engine-1", "engine-2", "engine-3"} - placed).pop()
 
 
 def _slowest(records: list[dict[str, float]]) -> float:
@@ -44,9 +48,7 @@ def _slowest(records: list[dict[str, float]]) -> float:
 def test_swaps_under_load_across_hosts_keep_every_guarantee(
     cluster: Cluster, operator: Operator
 ) -> None:
-    for name in ("engine-1", "engine-2"):
-        cluster.start_engine(name)
-    first = operator.deploy("rf", replicas=2)
+    first = _rf_on(cluster, operator, engines=2, replicas=2)
     returned: dict[int, float] = {}
     with cluster.load("ws", "p") as load:
         for model in ("gbr", "xgb", "rf"):
@@ -76,9 +78,7 @@ def test_swaps_under_load_across_hosts_keep_every_guarantee(
 def test_a_link_cut_during_prepare_aborts_the_deploy_and_the_rest_keeps_serving(
     cluster: Cluster, operator: Operator
 ) -> None:
-    for name in ("engine-1", "engine-2"):
-        cluster.start_engine(name)
-    first = operator.deploy("rf", replicas=2)
+    first = _rf_on(cluster, operator, engines=2, replicas=2)
     engine_2 = cluster.engines["engine-2"]
     with cluster.load("ws", "p") as load:
         # Cut before the control plane can notice (it sees a heartbeat gap only after
@@ -198,9 +198,7 @@ def test_an_engine_host_killed_costs_clients_seconds_at_most(
 def test_clients_are_served_while_the_control_plane_is_cut_off_from_everyone(
     cluster: Cluster, operator: Operator
 ) -> None:
-    for name in ("engine-1", "engine-2"):
-        cluster.start_engine(name)
-    version = operator.deploy("rf", replicas=2)
+    version = _rf_on(cluster, operator, engines=2, replicas=2)
     with cluster.load("ws", "p") as load:
         cluster.network.cut(cluster.control)
         cut = time.monotonic()
@@ -251,9 +249,7 @@ def test_plain_grpc_round_robin_over_a_dns_name_with_every_engine(
     when every engine behind the name serves the pipeline: deploy() returns after all of them
     committed."""
     names = ("engine-1", "engine-2")
-    for name in names:
-        cluster.start_engine(name)
-    operator.deploy("rf", replicas=2)
+    _rf_on(cluster, operator, engines=2, replicas=2)
     cluster.network.hosts_file(
         cluster.client_host, [(cluster.engines[n].address, "hotswap-engine.test") for n in names]
     )
@@ -277,9 +273,7 @@ def test_with_the_control_plane_away_an_engine_dying_costs_nothing(
     cluster: Cluster, operator: Operator
 ) -> None:
     """The SDK cannot ask for fresh endpoints, so it retries on the engines it knew."""
-    for name in ("engine-1", "engine-2"):
-        cluster.start_engine(name)
-    version = operator.deploy("rf", replicas=2)
+    version = _rf_on(cluster, operator, engines=2, replicas=2)
     with cluster.load("ws", "p") as load:
         cluster.network.cut(cluster.control)
         cluster.engines["engine-2"].kill_all()  # its link is up: callers get a reset at once

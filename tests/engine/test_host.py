@@ -42,6 +42,12 @@ def _ref(number: int, model: str, sha: str) -> VersionRef:
     return VersionRef("ws", "p", f"id-{number}", number, (ModelRef(model, f"{model}-v", sha),))
 
 
+async def _serve(host: EngineHost, swap_id: str, ref: VersionRef) -> None:
+    """Prepares and commits `ref`: it serves from then on."""
+    await host.prepare(swap_id, ref)
+    host.commit(swap_id)
+
+
 def _batch() -> pa.Table:
     values = pa.array(np.ones(18, dtype=np.float32))
     return pa.table({"tensor": pa.FixedSizeListArray.from_arrays(values, 18)})
@@ -52,8 +58,7 @@ async def test_swap_keeps_in_flight_requests_on_their_version_then_frees_it(
 ) -> None:
     cache, shas = _cache(tmp_path, assets)
     host = EngineHost(cache, RuntimeOptions(), retain_seconds=0)
-    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
-    host.commit("s1")
+    await _serve(host, "s1", _ref(1, "rf", shas["rf"]))
 
     in_flight = host.lookup("ws", "p")  # a request that started before the swap
     old = weakref.ref(in_flight)
@@ -77,18 +82,15 @@ async def test_rollback_to_a_retained_version_is_a_pointer_flip(
 ) -> None:
     cache, shas = _cache(tmp_path, assets)
     host = EngineHost(cache, RuntimeOptions(), retain_seconds=60, retain_versions=1)
-    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
-    host.commit("s1")
+    await _serve(host, "s1", _ref(1, "rf", shas["rf"]))
     first = host.lookup("ws", "p")
-    await host.prepare("s2", _ref(2, "gbr", shas["gbr"]))
-    host.commit("s2")
+    await _serve(host, "s2", _ref(2, "gbr", shas["gbr"]))
     prepared = await host.prepare("s3", _ref(1, "rf", shas["rf"]))
     assert prepared.reused
     host.commit("s3")
     assert host.lookup("ws", "p") is first
     # With retain_versions=1 only the version just swapped out is kept per pipeline.
-    await host.prepare("s4", _ref(3, "gbr", shas["gbr"]))
-    host.commit("s4")
+    await _serve(host, "s4", _ref(3, "gbr", shas["gbr"]))
     assert len(host.loaded_versions()) == 2  # v3 active, v1 retained
     assert {p.spec.version_id for p in host.loaded_versions()} == {"id-3", "id-1"}
 
@@ -108,8 +110,7 @@ async def test_retain_versions_bounds_what_stays_loaded(tmp_path: Path, assets: 
 async def test_abort_and_failures_leave_the_active_version(tmp_path: Path, assets: Path) -> None:
     cache, shas = _cache(tmp_path, assets)
     host = EngineHost(cache, RuntimeOptions(), retain_seconds=0)
-    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
-    host.commit("s1")
+    await _serve(host, "s1", _ref(1, "rf", shas["rf"]))
 
     await host.prepare("s2", _ref(2, "gbr", shas["gbr"]))
     host.abort("s2")
@@ -151,10 +152,8 @@ async def test_a_new_version_shares_the_sessions_of_models_already_loaded(
 ) -> None:
     cache, shas = _cache(tmp_path, assets)
     host = EngineHost(cache, RuntimeOptions(), retain_seconds=60)
-    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
-    host.commit("s1")
-    await host.prepare("s2", _ref(2, "gbr", shas["gbr"]))
-    host.commit("s2")
+    await _serve(host, "s1", _ref(1, "rf", shas["rf"]))
+    await _serve(host, "s2", _ref(2, "gbr", shas["gbr"]))
     rf_session = host.loaded_versions()[1].sessions_by_sha()[shas["rf"]]
     # Version 3 runs rf again, with a new version id: rf's session (held by retained v1) is
     # shared, not built, nor warmed up again (v1 ran the same steps).
@@ -195,8 +194,7 @@ async def test_a_scheduled_switch_serves_the_new_version_from_its_instant(
 ) -> None:
     cache, shas = _cache(tmp_path, assets)
     host = EngineHost(cache, RuntimeOptions(), retain_seconds=60)
-    await host.prepare("s1", _ref(1, "rf", shas["rf"]))
-    host.commit("s1")
+    await _serve(host, "s1", _ref(1, "rf", shas["rf"]))
     await host.prepare("s2", _ref(2, "gbr", shas["gbr"]))
     now_us = time.time_ns() // 1000
     host.schedule("s2", now_us + 3_600_000_000)  # an hour ahead: not yet
