@@ -171,6 +171,20 @@ def test_only_engines_reach_the_fleet_port(rendered: tuple[str, list[dict[str, A
 
 
 @needs_kubectl
+def test_secured_metrics_are_for_prometheus_alone(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, docs = rendered
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        [rule] = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
+        if name == "secured":
+            namespace = {"kubernetes.io/metadata.name": "monitoring"}
+            assert rule["from"] == [{"namespaceSelector": {"matchLabels": namespace}}]
+        else:
+            assert "from" not in rule  # dev: anyone in the cluster may scrape
+
+
+@needs_kubectl
 def test_files_named_in_arguments_are_on_mounted_volumes(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:
