@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import shutil
@@ -14,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hotswap.engine.blob_cache import BlobCache
+from hotswap.engine.blob_cache import BlobCache, Fetcher
 from hotswap.engine.errors import BlobError, PipelineNotServed, PrepareError
 from hotswap.engine.host import EngineHost, ModelRef, VersionRef
 from hotswap.engine.runtime import RuntimeOptions
@@ -25,9 +26,11 @@ async def _no_fetch(sha256: str, offset: int) -> AsyncIterator[bytes]:
     yield b""  # pragma: no cover - makes this an async generator
 
 
-def _cache(tmp_path: Path, assets: Path) -> tuple[BlobCache, dict[str, str]]:
+def _cache(
+    tmp_path: Path, assets: Path, fetch: Fetcher = _no_fetch
+) -> tuple[BlobCache, dict[str, str]]:
     """A blob cache pre-filled with the tutorial models, as if fetched earlier."""
-    cache = BlobCache(tmp_path / "cache", _no_fetch)
+    cache = BlobCache(tmp_path / "cache", fetch)
     shas = {}
     for model in ("rf", "gbr"):
         data = (assets / "models" / f"{model}_model.onnx").read_bytes()
@@ -217,3 +220,31 @@ async def test_a_scheduled_switch_serves_the_new_version_from_its_instant(
     host.schedule("s4", time.time_ns() // 1000 + 3_600_000_000)
     host.abort_all()
     assert host.lookup("ws", "p").spec.number == 4
+
+
+async def test_an_older_desired_state_never_undoes_a_newer_swap(
+    tmp_path: Path, assets: Path
+) -> None:
+    """A desired state applied slowly (here: another pipeline's model still downloading)
+    must not restore a version that a swap replaced after the state was sent."""
+    gbr = (assets / "models" / "gbr_model.onnx").read_bytes()
+    release = asyncio.Event()
+
+    async def slow_fetch(sha256: str, offset: int) -> AsyncIterator[bytes]:
+        await release.wait()
+        yield gbr[offset:]
+
+    cache, shas = _cache(tmp_path, assets, slow_fetch)
+    cache.path(shas["gbr"]).unlink()  # q's model must be fetched, slowly
+    host = EngineHost(cache, RuntimeOptions(), retain_seconds=60)
+    await _serve(host, "s1", _ref(1, "rf", shas["rf"]))
+    q = VersionRef("ws", "q", "q-1", 1, (ModelRef("gbr", "gbr-v", shas["gbr"]),))
+    # The state sent before the swap below: q (downloading), then p still at version 1.
+    seen = host.swaps_seen()
+    # It cannot reach p before q's download ends, which waits for `release`.
+    applying = asyncio.ensure_future(host.reconcile([q, _ref(1, "rf", shas["rf"])], seen))
+    await _serve(host, "s2", _ref(2, "rf", shas["rf"]))  # the swap: p is at version 2 now
+    release.set()
+    await asyncio.wait_for(applying, 30)
+    assert host.lookup("ws", "p").spec.number == 2
+    assert host.lookup("ws", "q").spec.number == 1

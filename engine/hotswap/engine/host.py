@@ -102,6 +102,10 @@ class Changes:
             await self._event.wait()
 
 
+# The swap id prefix of versions the desired state loads (not swaps the control plane runs).
+DESIRED_SWAP = "desired:"
+
+
 def _everything(workspace: str) -> bool:
     return True
 
@@ -141,6 +145,8 @@ class EngineHost:
         self.draining = False
         # Wall-clock instant (Unix µs) from which the last commit's version served.
         self.switched_at_us = 0
+        # Swaps committed per pipeline (not counting the desired state's own loads).
+        self._swaps: dict[str, int] = {}
         # Commits scheduled for an instant (swap id -> Unix µs), and those a request switched
         # before the commit call came (swap id -> the switch's µs and instant).
         self._due: dict[str, int] = {}
@@ -293,6 +299,8 @@ class EngineHost:
         key = f"{loaded.spec.workspace}/{loaded.spec.pipeline}"
         old = self._active.get(key)
         self._active[key] = loaded
+        if not swap_id.startswith(DESIRED_SWAP):
+            self._swaps[key] = self._swaps.get(key, 0) + 1
         switch_us = (time.perf_counter_ns() - start) / 1000
         # From when requests meet it: the scheduled instant (no lookup since saw the old
         # version), or now.
@@ -353,16 +361,34 @@ class EngineHost:
 
     # -- desired state (level-triggered) ------------------------------------------------
 
-    async def reconcile(self, desired: list[VersionRef]) -> None:
-        """Makes the active set match `desired`: loads what is missing, releases the rest."""
+    def swaps_seen(self) -> dict[str, int]:
+        """How many swaps each pipeline has committed so far (`reconcile`'s `seen`)."""
+        return dict(self._swaps)
+
+    async def reconcile(
+        self, desired: list[VersionRef], seen: dict[str, int] | None = None
+    ) -> None:
+        """Makes the active set match `desired`: loads what is missing, releases the rest.
+
+        `seen` is `swaps_seen()` when the desired state arrived. A pipeline that a swap
+        committed since then keeps the swap's version: the swap is newer than this desired
+        state (the control plane sends the one that follows it right after the commit), and
+        restoring the older version would break read-your-writes until that one came.
+        """
+        seen = self.swaps_seen() if seen is None else seen
         async with self._reconcile_lock:
             wanted = {ref.key: ref for ref in desired}
-            for key in [k for k in self._active if k not in wanted]:
+
+            def swapped_since(key: str) -> bool:
+                return self._swaps.get(key, 0) != seen.get(key, 0)
+
+            for key in [k for k in self._active if k not in wanted and not swapped_since(k)]:
                 released = self._active.pop(key)
                 self._graveyard.append(released)
                 log.info("released %s version %d", key, released.spec.number)
             for version_id, (loaded, _) in list(self._retained.items()):
-                if f"{loaded.spec.workspace}/{loaded.spec.pipeline}" not in wanted:
+                key = f"{loaded.spec.workspace}/{loaded.spec.pipeline}"
+                if key not in wanted and not swapped_since(key):
                     del self._retained[version_id]
                     self._graveyard.append(loaded)
             for key in [k for k in self._pending if k not in wanted]:
@@ -377,7 +403,8 @@ class EngineHost:
             self.changes.notify()
             for ref in desired:
                 active = self._active.get(ref.key)
-                if active is not None and active.spec.version_id == ref.version_id:
+                current = active is not None and active.spec.version_id == ref.version_id
+                if current or swapped_since(ref.key):
                     self._pending.pop(ref.key, None)
                     continue
                 self._pending[ref.key] = "Loading"
@@ -389,7 +416,7 @@ class EngineHost:
                     self.changes.notify()
                     continue
                 if ref.key in self._pending:  # not released while loading
-                    swap_id = f"desired:{ref.version_id}"
+                    swap_id = f"{DESIRED_SWAP}{ref.version_id}"
                     self._prepared[swap_id] = loaded
                     self.commit(swap_id)
 

@@ -240,7 +240,8 @@ class ControlLink:
         elif kind == "logs":
             self._spawn(self._answer_logs(message.logs))
         elif kind == "desired":
-            self._spawn(self._apply_desired(message.desired))
+            # Which swaps this state has seen is fixed now, as it arrives (engine/host.py).
+            self._spawn(self._apply_desired(message.desired, self._host.swaps_seen()))
         elif kind == "prepare":
             self._spawn(self._prepare(message.prepare))
         elif kind == "commit" and self._relay is not None:
@@ -294,14 +295,18 @@ class ControlLink:
             result.error = str(exc)
         self._send(fleet_pb2.EngineMessage(logs=result))
 
-    async def _apply_desired(self, desired: fleet_pb2.DesiredState) -> None:
+    async def _apply_desired(
+        self, desired: fleet_pb2.DesiredState, seen: dict[str, int] | None = None
+    ) -> None:
         self._report()  # shows "Loading" while it builds; nothing applied yet (revision 0)
         refs = [_convert.version_ref(v) for v in desired.pipelines]
         if self._relay is None:
-            await self._host.reconcile(refs)
+            await self._host.reconcile(refs, seen)
         else:  # applied once every process has applied it
             try:
-                await asyncio.gather(self._host.reconcile(refs), self._relay.apply_desired(desired))
+                await asyncio.gather(
+                    self._host.reconcile(refs, seen), self._relay.apply_desired(desired)
+                )
             except WorkerGone as exc:  # not applied everywhere: not reported as applied
                 log.error(
                     "desired state %d not applied by every process: %s", desired.revision, exc
