@@ -126,7 +126,11 @@ def test_containers_take_arguments_the_services_understand(
     # preStop, the drain and the stop's grace fit in the grace period.
     pod = _of(docs, "Deployment", "hotswap-engine")["spec"]["template"]["spec"]
     pre_stop = _container(_of(docs, "Deployment", "hotswap-engine"))["lifecycle"]["preStop"]
-    budget = pre_stop["sleep"]["seconds"] + engine_settings.drain_timeout + 2
+    # The hook starts the drain at once (SIGUSR1 to the engine, PID 1), then waits for the
+    # Service endpoints to drop the pod.
+    hook = re.fullmatch(r"kill -USR1 1; sleep (\d+)", pre_stop["exec"]["command"][2])
+    assert hook is not None, pre_stop
+    budget = int(hook.group(1)) + engine_settings.drain_timeout + 2
     assert budget < pod["terminationGracePeriodSeconds"]
 
 

@@ -132,3 +132,30 @@ def test_the_last_engine_serves_until_the_control_plane_says_nothing_can_move(
 @pytest.fixture
 def tutorial_frame(assets: Path) -> pd.DataFrame:
     return pd.DataFrame(json.loads((assets / "data" / "xtest-1k.df.json").read_text()))
+
+
+def test_sigusr1_starts_the_drain_while_the_engine_keeps_running(
+    tmp_path: Path, assets: Path, tutorial_frame: pd.DataFrame
+) -> None:
+    """What the Kubernetes preStop hook sends before SIGTERM: the replica moves away at once,
+    and no new replica comes to the engine, while it is still up."""
+    with (
+        LocalStack(tmp_path / "stack", engines=2) as stack,
+        hotswap.Client(stack.control_address) as client,
+    ):
+        _deploy_rf(client, assets)
+        leaving = _serving_engine(stack)
+        staying = next(n for n in stack.engine_names if n != leaving)
+        with Load(stack.control_address, tutorial_frame.head(1)) as load:
+            load.wait_for(stack.address_of(leaving), 20)
+            stack.kill(leaving, signal.SIGUSR1)
+            load.wait_for(stack.address_of(staying), 50)
+        assert load.errors == []
+        assert _serving_engine(stack) == staying
+        assert stack.processes[leaving].poll() is None  # still running: SIGTERM ends it
+        engines = {e["name"]: e for e in client.list_engines()}
+        assert engines[leaving]["draining"] and not engines[staying]["draining"]
+        # A new deployment does not go to the draining engine, though it is the least loaded.
+        model = client.upload_model("rf2", assets / "models" / "rf_model.onnx")
+        other = client.build_pipeline("other").add_model_step(model).deploy()
+        assert [e["name"] for e in other.status()["engines"]] == [staying]

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import shutil
+import signal
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,10 @@ class EngineServer:
 
     async def start(self) -> str:
         self._check_credential_transport()
+        if not self.settings.reuse_port:  # process 0: a worker's drain is process 0's
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGUSR1, self.begin_drain, "about to stop (SIGUSR1)"
+            )
         port = bind(
             self._server,
             self.settings.listen,
@@ -263,6 +268,16 @@ class EngineServer:
         )
         return self.host, self.link
 
+    def begin_drain(self, reason: str) -> None:
+        """Starts draining (NOT_SERVING, and the control plane moves the pipelines away) while
+        the engine goes on serving until it is stopped. On SIGUSR1, which a Kubernetes preStop
+        hook sends before SIGTERM, so that no replica is placed here in the meantime."""
+        if self.host is None or self.link is None or self.settings.reuse_port:
+            return
+        self.host.draining = True
+        self.host.changes.notify()
+        self.link.drain(reason)
+
     async def drain(self) -> None:
         """On SIGTERM, before stopping: says so to the control plane (even when serving
         nothing, so that no replica is placed here meanwhile), which moves this engine's
@@ -275,9 +290,7 @@ class EngineServer:
         host, link = self.host, self.link
         if host is None or link is None or self.settings.reuse_port:
             return
-        host.draining = True
-        host.changes.notify()
-        link.drain("shutting down (SIGTERM)")
+        self.begin_drain("shutting down (SIGTERM)")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
 
