@@ -58,7 +58,6 @@ class Cluster:
         self.control = network.add_host("control")
         self.client_host = network.add_host("client")
         self.engines: dict[str, Host] = {}
-        self._engine_processes: dict[str, Any] = {}
 
     @property
     def control_address(self) -> str:

@@ -177,20 +177,20 @@ class SwapCoordinator:
         def on_it() -> list[Deployment]:
             return [d for d in self._store.deployments() if engine in d.engines]
 
+        placed = on_it()
         for _ in range(DRAIN_PASSES):
-            before = on_it()
-            if not before or not self._placeable():
+            if not placed or not self._placeable():
                 break
-            keys = {d.version.key for d in before}
+            keys = {d.version.key for d in placed}
             self._refilling |= keys  # the lost-replica check leaves them to this drain
             try:
-                await asyncio.gather(*(self._refill(d, why) for d in before))
+                await asyncio.gather(*(self._refill(d, why) for d in placed))
             finally:
                 self._refilling -= keys
-            if on_it() == before:
+            before, placed = placed, on_it()
+            if placed == before:
                 break  # nothing changed (no engine could take them): another pass would not
-        kept = [d.version.key for d in self._store.deployments() if engine in d.engines]
-        self._engines.drained(engine, kept)
+        self._engines.drained(engine, [d.version.key for d in placed])
 
     def _start_refill(self, deployment: Deployment) -> None:
         key = deployment.version.key

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.errors import NotPrepared, PipelineLoading, PipelineNotServed, PrepareError
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, RuntimeOptions, StepSpec
+from hotswap.engine.settings import NAME
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,6 @@ class PipelineState:
     active: LoadedPipeline | None
     state: str  # Running | Loading | Error
     error: str
-
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class Changes:
@@ -203,7 +200,7 @@ class EngineHost:
     async def _build(self, ref: VersionRef) -> tuple[LoadedPipeline, Prepared]:
         for kind, name in (("workspace", ref.workspace), ("pipeline", ref.pipeline)):
             # Names become inference-log directories and metric labels: checked, whoever sent.
-            if not _NAME.fullmatch(name):
+            if not NAME.fullmatch(name):
                 raise PrepareError(f"the control plane sent an invalid {kind} name {name[:40]!r}")
         reused = self._reusable(ref)
         if reused is not None:

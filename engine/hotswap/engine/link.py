@@ -107,7 +107,7 @@ class ControlLink:
         labels: Mapping[str, str] | None = None,
     ) -> None:
         self._labels = dict(labels or {})
-        # Why this engine is shutting down, once it is (sent again on every new stream), and
+        # Why this engine is shutting down, once it is (in the Hello of every new stream), and
         # the control plane's answer: set once it moved what it could; `kept` is the rest.
         self.draining = ""
         self.drained = asyncio.Event()

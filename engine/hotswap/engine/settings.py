@@ -280,8 +280,8 @@ class Settings:
         return self.name or f"{socket.gethostname()}-{port}"
 
 
-# What the control plane accepts as a label key or value (and as any other name).
-_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# A name as the control plane accepts one (workspace, pipeline, label key or value).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_LABELS = 16
 
 
@@ -291,7 +291,7 @@ def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
-        if not sep or not _LABEL.fullmatch(key) or not _LABEL.fullmatch(value):
+        if not sep or not NAME.fullmatch(key) or not NAME.fullmatch(value):
             raise argparse.ArgumentTypeError(
                 f"label {item[:60]!r} is not key=value with both 1-100 letters, digits, '.', "
                 "'_' or '-'"
