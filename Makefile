@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PROTOS := $(shell find protos -name '*.proto' | sort)
 MODELS := examples/housing/models/.stamp
 
-.PHONY: install proto proto-check fmt lint test test-all demo models bench bench-auth clean
+.PHONY: install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic clean
 
 install: $(STAMP)
 
@@ -52,6 +52,10 @@ bench: $(STAMP)
 # The token check's cost alone (make bench includes it): bench/results/<date>-<host>-auth.md.
 bench-auth: $(STAMP)
 	$(PY) -m bench._auth
+
+# Shadow deploys' cost to the champion alone (make bench includes it): <date>-<host>-traffic.md.
+bench-traffic: $(STAMP)
+	$(PY) -m bench._shadow
 
 demo: $(STAMP) $(MODELS)
 	$(VENV)/bin/hotswap demo --models examples/housing/models

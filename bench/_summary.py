@@ -249,6 +249,10 @@ def markdown(r: dict[str, Any]) -> str:
         from bench import _auth
 
         lines += _auth.summary(r["auth"])
+    if r.get("shadow"):
+        from bench import _shadow
+
+        lines += _shadow.summary(r["shadow"])
     if r.get("fleet"):
         from bench import _fleet
 

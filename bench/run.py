@@ -5,7 +5,8 @@
 Phases: (1) in-process ONNX Runtime, (2) the bare reference server and (3) the service on
 the same batches; (4) 50 swaps under load; (5) a soak of many swaps with the engine's RSS
 sampled; (6) deploy time and serving pause for ~1/10/100 MB models; (7) a 16-engine
-fleet's deploy time and cutover spread, light and saturated (bench/_fleet.py). Writes
+fleet's deploy time and cutover spread, light and saturated (bench/_fleet.py); the champion
+with and without two shadow challengers (bench/_shadow.py). Writes
 <out>/<date>-<host>.json and .md (see bench/README.md).
 """
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # `bench.*` when run as a script
 
 import pyarrow as pa  # noqa: E402
 
-from bench import _auth, _cells, _fleet, _models, _peers, _summary  # noqa: E402
+from bench import _auth, _cells, _fleet, _models, _peers, _shadow, _summary  # noqa: E402
 from hotswap.clients.loadtest import SwapPlan, _input  # noqa: E402
 
 SHARED_MODELS = ROOT.parent / "shared" / "assets" / "models"
@@ -246,6 +247,7 @@ def main(argv: list[str]) -> int:
         logging_phase(results, models, tmp, seconds)
         log("token check: open vs token file, 1 row")
         results["auth"] = _auth.phase(models, tmp, rows_table(1), seconds)
+        results["shadow"] = _shadow.phase(models, tmp, tables, seconds, log)
         with _cells.service(tmp / "swaps", 1, models) as (stack, engine):
             swap_phase(results, stack, engine, 50)
             soak_phase(results, stack, engine, 200 if args.quick else 1000)

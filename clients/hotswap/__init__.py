@@ -67,6 +67,8 @@ if TYPE_CHECKING:
         PipelineVersion,
         PipelineVersionList,
     )
+    from hotswap.clients._rollout import Rollout
+    from hotswap.clients._splits import Split
 
 _EXPORTS: dict[str, str] = {
     "Client": "_client",
@@ -102,6 +104,8 @@ _EXPORTS: dict[str, str] = {
     "PipelineList": "_pipeline",
     "PipelineVersion": "_pipeline_version",
     "PipelineVersionList": "_pipeline_version",
+    "Rollout": "_rollout",
+    "Split": "_splits",
 }
 
 __all__ = [
@@ -132,8 +136,10 @@ __all__ = [
     "PipelineList",
     "PipelineVersion",
     "PipelineVersionList",
+    "Rollout",
     "Served",
     "ServerError",
+    "Split",
     "TensorSpec",
     "UnavailableError",
     "Workspace",

@@ -35,8 +35,13 @@ def _blocks(languages: set[str], *sections: str) -> list[str]:
 
 def test_the_python_blocks_run_as_written(tmp_path: Path) -> None:
     pytest.importorskip("sklearn", reason="the demo models need the [train] extra")
-    blocks = _blocks({"python"}, "Running it", "Calling an engine from anything")
-    assert len(blocks) == 2
+    blocks = _blocks(
+        {"python"},
+        "Running it",
+        "A/B tests, shadow deploys and rollouts",
+        "Calling an engine from anything",
+    )
+    assert len(blocks) == 3
     models = tmp_path / "clone" / "examples" / "housing" / "models"
     subprocess.run(
         [
@@ -68,7 +73,11 @@ def test_the_python_blocks_run_as_written(tmp_path: Path) -> None:
     assert lines[1].startswith("2 ['housing-gbr'] 127.0.0.1:")
     assert lines[2] == "1"
     assert lines[3] == "Running [1, 2]"
-    assert lines[4].startswith("1 ")  # the raw Engine.Infer call, served by version 1
+    assert lines[4] == "[1, 1]"  # each row of the A/B test names the one model that served it
+    state, final = lines[5].split()
+    assert state == "completed"  # the rollout moved the traffic to gbr by itself
+    # The raw Engine.Infer call, served by the version the rollout ended on.
+    assert lines[6].startswith(f"{final} ")
 
 
 def test_the_shell_blocks_name_real_targets_and_commands() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.message_factory import GetMessageClass
 
 import hotswap
 from hotswap.clients._rpc import Security, open_channel
@@ -120,6 +121,49 @@ def pa_table(x: np.ndarray) -> Any:
 
     flat = pa.array(x.ravel())
     return pa.table({"tensor": pa.FixedSizeListArray.from_arrays(flat, x.shape[1])})
+
+
+def test_every_control_plane_method_needs_a_token_and_rollouts_the_workspace(
+    secured: LocalStack, assets: Path
+) -> None:
+    # Every method, including ones added later (rollouts): an anonymous call never gets in.
+    channel = grpc.insecure_channel(secured.control_address)
+    service = c.DESCRIPTOR.services_by_name["ControlPlane"]
+    for method in service.methods:
+        path = f"/{service.full_name}/{method.name}"
+        request: Any = GetMessageClass(method.input_type)()
+        if "workspace" in method.input_type.fields_by_name:
+            request.workspace = "alice-ws"
+        if method.client_streaming:
+            call: Any = channel.stream_unary(
+                path, request_serializer=lambda m: m.SerializeToString()
+            )
+            code, _ = _code(partial(call, iter([request])))
+        else:
+            call = channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString())
+            code, _ = _code(partial(call, request))
+        assert code == grpc.StatusCode.UNAUTHENTICATED, method.name
+
+    admin = hotswap.Client(secured.control_address, token=ADMIN)
+    admin.set_current_workspace(admin.create_workspace("ops"))
+    rf = admin.upload_model("rf", assets / "models" / "rf_model.onnx")
+    gbr = admin.upload_model("gbr", assets / "models" / "gbr_model.onnx")
+    admin.build_pipeline("p").add_model_step(rf).deploy()
+    alice = _control(secured.control_address, ALICE)
+    for call in (
+        lambda: alice.StartRollout(
+            c.StartRolloutRequest(workspace="ops", pipeline="p", model=c.StepRef(model="gbr"))
+        ),
+        lambda: alice.GetRollout(c.GetRolloutRequest(workspace="ops", pipeline="p")),
+        lambda: alice.AbortRollout(c.AbortRolloutRequest(workspace="ops", pipeline="p")),
+    ):
+        code, message = _code(call)
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "'ops'" in message
+    assert admin.get_pipeline("p").deployed_version().steps()[0].name() == "rf"  # type: ignore[union-attr]
+    # The workspace's own token may: the rollout's swaps name who started it.
+    rollout = admin.get_pipeline("p").rollout(gbr, steps=(100,), step_seconds=0.1).wait(30)
+    assert rollout.state() == "completed"
+    assert admin.get_pipeline("p").swaps(1)[0]["requested_by"].endswith("(admin)")
 
 
 def test_fleet_needs_the_engine_credential(secured: LocalStack) -> None:

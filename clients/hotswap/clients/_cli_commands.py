@@ -24,6 +24,7 @@ from hotswap.clients._deploy import DeploymentConfig, DeployResult
 from hotswap.clients._errors import EntityNotFoundError, HotswapError, InvalidInputError
 from hotswap.clients._pipeline import Pipeline
 from hotswap.clients._render import grid_text, kv_text
+from hotswap.clients._rollout import Rollout
 
 __all__ = ["HotswapError", "Output", "emit"]
 
@@ -264,7 +265,58 @@ def pipeline_status(args: argparse.Namespace) -> Output:
         if rows:
             headers = ("engine", "address", "status", "serving version", "models", "reason")
             lines.append(grid_text(headers, rows))
+        if "rollout" in status:
+            lines.append(repr(wl.get_pipeline(args.pipeline).rollout_status()))
         return Output(status, "\n".join(lines))
+
+
+# --- rollouts ----------------------------------------------------------------------------------
+
+# Exit code of `rollout start` (waiting) and `rollout status` when the rollout did not complete.
+ROLLOUT_NOT_COMPLETED = 1
+
+
+def _rollout_output(rollout: Rollout) -> Output:
+    ended = rollout.state() not in ("running", "completed")
+    return Output(rollout.to_dict(), repr(rollout), exit_code=ROLLOUT_NOT_COMPLETED * ended)
+
+
+def _percents(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidInputError(
+            f"--steps takes percents separated by commas (e.g. 5,25,50,100), not {text!r}"
+        ) from None
+
+
+def rollout_start(args: argparse.Namespace) -> Output:
+    with _client(args) as wl:
+        pipeline = wl.get_pipeline(args.pipeline)
+        model = wl.get_model(args.model, version=args.model_version)
+        rollout = pipeline.rollout(
+            model,
+            steps=_percents(args.steps),
+            step_seconds=args.step_seconds,
+            max_error_rate=args.max_error_rate,
+            max_latency_ratio=args.max_latency_ratio,
+            index=args.index,
+            min_requests=args.min_requests,
+        )
+        if not args.no_wait:
+            rollout.wait(args.timeout)
+        return _rollout_output(rollout)
+
+
+def rollout_status(args: argparse.Namespace) -> Output:
+    with _client(args) as wl:
+        return _rollout_output(wl.get_pipeline(args.pipeline).rollout_status())
+
+
+def rollout_abort(args: argparse.Namespace) -> Output:
+    with _client(args) as wl:
+        rollout = wl.get_pipeline(args.pipeline).abort_rollout(args.reason or "")
+        return Output(rollout.to_dict(), repr(rollout))
 
 
 def pipeline_versions(args: argparse.Namespace) -> Output:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hotswap.clients._errors import HotswapWarning, InvalidInputError
+from hotswap.clients._rollout import rollout_dict
 from hotswap.v1 import control_pb2
 
 
@@ -168,6 +169,8 @@ def status_dict(status: control_pb2.PipelineStatus) -> dict[str, Any]:
             "target_version": swap.target_version,
             "engines": {e.engine: e.stage for e in swap.engines},
         }
+    if status.HasField("rollout"):
+        shaped["rollout"] = rollout_dict(status.rollout)
     return shaped
 
 

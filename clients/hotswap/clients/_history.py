@@ -21,7 +21,13 @@ if TYPE_CHECKING:
 
 DEFAULT_DATASET = ("time", "in", "out", "check_failures")
 # What dataset=["metadata"] adds (as in the Wallaroo SDK); "*" keeps every column.
-METADATA_COLUMNS = ("metadata.last_model", "metadata.pipeline_version", "metadata.elapsed")
+METADATA_COLUMNS = (
+    "metadata.last_model",
+    "metadata.pipeline_version",
+    "metadata.elapsed",
+    "metadata.shadow_elapsed",  # shadow deploys: {challenger: ns}
+    "metadata.shadow_errors",
+)
 
 
 def answer_exclude(
@@ -88,6 +94,8 @@ def select(table: pa.Table, dataset: Sequence[str] | None) -> pa.Table:
             return name in wanted
         if prefix in ("in", "out"):
             return prefix in wanted
+        if prefix.startswith("out_"):  # a shadow challenger's outputs, `out_<model>.<output>`
+            return "out" in wanted
         return "metadata" in wanted and name in METADATA_COLUMNS
 
     keep = [name for name in table.column_names if kept(name)]
@@ -131,6 +139,7 @@ def swap_dict(swap: control_pb2.SwapRecord) -> dict[str, Any]:
         "duration_ms": swap.ended_ms - swap.started_ms if swap.ended_ms else None,
         "outcome": swap.outcome,
         "reason": swap.reason,
+        "note": swap.note,
         "requested_by": swap.requested_by,
         "request_id": swap.request_id,
         "prepare_ms": round(swap.prepare_ms, 3),
@@ -173,7 +182,7 @@ def last_model_name(value: str) -> str:
 class SwapList(list[dict[str, Any]]):
     """Swap records, newest first, that render as a table (``to_pandas()`` for a DataFrame)."""
 
-    _HEADERS = ("started", "kind", "from", "to", "outcome", "ms", "requested_by", "reason")
+    _HEADERS = ("started", "kind", "from", "to", "outcome", "ms", "requested_by", "reason / note")
 
     def _rows(self) -> list[tuple[Any, ...]]:
         return [
@@ -185,7 +194,7 @@ class SwapList(list[dict[str, Any]]):
                 s["outcome"],
                 s["duration_ms"],
                 s["requested_by"],
-                s["reason"],
+                s["reason"] or s["note"],
             )
             for s in self
         ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -40,7 +40,16 @@ from hotswap.clients._infer import DEFAULT_BATCH_ROWS, Router, Served, served_at
 from hotswap.clients._model import Model
 from hotswap.clients._pipeline_version import PipelineVersion, PipelineVersionList, list_versions
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
+from hotswap.clients._rollout import Rollout
 from hotswap.clients._rpc import new_request_id
+from hotswap.clients._splits import (
+    Split,
+    check_model,
+    key_split,
+    random_split,
+    shadow_deploy,
+    step_key,
+)
 from hotswap.v1 import control_pb2
 
 if TYPE_CHECKING:
@@ -59,7 +68,7 @@ class Pipeline:
         self,
         channels: Channels,
         proto: control_pb2.Pipeline,
-        steps: list[Model],
+        steps: Sequence[Model | Split],
         pinned: PipelineVersion | None = None,
     ) -> None:
         self._channels = channels
@@ -127,19 +136,70 @@ class Pipeline:
 
     # --- staging steps ----------------------------------------------------------------------
 
-    def steps(self) -> list[Model]:
-        """The staged steps (initially those of the deployed or latest version)."""
+    def steps(self) -> list[Model | Split]:
+        """The staged steps (initially those of the deployed or latest version): a Model, or
+        a Split for a step of several models."""
         return list(self._steps)
 
     def add_model_step(self, model: Model) -> Pipeline:
         """Appends a step; returns the pipeline so calls chain."""
-        self._steps.append(_check_model(model, "add_model_step"))
+        self._steps.append(check_model(model, "add_model_step"))
         return self
 
     def replace_with_model_step(self, index: int, model: Model) -> Pipeline:
         """Replaces step ``index`` (0-based); ``deploy()`` then hot-swaps it in."""
         self._check_index(index)
-        self._steps[index] = _check_model(model, "replace_with_model_step")
+        self._steps[index] = check_model(model, "replace_with_model_step")
+        return self
+
+    def add_random_split(
+        self, weighted: Sequence[tuple[float, Model]], hash_key: str | None = None
+    ) -> Pipeline:
+        """Appends an A/B step: each row goes to one model, with probability weight / total.
+        With ``hash_key`` (an input column), rows with the same value always go to the same
+        model. Each answer row names its model in ``out._model_split``."""
+        self._steps.append(random_split(weighted, hash_key, "add_random_split"))
+        return self
+
+    def replace_with_random_split(
+        self, index: int, weighted: Sequence[tuple[float, Model]], hash_key: str | None = None
+    ) -> Pipeline:
+        """Replaces step ``index`` with a random split (see :meth:`add_random_split`);
+        ``deploy()`` makes new weights live with a hot swap."""
+        self._check_index(index)
+        self._steps[index] = random_split(weighted, hash_key, "replace_with_random_split")
+        return self
+
+    def add_key_split(
+        self, default: Model, meta_key: str, options: Mapping[str, Model]
+    ) -> Pipeline:
+        """Appends a step that sends rows whose ``meta_key`` column equals a key of
+        ``options`` to that model, and every other row to ``default``."""
+        self._steps.append(key_split(default, meta_key, options, "add_key_split"))
+        return self
+
+    def replace_with_key_split(
+        self, index: int, default: Model, meta_key: str, options: Mapping[str, Model]
+    ) -> Pipeline:
+        """Replaces step ``index`` with a key split (see :meth:`add_key_split`)."""
+        self._check_index(index)
+        self._steps[index] = key_split(default, meta_key, options, "replace_with_key_split")
+        return self
+
+    def add_shadow_deploy(self, champion: Model, challengers: Sequence[Model]) -> Pipeline:
+        """Appends a step answered by ``champion``; the ``challengers`` run on the same input
+        without holding up or failing the request, and their outputs go to the logs as
+        ``out_<challenger>.<output>`` (with ``metadata.shadow_elapsed`` and
+        ``metadata.shadow_errors``)."""
+        self._steps.append(shadow_deploy(champion, challengers, "add_shadow_deploy"))
+        return self
+
+    def replace_with_shadow_deploy(
+        self, index: int, champion: Model, challengers: Sequence[Model]
+    ) -> Pipeline:
+        """Replaces step ``index`` with a shadow deploy (see :meth:`add_shadow_deploy`)."""
+        self._check_index(index)
+        self._steps[index] = shadow_deploy(champion, challengers, "replace_with_shadow_deploy")
         return self
 
     def remove_step(self, index: int) -> Pipeline:
@@ -178,6 +238,7 @@ class Pipeline:
                 steps=[
                     control_pb2.StepRef(model=m.name(), version=m.version()) for m in self._steps
                 ],
+                splits=[s.to_ref(i) for i, s in enumerate(self._steps) if isinstance(s, Split)],
             )
         )
         self._pinned = PipelineVersion(self._channels, proto)
@@ -242,11 +303,79 @@ class Pipeline:
                 stacklevel=2,
             )
         deployed = PipelineVersion(self._channels, resp.version)
-        if deployed.step_keys() != tuple((m.name(), m.version()) for m in self._steps):
+        if deployed.step_keys() != tuple(step_key(m) for m in self._steps):
             self._steps = deployed.steps()  # else keep the staged Models and their configure()
         self._pinned = None
         self._refresh()
         return self
+
+    def rollout(
+        self,
+        model: Model,
+        steps: Sequence[float] = (5, 25, 50, 100),
+        step_seconds: float = 60,
+        max_error_rate: float = 0.01,
+        max_latency_ratio: float = 1.5,
+        *,
+        index: int = 0,
+        min_requests: int = 20,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Rollout:
+        """Moves step ``index``'s traffic to ``model`` in steps (percent of rows), each a hot
+        swap. The control plane advances when a step's time is up and ``model`` held the
+        limits over at least ``min_requests`` requests, and rolls back at once (a hot swap to
+        the version deployed now) when it fails more than ``max_error_rate`` of its requests
+        or takes more than ``max_latency_ratio`` times the current model's time a row. Each
+        step is in :meth:`swaps` with the numbers that decided it.
+
+        Returns:
+            The :class:`Rollout` (``state()``, ``steps()``, ``wait()``); with ``wait=True``,
+            once it has ended.
+        """
+        rollout = Rollout(
+            self._channels,
+            self._channels.control.start_rollout(
+                control_pb2.StartRolloutRequest(
+                    workspace=self.workspace(),
+                    pipeline=self.name(),
+                    model=control_pb2.StepRef(
+                        model=check_model(model, "rollout").name(), version=model.version()
+                    ),
+                    step=index,
+                    percents=list(steps),
+                    step_seconds=step_seconds,
+                    max_error_rate=max_error_rate,
+                    max_latency_ratio=max_latency_ratio,
+                    min_requests=min_requests,
+                )
+            ),
+        )
+        self._router.invalidate()
+        return rollout.wait(timeout) if wait else rollout
+
+    def rollout_status(self) -> Rollout:
+        """The pipeline's newest rollout, running or ended."""
+        return Rollout(
+            self._channels,
+            self._channels.control.get_rollout(
+                control_pb2.GetRolloutRequest(workspace=self.workspace(), pipeline=self.name())
+            ),
+        )
+
+    def abort_rollout(self, reason: str = "") -> Rollout:
+        """Stops the running rollout and swaps back to the version deployed before it."""
+        try:
+            return Rollout(
+                self._channels,
+                self._channels.control.abort_rollout(
+                    control_pb2.AbortRolloutRequest(
+                        workspace=self.workspace(), pipeline=self.name(), reason=reason
+                    )
+                ),
+            )
+        finally:
+            self._router.invalidate()
 
     def undeploy(self) -> Pipeline:
         """Stops serving the pipeline and frees its sessions on every engine."""
@@ -278,7 +407,7 @@ class Pipeline:
     def _version_for_staged(self) -> PipelineVersion:
         if not self._steps and self._pinned is not None:
             return self._pinned
-        keys = tuple((m.name(), m.version()) for m in self._steps)
+        keys = tuple(step_key(m) for m in self._steps)
         candidate = self._pinned or self.deployed_version()
         if candidate is None and self._proto.version_count:
             candidate = self.versions()[-1]
@@ -522,17 +651,3 @@ class PipelineList(list[Pipeline]):
 
     def _repr_html_(self) -> str:
         return grid_html(self._HEADERS, self._rows())
-
-
-def _check_model(model: object, method: str) -> Model:
-    """`model` if it is a Model; else a plain sentence saying how to get one."""
-    if isinstance(model, Model):
-        return model
-    hint = (
-        f"wl.get_model({model!r})"
-        if isinstance(model, str)
-        else "wl.upload_model(name, path) or wl.get_model(name)"
-    )
-    raise InvalidInputError(
-        f"{method}() takes a Model, not {type(model).__name__} {model!r}: get one with {hint}"
-    )

@@ -8,6 +8,7 @@ from typing import Any
 from hotswap.clients._channels import Channels
 from hotswap.clients._model import Model
 from hotswap.clients._render import format_ms, grid_html, grid_text, kv_html, kv_text
+from hotswap.clients._splits import Split, step_key
 from hotswap.v1 import control_pb2, types_pb2
 
 
@@ -52,13 +53,18 @@ class PipelineVersion:
         """When the version was made (UTC)."""
         return format_ms(self._proto.created_ms)
 
-    def steps(self) -> list[Model]:
-        """The version's steps, in order."""
-        return [Model(self._channels, s) for s in self._proto.steps]
+    def steps(self) -> list[Model | Split]:
+        """The version's steps, in order: a Model, or a Split for a step of several."""
+        steps: list[Model | Split] = [Model(self._channels, s) for s in self._proto.steps]
+        for split in self._proto.splits:
+            if 0 <= split.step < len(steps):
+                models = [Model(self._channels, m) for m in split.models]
+                steps[split.step] = Split.from_proto(models, split)
+        return steps
 
-    def step_keys(self) -> tuple[tuple[str, str], ...]:
-        """(model name, model version) per step: what makes two versions the same."""
-        return tuple((s.name, s.version) for s in self._proto.steps)
+    def step_keys(self) -> tuple[tuple[Any, ...], ...]:
+        """Each step's models (and split settings): what makes two versions the same."""
+        return tuple(step_key(s) for s in self.steps())
 
     def to_dict(self) -> dict[str, Any]:
         """The version as plain data."""
@@ -67,7 +73,7 @@ class PipelineVersion:
             "version": self.number(),
             "id": self.id(),
             "created": self.created(),
-            "steps": [{"model": s.name, "version": s.version} for s in self._proto.steps],
+            "steps": [_step_dict(s) for s in self.steps()],
         }
 
     def _pairs(self) -> list[tuple[str, Any]]:
@@ -76,7 +82,7 @@ class PipelineVersion:
             ("version", self.number()),
             ("id", self.id()),
             ("created", self.created()),
-            ("steps", ", ".join(s.name for s in self._proto.steps)),
+            ("steps", ", ".join(_step_name(s) for s in self.steps())),
         ]
 
     def __repr__(self) -> str:
@@ -101,7 +107,7 @@ class PipelineVersionList(list[PipelineVersion]):
                 v.number(),
                 v.id(),
                 v.created(),
-                ", ".join(m for m, _ in v.step_keys()),
+                ", ".join(_step_name(s) for s in v.steps()),
                 v.number() == self.deployed,
             )
             for v in self
@@ -112,3 +118,19 @@ class PipelineVersionList(list[PipelineVersion]):
 
     def _repr_html_(self) -> str:
         return grid_html(self._HEADERS, self._rows())
+
+
+def _step_name(step: Model | Split) -> str:
+    return step.describe() if isinstance(step, Split) else step.name()
+
+
+def _step_dict(step: Model | Split) -> dict[str, Any]:
+    if not isinstance(step, Split):
+        return {"model": step.name(), "version": step.version()}
+    return {
+        "split": step.kind,
+        "models": [{"model": m.name(), "version": m.version()} for m in step.models],
+        **({"weights": list(step.weights)} if step.weights else {}),
+        **({"key": step.key} if step.key else {}),
+        **({"key_values": list(step.key_values)} if step.key_values else {}),
+    }

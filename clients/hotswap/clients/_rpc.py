@@ -303,6 +303,14 @@ class ControlStub:
         self.list_swaps: Unary[cp.ListSwapsRequest, cp.ListSwapsResponse] = unary(
             "ListSwaps", cp.ListSwapsResponse
         )
+        # A rollout's first step is a deploy: no client-side deadline, as for Deploy.
+        self.start_rollout: Unary[cp.StartRolloutRequest, cp.Rollout] = unary(
+            "StartRollout", cp.Rollout, None
+        )
+        self.get_rollout: Unary[cp.GetRolloutRequest, cp.Rollout] = unary("GetRollout", cp.Rollout)
+        self.abort_rollout: Unary[cp.AbortRolloutRequest, cp.Rollout] = unary(
+            "AbortRollout", cp.Rollout, None
+        )
 
 
 def engine_infer(

@@ -137,6 +137,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline")
     p.add_argument("--to", type=int, help="version number (default: the one before the deployed)")
 
+    ro = add(
+        sub, "rollout", "move traffic to a new model step by step, rolling back by itself", None
+    )
+    ro_sub = ro.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = add(
+        ro_sub,
+        "start",
+        "start a rollout and follow it to its end (exit 1 unless it completes)",
+        commands.rollout_start,
+    )
+    p.add_argument("pipeline")
+    p.add_argument("model", help="the new model (the challenger)")
+    p.add_argument("--model-version", help="model version id (default: latest)")
+    p.add_argument("--index", type=int, default=0, help="the step it replaces (default 0)")
+    p.add_argument(
+        "--steps", default="5,25,50,100", help="percent of rows at each step (%(default)s)"
+    )
+    p.add_argument("--step-seconds", type=float, default=60, help="seconds a step lasts (60)")
+    p.add_argument(
+        "--max-error-rate", type=float, default=0.01, help="fraction that may fail (0.01)"
+    )
+    p.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        default=1.5,
+        help="most time a row, as a multiple of the current model's (1.5)",
+    )
+    p.add_argument(
+        "--min-requests", type=int, default=20, help="challenger requests a step needs (20)"
+    )
+    p.add_argument("--no-wait", action="store_true", help="return once the first step is live")
+    p.add_argument("--timeout", type=float, help="give up following after this many seconds")
+    p = add(ro_sub, "status", "the pipeline's newest rollout", commands.rollout_status)
+    p.add_argument("pipeline")
+    p = add(ro_sub, "abort", "stop the running rollout and swap back", commands.rollout_abort)
+    p.add_argument("pipeline")
+    p.add_argument("--reason", help="why, for the swap timeline")
+
     p = add(sub, "infer", "run a deployed pipeline on a file", commands.infer)
     p.add_argument("pipeline")
     p.add_argument("--input", required=True, help=".arrow (IPC file or stream) or .df.json")

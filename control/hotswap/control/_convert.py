@@ -8,9 +8,12 @@ from hotswap.control.domain import (
     ModelVersion,
     Pipeline,
     PipelineVersion,
+    Split,
     TensorSpec,
     Workspace,
 )
+from hotswap.control.rollout import Rollout, Served
+from hotswap.control.splits import SplitRequest
 from hotswap.control.timeline import EngineStage, Swap
 from hotswap.v1 import control_pb2, types_pb2
 
@@ -33,6 +36,36 @@ def model_version(model: ModelVersion) -> types_pb2.ModelVersion:
     )
 
 
+SPLIT_KINDS = {
+    "random": types_pb2.StepSplit.KIND_RANDOM,
+    "key": types_pb2.StepSplit.KIND_KEY,
+    "shadow": types_pb2.StepSplit.KIND_SHADOW,
+}
+
+
+def split(s: Split) -> types_pb2.StepSplit:
+    return types_pb2.StepSplit(
+        step=s.step,
+        kind=SPLIT_KINDS[s.kind],
+        models=[model_version(m) for m in s.models],
+        weights=s.weights,
+        key=s.key,
+        key_values=s.key_values,
+    )
+
+
+def split_request(ref: control_pb2.SplitRef) -> SplitRequest:
+    kinds = {value: text for text, value in SPLIT_KINDS.items()}
+    return SplitRequest(
+        ref.step,
+        kinds.get(ref.kind, ""),
+        tuple((m.model, m.version) for m in ref.models),
+        tuple(ref.weights),
+        ref.key,
+        tuple(ref.key_values),
+    )
+
+
 def pipeline_version(version: PipelineVersion) -> types_pb2.PipelineVersion:
     return types_pb2.PipelineVersion(
         workspace=version.workspace,
@@ -41,6 +74,60 @@ def pipeline_version(version: PipelineVersion) -> types_pb2.PipelineVersion:
         number=version.number,
         steps=[model_version(m) for m in version.steps],
         created_ms=version.created_ms,
+        splits=[split(s) for s in version.splits],
+    )
+
+
+def _traffic(served: Served, model: dict[str, str], step: int, arm: int) -> types_pb2.ModelTraffic:
+    return types_pb2.ModelTraffic(
+        step=step,
+        arm=arm,
+        model=model["name"],
+        model_version=model["version"],
+        requests=served.requests,
+        rows=served.rows,
+        errors=served.errors,
+        elapsed_ns=served.elapsed_ns,
+    )
+
+
+def rollout(r: Rollout) -> control_pb2.Rollout:
+    return control_pb2.Rollout(
+        id=r.id,
+        workspace=r.workspace,
+        pipeline=r.pipeline,
+        state=r.state,
+        baseline_version=r.baseline_version,
+        final_version=r.final_version,
+        step=r.step,
+        champion=types_pb2.ModelVersion(
+            workspace=r.workspace, name=r.champion["name"], version=r.champion["version"]
+        ),
+        challenger=types_pb2.ModelVersion(
+            workspace=r.workspace, name=r.challenger["name"], version=r.challenger["version"]
+        ),
+        percents=r.percents,
+        step_seconds=r.step_seconds,
+        max_error_rate=r.max_error_rate,
+        max_latency_ratio=r.max_latency_ratio,
+        min_requests=r.min_requests,
+        steps=[
+            control_pb2.RolloutStep(
+                percent=s.percent,
+                version=s.version,
+                started_ms=s.started_ms,
+                ended_ms=s.ended_ms,
+                outcome=s.outcome,
+                champion=_traffic(s.champion, r.champion, r.step, 0),
+                challenger=_traffic(s.challenger, r.challenger, r.step, 1),
+                reason=s.reason,
+            )
+            for s in r.steps
+        ],
+        reason=r.reason,
+        started_ms=r.started_ms,
+        ended_ms=r.ended_ms,
+        requested_by=r.requested_by,
     )
 
 
@@ -116,4 +203,5 @@ def swap_record(swap: Swap) -> control_pb2.SwapRecord:
         engines=[engine_stage(e) for e in swap.engines.values()],
         prepare_ms=swap.prepare_ms,
         commit_ms=swap.commit_ms,
+        note=swap.note,
     )

@@ -258,7 +258,10 @@ class SwapCoordinator:
         *,
         requested_by: str = "",
         request_id: str = "",
+        note: str = "",
     ) -> DeployResult:
+        """Deploys version `number` (0: the latest); `note` says what made the swap, for the
+        timeline (a rollout's step and the numbers that decided it)."""
         started = time.perf_counter()
         async with self._locks[pipeline_key(workspace, pipeline)]:
             version = self._store.pipeline_version(workspace, pipeline, number)
@@ -266,7 +269,7 @@ class SwapCoordinator:
             current_number = current.version.number if current else 0
             kind = swap_kind(current_number, version.number)
             swap = Swap(str(uuid.uuid4()), workspace, pipeline, kind, current_number,
-                        version.number, requested_by, request_id)  # fmt: skip
+                        version.number, requested_by, request_id, note=note)  # fmt: skip
             try:
                 result = await self._swap(swap, version, current, replicas, expected_current)
             except (DeployConflict, NoEngines) as exc:

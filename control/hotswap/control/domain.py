@@ -46,6 +46,21 @@ class ModelVersion:
     created_ms: int
 
 
+SPLIT_KINDS = ("random", "key", "shadow")
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A step of several models (StepSplit). `models[0]` is the step's model in `steps`."""
+
+    step: int
+    kind: str  # one of SPLIT_KINDS
+    models: tuple[ModelVersion, ...]
+    weights: tuple[float, ...] = ()  # random: one per model
+    key: str = ""  # random: the sticky hash key column ("" for none); key: the column
+    key_values: tuple[str, ...] = ()  # key: the value of each model after the first
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineVersion:
     workspace: str
@@ -54,10 +69,15 @@ class PipelineVersion:
     number: int
     steps: tuple[ModelVersion, ...]
     created_ms: int
+    splits: tuple[Split, ...] = ()
 
     @property
     def key(self) -> str:
         return pipeline_key(self.workspace, self.pipeline)
+
+    def models(self) -> list[ModelVersion]:
+        """Every model the version runs: each step's, and its splits' other models."""
+        return [*self.steps, *(m for split in self.splits for m in split.models[1:])]
 
 
 @dataclass(frozen=True, slots=True)

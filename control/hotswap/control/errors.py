@@ -41,6 +41,10 @@ class DeployConflict(ControlError):
     """Someone else deployed first (compare-and-set on the current version failed)."""
 
 
+class FailedPrecondition(ControlError):
+    """The pipeline is not in a state that allows this (e.g. a rollout of it is running)."""
+
+
 class NoEngines(ControlError):
     """No engine is connected to serve the request."""
 

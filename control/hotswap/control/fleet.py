@@ -133,16 +133,18 @@ class EngineConnection:
     # The blobs this engine may fetch: those of its desired state and of swaps in progress.
     desired_blobs: frozenset[str] = frozenset()
     prepare_blobs: dict[str, frozenset[str]] = field(default_factory=dict)
+    # What the models of split and shadow steps served here, as its last heartbeat said.
+    traffic: list[types_pb2.ModelTraffic] = field(default_factory=list)
 
     def send(self, message: fleet_pb2.ControlMessage) -> None:
         kind = message.WhichOneof("kind")
         if kind == "desired":
             self.desired_blobs = frozenset(
-                step.sha256 for version in message.desired.pipelines for step in version.steps
+                sha for version in message.desired.pipelines for sha in _blobs(version)
             )
         elif kind == "prepare":
             prepare = message.prepare
-            self.prepare_blobs[prepare.swap_id] = frozenset(s.sha256 for s in prepare.version.steps)
+            self.prepare_blobs[prepare.swap_id] = frozenset(_blobs(prepare.version))
         elif kind in ("commit", "abort"):
             # A committed version's blobs are in the desired state sent right after.
             swap_id = message.commit.swap_id if kind == "commit" else message.abort.swap_id
@@ -158,6 +160,14 @@ class EngineConnection:
 
     def lost(self, lost_after: float) -> bool:
         return not self.connected or time.monotonic() - self.last_seen > lost_after
+
+
+def _blobs(version: types_pb2.PipelineVersion) -> list[str]:
+    """The blobs a version's engines fetch: every step's model and every split's."""
+    return [
+        *(step.sha256 for step in version.steps),
+        *(m.sha256 for split in version.splits for m in split.models),
+    ]
 
 
 class Fleet:
@@ -297,7 +307,10 @@ class Fleet:
         connection.last_seen = time.monotonic()
         connection.last_seen_ms = int(time.time() * 1000)
         kind = message.WhichOneof("kind")
-        if kind == "prepared":
+        if kind == "heartbeat":
+            # Bounded as every message is (its size); the counts are only read, summed.
+            connection.traffic = list(message.heartbeat.traffic)
+        elif kind == "prepared":
             self._resolve(connection, ("prepare", message.prepared.swap_id), message)
         elif kind == "committed":
             self._resolve(connection, ("commit", message.committed.swap_id), message)
@@ -360,6 +373,13 @@ class Fleet:
             EngineRef(s.name, s.address, s.labels, s.draining)
             for s in sorted(self.connections.values(), key=lambda s: s.name)
             if not s.lost(self.lost_after)
+        ]
+
+    def traffic(self, version_id: str) -> list[types_pb2.ModelTraffic]:
+        """What each engine last reported of a pipeline version's split and shadow models,
+        lost engines' last reports included (what they served still counts)."""
+        return [
+            t for c in self.connections.values() for t in c.traffic if t.version_id == version_id
         ]
 
     def known(self, name: str) -> bool:

@@ -17,6 +17,7 @@ from hotswap.control.coordinator import SwapCoordinator
 from hotswap.control.engine_logs import LogGatherer
 from hotswap.control.fleet import Fleet
 from hotswap.control.metrics import ControlMetrics
+from hotswap.control.rollout import Rollouts
 from hotswap.control.servicers import ControlPlaneServicer, FleetServicer
 from hotswap.control.settings import Settings
 from hotswap.control.store import Store
@@ -65,6 +66,7 @@ class ControlPlaneServer:
             metrics=self.metrics,
         )
         self.logs = LogGatherer(self.fleet)
+        self.rollouts = Rollouts(self.store, self.coordinator, self.fleet.traffic)
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         uploads = ModelUploads(self.store, self.blobs, settings.max_model_bytes)
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
@@ -81,6 +83,7 @@ class ControlPlaneServer:
                 self.fleet,
                 timeline=self.timeline,
                 logs=self.logs,
+                rollouts=self.rollouts,
             ),
             self._server,
         )
@@ -121,6 +124,7 @@ class ControlPlaneServer:
         # The store was opened (and migrated) in __init__: the API can answer from now on.
         for name in ("", *services):
             await self._health.set(name, True)
+        self.rollouts.resume()
         self.supervisor.spawn(
             "heartbeat",
             self.fleet.heartbeat_forever(self.settings.heartbeat_interval, self._housekeeping),
@@ -172,6 +176,7 @@ class ControlPlaneServer:
         if self._health is not None:
             await self._health.shutdown()  # probes see NOT_SERVING while requests drain
         await self.supervisor.cancel()
+        await self.rollouts.close()
         await self.coordinator.close()
         await self._server.stop(grace)
         for other in (self._fleet_server, self._health_server):

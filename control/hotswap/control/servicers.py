@@ -21,12 +21,14 @@ from hotswap.control.errors import (
     BlobCorrupt,
     DeployConflict,
     DeployFailed,
+    FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
     NoEngines,
     NotFound,
 )
 from hotswap.control.fleet import EngineConnection, EngineRefused, Fleet
+from hotswap.control.rollout import Rollouts
 from hotswap.control.status import StatusBoard
 from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
@@ -44,6 +46,7 @@ STATUS: StatusTable = {
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeployFailed: grpc.StatusCode.FAILED_PRECONDITION,
     DeployConflict: grpc.StatusCode.ABORTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     NoEngines: grpc.StatusCode.UNAVAILABLE,
     BlobCorrupt: grpc.StatusCode.DATA_LOSS,
     auth.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -96,8 +99,10 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         *,
         timeline: SwapTimeline,
         logs: LogGatherer,
+        rollouts: Rollouts,
     ) -> None:
         self._status = StatusBoard(store, fleet, coordinator.running)
+        self._rollouts = rollouts
         self._store = store
         self._uploads = uploads
         self._coordinator = coordinator
@@ -190,7 +195,10 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         self, request: control_pb2.CreatePipelineVersionRequest, context: Context
     ) -> Any:
         version = self._store.create_pipeline_version(
-            request.workspace, request.pipeline, [(s.model, s.version) for s in request.steps]
+            request.workspace,
+            request.pipeline,
+            [(s.model, s.version) for s in request.steps],
+            [_convert.split_request(s) for s in request.splits],
         )
         return _convert.pipeline_version(version)
 
@@ -299,7 +307,44 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
             message.deployed.CopyFrom(_convert.pipeline_version(status.deployment.version))
         if status.swap is not None:
             message.swap_in_progress.CopyFrom(_convert.swap_in_progress(status.swap))
+        rollout = self._rollouts.running(request.workspace, request.pipeline)
+        if rollout is not None:
+            message.rollout.CopyFrom(_convert.rollout(rollout))
         return message
+
+    @unary
+    async def StartRollout(
+        self, request: control_pb2.StartRolloutRequest, context: Context
+    ) -> control_pb2.Rollout:
+        if not request.model.model:
+            raise InvalidArgument("name the model to roll out (StartRolloutRequest.model)")
+        rollout = await self._rollouts.start(
+            request.workspace,
+            request.pipeline,
+            request.model.model,
+            request.model.version,
+            step=request.step,
+            percents=list(request.percents),
+            step_seconds=request.step_seconds,
+            max_error_rate=(request.max_error_rate if request.HasField("max_error_rate") else None),
+            max_latency_ratio=request.max_latency_ratio,
+            min_requests=request.min_requests,
+            requested_by=_requested_by(request.requested_by, context),
+        )
+        return _convert.rollout(rollout)
+
+    @unary
+    async def GetRollout(
+        self, request: control_pb2.GetRolloutRequest, context: Context
+    ) -> control_pb2.Rollout:
+        return _convert.rollout(self._rollouts.latest(request.workspace, request.pipeline))
+
+    @unary
+    async def AbortRollout(
+        self, request: control_pb2.AbortRolloutRequest, context: Context
+    ) -> control_pb2.Rollout:
+        rollout = await self._rollouts.abort(request.workspace, request.pipeline, request.reason)
+        return _convert.rollout(rollout)
 
     @unary
     async def GetPipelineEndpoints(

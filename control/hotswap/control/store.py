@@ -19,11 +19,13 @@ from hotswap.control.domain import (
     ModelVersion,
     Pipeline,
     PipelineVersion,
+    Split,
     TensorSpec,
     Workspace,
     check_name,
 )
 from hotswap.control.errors import AlreadyExists, InvalidArgument, NotFound
+from hotswap.control.splits import SplitRequest, check_split
 
 # Append only: each entry upgrades the schema by one version (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -101,6 +103,38 @@ MIGRATIONS: tuple[str, ...] = (
         commit_ms REAL NOT NULL
     );
     CREATE INDEX swaps_by_pipeline ON swaps (workspace, pipeline, started_ms);
+    """,
+    # 3: steps of several models (splits and shadow deploys), what made a swap (a rollout's
+    # decision), and rollouts (hotswap.control.rollout), whose record is one JSON document.
+    """
+    CREATE TABLE pipeline_splits (
+        pipeline_version_id TEXT NOT NULL REFERENCES pipeline_versions(id),
+        position INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        PRIMARY KEY (pipeline_version_id, position)
+    );
+    CREATE TABLE pipeline_split_models (
+        pipeline_version_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        arm INTEGER NOT NULL,
+        model_version_id TEXT NOT NULL REFERENCES model_versions(id),
+        weight REAL NOT NULL,
+        key_value TEXT NOT NULL,
+        PRIMARY KEY (pipeline_version_id, position, arm),
+        FOREIGN KEY (pipeline_version_id, position)
+            REFERENCES pipeline_splits (pipeline_version_id, position)
+    );
+    ALTER TABLE swaps ADD COLUMN note TEXT NOT NULL DEFAULT '';
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        workspace TEXT NOT NULL,
+        pipeline TEXT NOT NULL,
+        state TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        record_json TEXT NOT NULL
+    );
+    CREATE INDEX rollouts_by_pipeline ON rollouts (workspace, pipeline, started_ms);
     """,
 )
 
@@ -275,7 +309,7 @@ class Store:
             counts[r["name"]] = counts.get(r["name"], 0) + 1
         return [(self._model_version(r), counts[name]) for name, r in latest.items()]
 
-    def _resolve_model_version(self, workspace: str, name: str, version: str) -> ModelVersion:
+    def resolve_model_version(self, workspace: str, name: str, version: str) -> ModelVersion:
         versions = self.model_versions(workspace, name)
         if not version:
             return versions[-1]
@@ -334,12 +368,32 @@ class Store:
         return [self.get_pipeline(workspace, r["name"]) for r in names]
 
     def create_pipeline_version(
-        self, workspace: str, pipeline: str, steps: Sequence[tuple[str, str]]
+        self,
+        workspace: str,
+        pipeline: str,
+        steps: Sequence[tuple[str, str]],
+        splits: Sequence[SplitRequest] = (),
     ) -> PipelineVersion:
-        """Makes a new immutable version from (model name, model version or "") pairs."""
+        """Makes a new immutable version from (model name, model version or "") pairs, and
+        the steps of several models among them (`splits`)."""
         if not steps:
             raise InvalidArgument("a pipeline version needs at least one step")
-        models = tuple(self._resolve_model_version(workspace, m, v) for m, v in steps)
+        models = tuple(self.resolve_model_version(workspace, m, v) for m, v in steps)
+        resolved = tuple(
+            Split(
+                s.step,
+                s.kind,
+                tuple(self.resolve_model_version(workspace, m, v) for m, v in s.models),
+                tuple(s.weights),
+                s.key,
+                tuple(s.key_values),
+            )
+            for s in sorted(splits, key=lambda s: s.step)
+        )
+        for i, split in enumerate(resolved):
+            if i and resolved[i - 1].step == split.step:
+                raise InvalidArgument(f"step {split.step} has two splits: give it one")
+            check_split(split, models)
         created = now_ms()
         version_id = str(uuid.uuid4())
         with self._tx() as db:
@@ -358,8 +412,31 @@ class Store:
                 " VALUES (?, ?, ?)",
                 [(version_id, i, m.version) for i, m in enumerate(models)],
             )
+            for split in resolved:
+                db.execute(
+                    "INSERT INTO pipeline_splits (pipeline_version_id, position, kind, key)"
+                    " VALUES (?, ?, ?, ?)",
+                    (version_id, split.step, split.kind, split.key),
+                )
+                db.executemany(
+                    "INSERT INTO pipeline_split_models (pipeline_version_id, position, arm,"
+                    " model_version_id, weight, key_value) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            version_id,
+                            split.step,
+                            arm,
+                            m.version,
+                            split.weights[arm] if split.weights else 0.0,
+                            split.key_values[arm - 1] if split.key_values and arm else "",
+                        )
+                        for arm, m in enumerate(split.models)
+                    ],
+                )
             db.execute("UPDATE pipelines SET updated_ms = ? WHERE id = ?", (created, row["id"]))
-        return PipelineVersion(workspace, pipeline, version_id, int(number), models, created)
+        return PipelineVersion(
+            workspace, pipeline, version_id, int(number), models, created, resolved
+        )
 
     def _pipeline_version_by_id(
         self, version_id: str, workspace: str, name: str
@@ -379,7 +456,62 @@ class Store:
             int(row["number"]),
             tuple(self._model_version(s) for s in steps),
             int(row["created_ms"]),
+            self._splits(version_id),
         )
+
+    def _splits(self, version_id: str) -> tuple[Split, ...]:
+        splits = []
+        for row in self._db.execute(
+            "SELECT position, kind, key FROM pipeline_splits WHERE pipeline_version_id = ?"
+            " ORDER BY position",
+            (version_id,),
+        ).fetchall():
+            arms = self._db.execute(
+                self._MODEL_VERSION_SELECT.replace(" FROM", ", s.weight, s.key_value FROM", 1)
+                + " JOIN pipeline_split_models s ON s.model_version_id = v.id"
+                " WHERE s.pipeline_version_id = ? AND s.position = ? ORDER BY s.arm",
+                (version_id, row["position"]),
+            ).fetchall()
+            kind = row["kind"]
+            splits.append(
+                Split(
+                    int(row["position"]),
+                    kind,
+                    tuple(self._model_version(a) for a in arms),
+                    tuple(float(a["weight"]) for a in arms) if kind == "random" else (),
+                    row["key"],
+                    tuple(a["key_value"] for a in arms[1:]) if kind == "key" else (),
+                )
+            )
+        return tuple(splits)
+
+    # -- rollouts -------------------------------------------------------------------------
+
+    def save_rollout(
+        self, rollout_id: str, workspace: str, pipeline: str, state: str, started_ms: int,
+        record: dict[str, object],
+    ) -> None:  # fmt: skip
+        """Writes a rollout's whole record (`hotswap.control.rollout`), replacing the last."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rollouts (id, workspace, pipeline, state, started_ms, record_json)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                " state = excluded.state, record_json = excluded.record_json",
+                (rollout_id, workspace, pipeline, state, started_ms, json.dumps(record)),
+            )
+
+    def rollouts(
+        self, workspace: str = "", pipeline: str = "", state: str = ""
+    ) -> list[dict[str, object]]:
+        """Rollout records, newest first, of a pipeline ("" for every one) in a state ("" for
+        any)."""
+        rows = self._db.execute(
+            "SELECT record_json FROM rollouts WHERE (? = '' OR workspace = ?)"
+            " AND (? = '' OR pipeline = ?) AND (? = '' OR state = ?)"
+            " ORDER BY started_ms DESC, rowid DESC",
+            (workspace, workspace, pipeline, pipeline, state, state),
+        ).fetchall()
+        return [json.loads(r["record_json"]) for r in rows]
 
     def pipeline_versions(
         self, workspace: str, pipeline: str, *, after: int = 0, limit: int = -1

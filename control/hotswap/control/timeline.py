@@ -58,6 +58,8 @@ class Swap:
     engines: dict[str, EngineStage] = field(default_factory=dict)
     prepare_ms: float = 0.0
     commit_ms: float = 0.0
+    # What made the swap when it was not a person's deploy (a rollout step and its numbers).
+    note: str = ""
     # Past the commit point (the store names the new version); not persisted.
     committed: bool = False
 
@@ -103,8 +105,8 @@ class SwapTimeline:
         self._db.execute(
             "INSERT OR REPLACE INTO swaps (id, workspace, pipeline, kind, version_before,"
             " version_after, started_ms, ended_ms, outcome, reason, requested_by, request_id,"
-            " engines_json, prepare_ms, commit_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " engines_json, prepare_ms, commit_ms, note)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 swap.swap_id,
                 swap.workspace,
@@ -121,6 +123,7 @@ class SwapTimeline:
                 json.dumps([asdict(e) for e in swap.engines.values()]),
                 swap.prepare_ms,
                 swap.commit_ms,
+                swap.note,
             ),
         )
         if swap.outcome != "running":
@@ -159,4 +162,5 @@ def _from_row(row: sqlite3.Row) -> Swap:
         engines={e.engine: e for e in engines},
         prepare_ms=float(row["prepare_ms"]),
         commit_ms=float(row["commit_ms"]),
+        note=row["note"],
     )

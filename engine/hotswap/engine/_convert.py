@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from hotswap.engine.host import ModelRef, PipelineState, VersionRef
-from hotswap.engine.runtime import LoadedPipeline, PipelineSpec
+from collections.abc import Iterable
+from typing import Any
+
+from hotswap.engine.host import ModelRef, PipelineState, SplitRef, VersionRef
+from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, StepSpec
 from hotswap.v1 import fleet_pb2, types_pb2
+
+_KINDS = {
+    types_pb2.StepSplit.KIND_RANDOM: "random",
+    types_pb2.StepSplit.KIND_KEY: "key",
+    types_pb2.StepSplit.KIND_SHADOW: "shadow",
+}
+_KIND_VALUES = {text: value for value, text in _KINDS.items()}
+
+
+def _models(models: Iterable[types_pb2.ModelVersion]) -> tuple[ModelRef, ...]:
+    return tuple(ModelRef(m.name, m.version, m.sha256) for m in models)
 
 
 def version_ref(version: types_pb2.PipelineVersion) -> VersionRef:
@@ -13,7 +27,24 @@ def version_ref(version: types_pb2.PipelineVersion) -> VersionRef:
         pipeline=version.pipeline,
         version_id=version.version_id,
         number=version.number,
-        models=tuple(ModelRef(m.name, m.version, m.sha256) for m in version.steps),
+        models=_models(version.steps),
+        splits=tuple(
+            SplitRef(
+                s.step,
+                _KINDS.get(s.kind, f"kind {s.kind}"),  # refused, with its number, at prepare
+                _models(s.models),
+                tuple(s.weights),
+                s.key,
+                tuple(s.key_values),
+            )
+            for s in version.splits
+        ),
+    )
+
+
+def _model_version(workspace: str, step: StepSpec) -> types_pb2.ModelVersion:
+    return types_pb2.ModelVersion(
+        workspace=workspace, name=step.model_name, version=step.model_version, sha256=step.sha256
     )
 
 
@@ -24,16 +55,42 @@ def pipeline_version(spec: PipelineSpec) -> types_pb2.PipelineVersion:
         pipeline=spec.pipeline,
         version_id=spec.version_id,
         number=spec.number,
-        steps=[
-            types_pb2.ModelVersion(
-                workspace=spec.workspace,
-                name=s.model_name,
-                version=s.model_version,
-                sha256=s.sha256,
+        steps=[_model_version(spec.workspace, s) for s in spec.steps],
+        splits=[
+            types_pb2.StepSplit(
+                step=s.step,
+                kind=_KIND_VALUES[s.kind],
+                models=[_model_version(spec.workspace, m) for m in s.models],
+                weights=s.weights,
+                key=s.key,
+                key_values=s.key_values,
             )
-            for s in spec.steps
+            for s in spec.splits
         ],
     )
+
+
+def traffic(
+    spec: PipelineSpec, counts: Iterable[tuple[int, int, StepSpec, Any]]
+) -> list[types_pb2.ModelTraffic]:
+    """`LoadedPipeline.traffic` as the Heartbeat carries it."""
+    return [
+        types_pb2.ModelTraffic(
+            workspace=spec.workspace,
+            pipeline=spec.pipeline,
+            version_id=spec.version_id,
+            step=step,
+            arm=arm,
+            model=model.model_name,
+            model_version=model.model_version,
+            sha256=model.sha256,
+            requests=requests,
+            rows=rows,
+            errors=errors,
+            elapsed_ns=elapsed_ns,
+        )
+        for step, arm, model, (requests, rows, errors, elapsed_ns) in counts
+    ]
 
 
 def served_models(loaded: LoadedPipeline) -> list[types_pb2.ServedModel]:

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 from hotswap.engine.errors import Overloaded, RequestTooLarge
 from hotswap.engine.inference_log import InferenceLog
 from hotswap.engine.metrics import Bound, EngineMetrics
-from hotswap.engine.runtime import LoadedPipeline, LogRows
+from hotswap.engine.runtime import LoadedPipeline, LogRows, Shadows
 
 _T = TypeVar("_T")
 # Small requests run on the event loop only for pipelines whose 1-row inference takes less.
@@ -70,13 +70,15 @@ class InferenceQueue:
 
 @dataclass(frozen=True, slots=True)
 class Ran(Generic[_T]):
-    """What `run` returns: the protocol's answer, the result rows (logged), the time spent
-    and the answer's size in bytes (what the log's memory bound counts)."""
+    """What `run` returns: the protocol's answer, the result rows (logged), the time spent,
+    the answer's size in bytes (what the log's memory bound counts) and the shadow runs the
+    log is to make (a version with a shadow step)."""
 
     answer: _T
     table: LogRows
     elapsed_ns: int
     size: int
+    shadows: Shadows | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +135,7 @@ class DataPlane:
         bound.served(time.perf_counter() - started, ran.table.num_rows)
         if self._log is not None:
             # A reference to the finished rows: the log copies nothing on this path.
-            self._log.append(loaded, ran.table, ran.elapsed_ns, ran.size, source)
+            self._log.append(loaded, ran.table, ran.elapsed_ns, ran.size, source, ran.shadows)
         return Served(loaded, ran.answer, ran.elapsed_ns)
 
     def _count_failure(self, bound: Bound | None, exc: BaseException) -> None:

@@ -17,11 +17,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.errors import NotPrepared, PipelineLoading, PipelineNotServed, PrepareError
-from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, RuntimeOptions, StepSpec
+from hotswap.engine.runtime import (
+    LoadedPipeline,
+    PipelineSpec,
+    RuntimeOptions,
+    SplitSpec,
+    StepSpec,
+)
 from hotswap.engine.settings import NAME
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,18 @@ class ModelRef:
 
 
 @dataclass(frozen=True, slots=True)
+class SplitRef:
+    """A step of several models (StepSplit) as the control plane describes it."""
+
+    step: int
+    kind: str  # splits.KINDS
+    models: tuple[ModelRef, ...]
+    weights: tuple[float, ...] = ()
+    key: str = ""
+    key_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class VersionRef:
     """A pipeline version as the control plane describes it (models by sha, not by path)."""
 
@@ -56,6 +75,7 @@ class VersionRef:
     version_id: str
     number: int
     models: tuple[ModelRef, ...]
+    splits: tuple[SplitRef, ...] = ()
 
     @property
     def key(self) -> str:
@@ -206,16 +226,24 @@ class EngineHost:
         if reused is not None:
             return reused, Prepared(0.0, 0.0, 0.0, reused=True)
         start = time.perf_counter()
-        paths = [await self._cache.ensure(m.sha256) for m in ref.models]
+        paths: dict[str, Path] = {}
+        for m in [*ref.models, *(m for split in ref.splits for m in split.models)]:
+            if m.sha256 not in paths:
+                paths[m.sha256] = await self._cache.ensure(m.sha256)
         fetch_ms = (time.perf_counter() - start) * 1000
+
+        def local(models: tuple[ModelRef, ...]) -> tuple[StepSpec, ...]:
+            return tuple(StepSpec(m.name, m.version, m.sha256, paths[m.sha256]) for m in models)
+
         spec = PipelineSpec(
             workspace=ref.workspace,
             pipeline=ref.pipeline,
             version_id=ref.version_id,
             number=ref.number,
-            steps=tuple(
-                StepSpec(m.name, m.version, m.sha256, path)
-                for m, path in zip(ref.models, paths, strict=True)
+            steps=local(ref.models),
+            splits=tuple(
+                SplitSpec(s.step, s.kind, local(s.models), s.weights, s.key, s.key_values)
+                for s in ref.splits
             ),
         )
         twin = self._same_steps(spec)
@@ -237,10 +265,15 @@ class EngineHost:
 
     def _same_steps(self, spec: PipelineSpec) -> LoadedPipeline | None:
         """A held version (active or retained) with exactly `spec`'s models in `spec`'s
-        order, if there is one."""
-        shas = [step.sha256 for step in spec.steps]
+        steps and splits (the weights may differ: a rollout's steps), if there is one."""
+        shape = _models_shape(spec)
         held = [*self._active.values(), *(p for p, _ in self._retained.values())]
-        return next((p for p in held if [s.sha256 for s in p.spec.steps] == shas), None)
+        return next((p for p in held if _models_shape(p.spec) == shape), None)
+
+    def traffic(self) -> list[tuple[PipelineSpec, list[Any]]]:
+        """What the models of each held version's split and shadow steps served
+        (`LoadedPipeline.traffic`), for the versions that have such steps."""
+        return [(p.spec, p.traffic()) for p in self.loaded_versions() if p.spec.splits]
 
     def _loaded_sessions(self) -> dict[str, Any]:
         """Sessions held by the active and retained versions, by model sha: a new version
@@ -463,3 +496,12 @@ class EngineHost:
             else:
                 out.append(PipelineState(key, self._active.get(key), "Error", pending))
         return out
+
+
+def _models_shape(spec: PipelineSpec) -> tuple[Any, ...]:
+    """What two versions must share to share sessions without a warm-up: the models of
+    every step and split, in place (not the weights)."""
+    return (
+        tuple(step.sha256 for step in spec.steps),
+        tuple((s.step, s.kind, tuple(m.sha256 for m in s.models)) for s in spec.splits),
+    )

@@ -11,6 +11,8 @@ Log table: ``time``, ``in.<col>``, ``out.<name>``, ``check_failures`` (as the re
 ``metadata.pipeline_version``, ``metadata.pipeline_version_id``, ``metadata.last_model``
 (JSON of the last step's model), ``metadata.models`` (JSON of every step's model),
 ``metadata.elapsed`` (engine nanoseconds for the whole request) and ``metadata.engine``.
+A version whose last step is a split names each row's own model in ``metadata.last_model``;
+one with a shadow step adds its challengers' columns (`runtime.Shadows`), run by the writer.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from hotswap.engine.runtime import Inferred, LoadedPipeline, LogRows
+from hotswap.engine.runtime import SPLIT_COLUMN, Inferred, LoadedPipeline, LogRows, Shadows
 from hotswap.service.log_tables import concat_logs
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ class _Version:
     version_id: str
     last_model: str
     models: str
+    # When the last step is a random or key split: its entry in `out._model_split` (the
+    # row's own last model), else -1 (every row's last model is `last_model`).
+    last_split: int = -1
 
 
 class _Entry(NamedTuple):
@@ -69,6 +74,7 @@ class _Entry(NamedTuple):
     elapsed_ns: int
     nbytes: int
     source: str = ""  # who sent it ("loadtest" for hotswap loadtest), "" for ordinary traffic
+    shadows: Shadows | None = None  # run by the writer: the challengers' columns
 
 
 @dataclass(slots=True)
@@ -129,14 +135,16 @@ class InferenceLog:
         elapsed_ns: int,
         nbytes: int,
         source: str = "",
+        shadows: Shadows | None = None,
     ) -> None:
         """Records one answered request. `nbytes` estimates its size (the response's bytes);
-        `source` says who sent it (kept as `metadata.source`, e.g. "loadtest")."""
+        `source` says who sent it (kept as `metadata.source`, e.g. "loadtest"); `shadows`
+        are its shadow runs, made when the rows are written or queried."""
         version = self._versions.get(loaded.spec.version_id)
         if version is None:
             version = self._version(loaded)
         with self._lock:
-            self._pending.append(_Entry(version, table, elapsed_ns, nbytes, source[:64]))
+            self._pending.append(_Entry(version, table, elapsed_ns, nbytes, source[:64], shadows))
             stats = self.stats
             stats.pending_bytes += nbytes
             stats.appended_rows += table.num_rows
@@ -151,12 +159,15 @@ class InferenceLog:
             {"model_name": s.model_name, "model_version": s.model_version, "model_sha": s.sha256}
             for s in spec.steps
         ]
+        routed = [s for s in spec.splits if s.kind != "shadow"]
+        last_split = len(routed) - 1 if routed and routed[-1].step == len(spec.steps) - 1 else -1
         version = _Version(
             f"{spec.workspace}/{spec.pipeline}",
             spec.number,
             spec.version_id,
             json.dumps(models[-1]),
             json.dumps(models),
+            last_split,
         )
         if len(self._versions) >= MAX_CACHED_VERSIONS:  # oldest first: remade when needed
             del self._versions[next(iter(self._versions))]
@@ -216,6 +227,7 @@ class InferenceLog:
             entry_key = (
                 entry.version,
                 rows.signature() if isinstance(rows, Inferred) else rows.schema,
+                entry.shadows is None,
             )
             if run and not _same_run(key, entry_key):
                 yield self._log_table(run)
@@ -241,12 +253,21 @@ class InferenceLog:
         columns = {
             "metadata.pipeline_version": pa.repeat(pa.scalar(v.number, pa.int64()), n),
             "metadata.pipeline_version_id": pa.repeat(pa.scalar(v.version_id), n),
-            "metadata.last_model": pa.repeat(pa.scalar(v.last_model), n),
+            "metadata.last_model": (
+                pa.repeat(pa.scalar(v.last_model), n)
+                if v.last_split < 0
+                else _served_last(table.column(SPLIT_COLUMN), v.last_split)
+            ),
             "metadata.models": pa.repeat(pa.scalar(v.models), n),
             "metadata.elapsed": pa.array(elapsed),
             "metadata.engine": pa.repeat(pa.scalar(self._engine), n),
             "metadata.source": _sources(run, rows),
         }
+        if run[0].shadows is not None:
+            # The challengers run here, off the request path, once per request (a query of
+            # pending rows and the flush after it share the result).
+            for name, column in _shadow_columns(run).items():
+                table = table.append_column(name, column)
         for name, column in columns.items():
             table = table.append_column(name, column)
         return table
@@ -355,10 +376,43 @@ class InferenceLog:
 
 
 def _same_run(a: Any, b: Any) -> bool:
-    """Whether two entries' (version, shape) keys put them in one log table."""
-    if a[0] is not b[0] or type(a[1]) is not type(b[1]):
+    """Whether two entries' (version, shape, without shadows) keys put them in one table."""
+    if a[0] is not b[0] or type(a[1]) is not type(b[1]) or a[2] != b[2]:
         return False
     return bool(a[1] == b[1]) if isinstance(a[1], tuple) else bool(a[1].equals(b[1]))
+
+
+def _served_last(split: pa.ChunkedArray, index: int) -> pa.Array:
+    """Each row's last model, from its `out._model_split` entry, in `metadata.last_model`'s
+    JSON shape (a handful of distinct models: converted once each)."""
+    entries = pc.dictionary_encode(pc.list_element(split.combine_chunks(), index))
+    shaped = []
+    for label in entries.dictionary.to_pylist():
+        model = json.loads(label)
+        shaped.append(
+            json.dumps(
+                {
+                    "model_name": model["name"],
+                    "model_version": model["version"],
+                    "model_sha": model["sha"],
+                }
+            )
+        )
+    return pa.array(shaped, pa.string()).take(entries.indices)
+
+
+def _shadow_columns(run: list[_Entry]) -> dict[str, pa.Array]:
+    """The shadow columns of a run's requests, in row order. A column whose requests gave
+    values of different types (a challenger with dynamic output shapes) is left out of this
+    run's table, with a warning, rather than failing the write."""
+    parts = [cast(Shadows, e.shadows).columns() for e in run]
+    merged = {}
+    for name in parts[0]:
+        try:
+            merged[name] = pa.concat_arrays([p[name] for p in parts])
+        except (pa.ArrowInvalid, KeyError) as exc:
+            log.warning("shadow column %s left out of a log write: %s", name, exc)
+    return merged
 
 
 def _sources(run: list[_Entry], rows: Any) -> pa.Array:

@@ -219,6 +219,8 @@ class ControlLink:
     async def _heartbeat_forever(self) -> None:
         while True:
             beat = fleet_pb2.Heartbeat(sent_ms=int(time.time() * 1000))
+            for spec, counts in self._host.traffic():
+                beat.traffic.extend(_convert.traffic(spec, counts))
             self._send(fleet_pb2.EngineMessage(heartbeat=beat))
             await asyncio.sleep(self._heartbeat_interval)
 

@@ -158,7 +158,8 @@ class EngineMetrics:
         cache_bytes: Callable[[], float],
     ) -> None:
         """Gauges read at scrape time."""
-        self.sessions_loaded.set_function(lambda: sum(len(p.spec.steps) for p in loaded()))
+        self.sessions_loaded.set_function(lambda: sum(len(p.spec.models()) for p in loaded()))
+        self.registry.register(_ModelCollector(loaded))
         self.versions_loaded.set_function(lambda: len(loaded()))
         self.blob_cache_bytes.set_function(cache_bytes)
 
@@ -288,6 +289,35 @@ class _RequestCollector(Collector):
             except (OSError, ValueError) as exc:  # a worker starting or stopping: skip it once
                 log.warning("worker metrics at %s not read: %s", address, exc)
         yield from totals.families()
+
+
+class _ModelCollector(Collector):
+    """Per model of each loaded version's split and shadow steps: what it served (the
+    numbers a rollout decides on, `LoadedPipeline.traffic`), read at scrape time."""
+
+    _LABELS = ("workspace", "pipeline", "version", "step", "model", "model_version")
+
+    def __init__(self, loaded: Callable[[], list[LoadedPipeline]]) -> None:
+        self._loaded = loaded
+
+    def collect(self) -> Iterable[Metric]:
+        families = [
+            CounterMetricFamily(name, doc, labels=self._LABELS)
+            for name, doc in (
+                ("hotswap_engine_model_requests", "Requests with rows served by the model."),
+                ("hotswap_engine_model_rows", "Rows served by the model."),
+                ("hotswap_engine_model_errors", "Requests that failed in the model."),
+                ("hotswap_engine_model_seconds", "Time the model's runs took."),
+            )
+        ]
+        for loaded in self._loaded():
+            spec = loaded.spec
+            for step, _, model, (requests, rows, errors, ns) in loaded.traffic():
+                labels = [spec.workspace, spec.pipeline, str(spec.number), str(step),
+                          model.model_name, model.model_version]  # fmt: skip
+                for family, value in zip(families, (requests, rows, errors, ns / 1e9), strict=True):
+                    family.add_metric(labels, value)
+        yield from families
 
 
 class _LogCollector(Collector):

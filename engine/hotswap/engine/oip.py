@@ -276,7 +276,7 @@ def _infer(
     elapsed_ns = time.perf_counter_ns() - started
     response.parameters["elapsed_ns"].int64_param = elapsed_ns
     size = sum(map(len, raws)) + sum(v.nbytes for v in columns.values())
-    return Ran(response, inferred, elapsed_ns, size)
+    return Ran(response, inferred, elapsed_ns, size, inferred.shadows)
 
 
 @functools.lru_cache(maxsize=64)

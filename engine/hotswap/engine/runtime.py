@@ -16,9 +16,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeAlias, cast
 
 import numpy as np
@@ -44,12 +43,14 @@ from hotswap.engine.arrow_io import (
 )
 from hotswap.engine.errors import EngineError, InvalidInput, PrepareError, WarmupFailed
 from hotswap.engine.fast_ipc import AnswerTemplate, RequestLayout
+from hotswap.engine.splits import ArmModel, ModelStats, Router, SplitSpec, model_label
 
 __all__ = [
     "TENSOR_COLUMN",
     "LoadedPipeline",
     "PipelineSpec",
     "RuntimeOptions",
+    "SplitSpec",
     "StepSpec",
     "TensorInfo",
     "decode_ipc",
@@ -92,25 +93,25 @@ _TEMPLATE_ROWS = 4096
 WARM_RUNS = 3
 
 
-@dataclass(frozen=True, slots=True)
-class StepSpec:
-    """One step of a pipeline version: a model version and its local, sha-verified ONNX file."""
-
-    model_name: str
-    model_version: str
-    sha256: str
-    path: Path
+StepSpec = ArmModel
+"""One step of a pipeline version: a model version and its local, sha-verified ONNX file."""
 
 
 @dataclass(frozen=True, slots=True)
 class PipelineSpec:
-    """A pipeline version to serve: its identity (echoed in every response) and its steps."""
+    """A pipeline version to serve: its identity (echoed in every response), its steps, and
+    the steps of several models (`splits`, whose first model is the step's)."""
 
     workspace: str
     pipeline: str
     version_id: str
     number: int
     steps: tuple[StepSpec, ...]
+    splits: tuple[SplitSpec, ...] = ()
+
+    def models(self) -> list[StepSpec]:
+        """Every model the version runs: the steps' and the splits' other models."""
+        return [*self.steps, *(m for split in self.splits for m in split.models[1:])]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +160,127 @@ class _Step:
         return outputs
 
 
+@dataclass(frozen=True, slots=True)
+class _Arm:
+    """One model of a split step, fed as the step's first model is (inputs matched by
+    position), returning its outputs in the first model's order."""
+
+    step: _Step
+    renames: tuple[tuple[str, str], ...]  # (the first model's input name, this one's)
+    model: StepSpec
+    label: str  # model_label(model), as `out._model_split` names it
+    stats: ModelStats
+
+    def run(self, feed: Mapping[str, Array]) -> list[Array]:
+        return self.step.run({mine: feed[theirs] for theirs, mine in self.renames})
+
+
+@dataclass(frozen=True, slots=True)
+class _SplitStep:
+    """A step of several models; `run` serves each row with the model `router` picks (or,
+    for a shadow step, every row with the champion)."""
+
+    label: str
+    kind: str
+    arms: tuple[_Arm, ...]
+    router: Router | None  # None for a shadow step
+    feeds: tuple[tuple[str, int, tuple[int, ...] | None], ...]  # as _Step.feeds
+    outputs: list[str]  # as _Step.outputs (the first model's names)
+    labels: pa.Array  # each model's `out._model_split` entry
+    # Shadow steps: each challenger's log columns and their Arrow types (None when dynamic).
+    shadow_columns: list[list[tuple[str, pa.DataType | None]]]
+
+    def run(self, feed: dict[str, Array], order: Array | int, n: int) -> list[Array]:
+        if isinstance(order, int):
+            return _timed(self.arms[order], feed, n)
+        outputs: list[Array] = []
+        for arm in np.unique(order).tolist():
+            rows = np.flatnonzero(order == arm)
+            part = _timed(self.arms[arm], {k: v[rows] for k, v in feed.items()}, len(rows))
+            if not outputs:
+                outputs = [np.empty((n, *v.shape[1:]), v.dtype) for v in part]
+            try:
+                for whole, value in zip(outputs, part, strict=True):
+                    whole[rows] = value
+            except ValueError as exc:
+                raise RuntimeError(
+                    f"{self.label}: model {self.arms[arm].model.model_name!r} gave outputs "
+                    f"shaped unlike the others' ({exc})"
+                ) from exc
+        return outputs
+
+
+def _timed(arm: _Arm, feed: dict[str, Array], rows: int) -> list[Array]:
+    started = time.perf_counter_ns()
+    try:
+        outputs = arm.run(feed)
+    except BaseException:
+        arm.stats.record(rows, time.perf_counter_ns() - started, failed=True)
+        raise
+    arm.stats.record(rows, time.perf_counter_ns() - started, failed=False)
+    return outputs
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowRun:
+    """A shadow step's input for one request, run by the inference log's writer (`run`)."""
+
+    step: _SplitStep
+    feed: dict[str, Array]
+    rows: int
+
+
+class Shadows:
+    """The shadow runs of one request: their log columns are computed once, when the log
+    first needs them (a flush or a query), off the request path."""
+
+    __slots__ = ("_columns", "runs")
+
+    def __init__(self, runs: list[ShadowRun]) -> None:
+        self.runs = runs
+        self._columns: dict[str, pa.Array] | None = None
+
+    def columns(self) -> dict[str, pa.Array]:
+        """`out_<challenger>.<output>` columns, then `metadata.shadow_elapsed` and
+        `metadata.shadow_errors` (JSON by challenger; errors null when all ran)."""
+        if self._columns is None:
+            self._columns = self._run()
+        return self._columns
+
+    def _run(self) -> dict[str, pa.Array]:
+        columns: dict[str, pa.Array] = {}
+        elapsed: dict[str, int] = {}
+        errors: dict[str, str] = {}
+        n = self.runs[0].rows
+        for run in self.runs:
+            for arm, names in zip(run.step.arms[1:], run.step.shadow_columns, strict=True):
+                name = arm.model.model_name
+                started = time.perf_counter_ns()
+                try:
+                    values = arm.run(run.feed)
+                    if any(v.ndim == 0 or v.shape[0] != n for v in values):
+                        raise InvalidInput("it did not return one row per input row")
+                    arrays = [ndarray_to_arrow(v) for v in values]
+                    failed = ""
+                except Exception as exc:  # a challenger's failure never reaches the caller
+                    failed = str(exc) or type(exc).__name__
+                    arrays = [pa.nulls(n, type_ or pa.null()) for _, type_ in names]
+                took = time.perf_counter_ns() - started
+                arm.stats.record(n, took, failed=bool(failed))
+                elapsed[name] = took
+                if failed:
+                    errors[name] = failed[:500]
+                for (column, type_), array in zip(names, arrays, strict=True):
+                    if type_ is not None and array.type != type_:
+                        array = pa.nulls(n, type_)  # a shape the warm-up did not see
+                    columns[column] = array
+        columns["metadata.shadow_elapsed"] = pa.repeat(pa.scalar(json.dumps(elapsed)), n)
+        columns["metadata.shadow_errors"] = pa.repeat(
+            pa.scalar(json.dumps(errors) if errors else None, pa.string()), n
+        )
+        return columns
+
+
 class LoadedPipeline:
     """A pipeline version ready to serve: one ONNX Runtime session per step.
 
@@ -180,6 +302,7 @@ class LoadedPipeline:
         "_metadata",
         "_out_columns",
         "_out_names",
+        "_routed",
         "_schema_cache",
         "_steps",
         "_templates",
@@ -194,19 +317,33 @@ class LoadedPipeline:
     warmup_ms: float
     row_ms: float  # steady-state time of a 1-row inference, measured at warm-up
 
-    def __init__(self, spec: PipelineSpec, sessions: Sequence[Any], load_ms: float) -> None:
-        """Plan a pipeline over already-built sessions; use `build` instead."""
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        sessions: Sequence[Any],
+        load_ms: float,
+        split_sessions: Sequence[Sequence[Any]] = (),
+    ) -> None:
+        """Plan a pipeline over already-built sessions (`split_sessions`: those of each
+        split's models after the first); use `build` instead."""
         self.spec = spec
         self.load_ms = load_ms
         self.warmup_ms = 0.0
         self.row_ms = math.inf
         labels = [f"step {i} (model {s.model_name!r})" for i, s in enumerate(spec.steps)]
         self._inputs = _plan_inputs(spec.steps[0].model_name, labels[0], sessions[0])
-        self._steps = _plan_steps(labels, sessions)
+        steps: list[_Step | _SplitStep] = list(_plan_steps(labels, sessions))
+        for split, others in zip(spec.splits, split_sessions, strict=True):
+            steps[split.step] = _split_step(spec, split, steps[split.step], others)
+        self._steps = tuple(steps)
+        routed = [s for s in steps if isinstance(s, _SplitStep)]
+        self._routed = tuple(routed) if routed else None
         self._later = self._steps[1:]
         self._last_label = labels[-1]
         self._out_names = self._steps[-1].outputs
         self._out_columns = [f"out.{name}" for name in self._out_names]
+        if any(s.router is not None for s in routed):
+            self._out_columns.append(SPLIT_COLUMN)
         # (input schema, output dtypes and ranks, output schema) of the last request: building
         # the output schema costs more than checking that the next request has the same one.
         # The answer's schema message is kept too: encoding it costs more than the batch.
@@ -258,12 +395,17 @@ class LoadedPipeline:
         if not spec.steps:
             raise PrepareError(f"pipeline {spec.pipeline!r} version {spec.number} has no steps")
         started = time.perf_counter()
-        reuse = reuse or {}
-        sessions = [
-            reuse.get(step.sha256) or _open_session(i, step, options)
-            for i, step in enumerate(spec.steps)
-        ]
-        pipeline = cls(spec, sessions, (time.perf_counter() - started) * 1000)
+        opened = dict(reuse or {})
+
+        def session(index: int, model: StepSpec) -> Any:
+            found = opened.get(model.sha256)
+            if found is None:
+                found = opened[model.sha256] = _open_session(index, model, options)
+            return found
+
+        sessions = [session(i, step) for i, step in enumerate(spec.steps)]
+        others = [[session(s.step, m) for m in s.models[1:]] for s in spec.splits]
+        pipeline = cls(spec, sessions, (time.perf_counter() - started) * 1000, others)
         if warm_up:
             started = time.perf_counter()
             pipeline._warm_up()
@@ -272,9 +414,22 @@ class LoadedPipeline:
 
     def sessions_by_sha(self) -> dict[str, Any]:
         """This version's ONNX Runtime sessions by model sha256 (for reuse by other versions)."""
-        return {
-            step.sha256: run.session for step, run in zip(self.spec.steps, self._steps, strict=True)
-        }
+        found: dict[str, Any] = {}
+        for model, step in zip(self.spec.steps, self._steps, strict=True):
+            if isinstance(step, _SplitStep):
+                found.update((arm.model.sha256, arm.step.session) for arm in step.arms)
+            else:
+                found[model.sha256] = step.session
+        return found
+
+    def traffic(self) -> list[tuple[int, int, StepSpec, tuple[int, int, int, int]]]:
+        """What each model of a split or shadow step served since this version was loaded:
+        (step, model index, model, (requests, rows, errors, elapsed ns))."""
+        return [
+            (split.step, i, arm.model, arm.stats.snapshot())
+            for split, step in zip(self.spec.splits, self._routed or (), strict=True)
+            for i, arm in enumerate(step.arms)
+        ]
 
     def input_columns(self) -> list[str]:
         """The columns the first step reads, e.g. `["tensor"]`."""
@@ -282,11 +437,11 @@ class LoadedPipeline:
 
     def input_specs(self) -> list[TensorInfo]:
         """The first step's ONNX inputs, in order: the pipeline's inputs."""
-        return [_tensor_info(arg) for arg in self._steps[0].session.get_inputs()]
+        return [_tensor_info(arg) for arg in _session(self._steps[0]).get_inputs()]
 
     def output_specs(self) -> list[TensorInfo]:
         """The last step's ONNX outputs, in order: the `out.<name>` columns of a result."""
-        by_name = {arg.name: arg for arg in self._steps[-1].session.get_outputs()}
+        by_name = {arg.name: arg for arg in _session(self._steps[-1]).get_outputs()}
         return [_tensor_info(by_name[name]) for name in self._out_names]
 
     def infer(self, rows: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
@@ -296,13 +451,25 @@ class LoadedPipeline:
             InvalidInput: the rows cannot feed the first step (missing column, wrong width,
                 non-numeric values, nulls, ragged rows, no rows), or a step rejected the data.
         """
+        return self.infer_traced(rows)[0]
+
+    def infer_traced(
+        self, rows: pa.RecordBatch | pa.Table
+    ) -> tuple[pa.RecordBatch, Shadows | None]:
+        """`infer`, with the request's shadow runs (for the inference log to run) if any."""
         batch = as_batch(rows)
         n = batch.num_rows
         if n == 0:
             raise InvalidInput("the table has no rows: send at least one")
         epoch_ms = time.time_ns() // 1_000_000
-        outputs = self._run({plan.input_name: plan.tensor(batch, n) for plan in self._inputs}, n)
-        return self._result(epoch_ms, batch.columns, batch.schema, outputs)
+        feed = {plan.input_name: plan.tensor(batch, n) for plan in self._inputs}
+        if self._routed is None:
+            return self._result(epoch_ms, batch.columns, batch.schema, self._run(feed, n)), None
+        names = batch.schema.names
+        outputs, split, shadows = self._run_routed(
+            feed, n, lambda key: batch.column(key) if key in names else None
+        )
+        return self._result(epoch_ms, batch.columns, batch.schema, outputs, split), shadows
 
     def infer_arrays(
         self, columns: Mapping[str, Array], schema: pa.Schema | None = None
@@ -321,7 +488,10 @@ class LoadedPipeline:
             feed[plan.input_name] = plan.array(columns[column], column)
         n = next(iter(feed.values())).shape[0]
         epoch_ms = time.time_ns() // 1_000_000
-        return Inferred(self, epoch_ms, columns, self._run(feed, n), schema)
+        if self._routed is None:
+            return Inferred(self, epoch_ms, columns, self._run(feed, n), schema)
+        outputs, split, shadows = self._run_routed(feed, n, columns.get)
+        return Inferred(self, epoch_ms, columns, outputs, schema, split, shadows)
 
     def takes(self, columns: Mapping[str, Array]) -> bool:
         """Whether `columns` has a column for every input."""
@@ -330,7 +500,10 @@ class LoadedPipeline:
     def answer(self, inferred: Inferred, layout: RequestLayout, exclude: frozenset[str]) -> bytes:
         """The answer to a request `fast_ipc` read: the template of this version, request
         schema, row count and exclusion with this request's values in place, or (the first
-        time, or for outputs a template cannot hold) encoded from the result rows."""
+        time, for outputs a template cannot hold, or rows split between models) encoded from
+        the result rows."""
+        if self._routed is not None:
+            return self.encode(inferred.batch(), exclude)
         # The outputs' types and shapes are in the key: a model with dynamic output shapes
         # gives answers of other layouts, whose holes could still have the same sizes.
         shapes = tuple((v.dtype.str, v.shape) for v in inferred.outputs)
@@ -360,20 +533,42 @@ class LoadedPipeline:
         return (group, name)
 
     def _run(self, feed: dict[str, Array], n: int) -> list[Array]:
-        outputs = self._steps[0].run(feed)
+        outputs = cast(_Step, self._steps[0]).run(feed)
         for step in self._later:
-            feed = {}
-            for name, source, row in step.feeds:
-                value = outputs[source]
-                feed[name] = value if row is None else value.reshape(value.shape[0], *row)
-            outputs = step.run(feed)
+            outputs = cast(_Step, step).run(_next_feed(step, outputs))
+        self._check_rows(outputs, n)
+        return outputs
+
+    def _run_routed(
+        self, feed: dict[str, Array], n: int, keys: Callable[[str], Any]
+    ) -> tuple[list[Array], pa.Array | None, Shadows | None]:
+        """`_run` for a version with split or shadow steps: also each row's models (the
+        `out._model_split` column) and the shadow runs the log is to make."""
+        outputs: list[Array] = []
+        chosen: list[tuple[_SplitStep, Array | int]] = []
+        shadows: list[ShadowRun] = []
+        for i, step in enumerate(self._steps):
+            if i:
+                feed = _next_feed(step, outputs)
+            if isinstance(step, _Step):
+                outputs = step.run(feed)
+            elif step.router is None:
+                outputs = _timed(step.arms[0], feed, n)
+                shadows.append(ShadowRun(step, feed, n))
+            else:
+                order = step.router.route(keys(step.router.key) if step.router.key else None, n)
+                outputs = step.run(feed, order, n)
+                chosen.append((step, order))
+        self._check_rows(outputs, n)
+        return outputs, _split_column(chosen, n), Shadows(shadows) if shadows else None
+
+    def _check_rows(self, outputs: list[Array], n: int) -> None:
         for name, value in zip(self._out_names, outputs, strict=True):
             if value.ndim == 0 or value.shape[0] != n:
                 raise InvalidInput(
                     f"{self._last_label} output {name!r} has shape {list(value.shape)} for a "
                     f"{n}-row request: the model does not return one row per input row"
                 )
-        return outputs
 
     def _result(
         self,
@@ -381,12 +576,15 @@ class LoadedPipeline:
         inputs: list[pa.Array],
         in_schema: pa.Schema,
         outputs: list[Array],
+        split: pa.Array | None = None,
     ) -> pa.RecordBatch:
         """The result rows: time (one instant, or one per row), the inputs echoed, the
-        outputs, check_failures."""
+        outputs, the models that served each row (for split steps), check_failures."""
         n = len(outputs[0])
         columns = [timestamp_column(epoch_ms, n), *inputs]
         columns += [ndarray_to_arrow(value) for value in outputs]
+        if split is not None:
+            columns.append(split)
         columns.append(int32_zeros(n))
         kinds = [(value.dtype, value.ndim) for value in outputs]
         cached = self._schema_cache
@@ -442,20 +640,54 @@ class LoadedPipeline:
             columns[plan.columns[0]] = ndarray_to_arrow(zeros)
         table = pa.RecordBatch.from_pydict(columns)
         try:
-            self.infer(table)
+            self._warm_once(table)
             # The first call allocates; later ones show what a small request really costs.
             for _ in range(WARM_RUNS):
                 started = time.perf_counter()
-                self.infer(table)
+                self._warm_once(table)
                 self.row_ms = min(self.row_ms, (time.perf_counter() - started) * 1000)
         except (EngineError, RuntimeError, ValueError) as exc:
             raise WarmupFailed(f"warm-up inference on a zero-filled row failed: {exc}") from exc
+        for step in self._routed or ():
+            for arm in step.arms:
+                arm.stats.reset()  # the warm-up is not traffic
+
+    def _warm_once(self, table: pa.RecordBatch) -> None:
+        """One warm-up inference; a split or shadow step runs every one of its models (a
+        warm-up has no key column, and each model must be proven before it serves)."""
+        if self._routed is None:
+            self.infer(table)
+            return
+        n = table.num_rows
+        feed = {plan.input_name: plan.tensor(table, n) for plan in self._inputs}
+        outputs: list[Array] = []
+        for i, step in enumerate(self._steps):
+            if i:
+                feed = _next_feed(step, outputs)
+            if isinstance(step, _Step):
+                outputs = step.run(feed)
+                continue
+            results = [arm.run(feed) for arm in step.arms]
+            outputs = results[0]
+            if step.router is not None:
+                step.run(feed, np.arange(n) % len(step.arms), n)  # the scatter, once
+        self._check_rows(outputs, n)
 
 
 class Inferred:
     """The outcome of `infer_arrays`: the output arrays now, the result rows on demand."""
 
-    __slots__ = ("_batch", "_epoch_ms", "_inputs", "_loaded", "_schema", "num_rows", "outputs")
+    __slots__ = (
+        "_batch",
+        "_epoch_ms",
+        "_inputs",
+        "_loaded",
+        "_schema",
+        "_split",
+        "num_rows",
+        "outputs",
+        "shadows",
+    )
 
     def __init__(
         self,
@@ -464,11 +696,15 @@ class Inferred:
         inputs: Mapping[str, Array],
         outputs: list[Array],
         schema: pa.Schema | None = None,
+        split: pa.Array | None = None,
+        shadows: Shadows | None = None,
     ) -> None:
         self._loaded = loaded
         self._epoch_ms = epoch_ms
         self._inputs = inputs
         self._schema = schema
+        self._split = split
+        self.shadows = shadows
         self.outputs = outputs
         self.num_rows = len(outputs[0])
         self._batch: pa.RecordBatch | None = None
@@ -488,7 +724,7 @@ class Inferred:
         else:
             schema = self._schema
             arrays = [array_of(self._inputs[f.name], f.type) for f in schema]
-        return self._loaded._result(times, arrays, schema, self.outputs)
+        return self._loaded._result(times, arrays, schema, self.outputs, self._split)
 
     def signature(self) -> tuple[Any, ...]:
         """What results must share to be built as one batch (`merged_batch`)."""
@@ -512,7 +748,8 @@ class Inferred:
             np.fromiter((r._epoch_ms for r in run), np.int64, len(run)),
             np.fromiter((r.num_rows for r in run), np.int64, len(run)),
         )
-        merged = Inferred(first._loaded, 0, inputs, outputs, first._schema)
+        split = None if first._split is None else pa.concat_arrays([r._split for r in run])
+        merged = Inferred(first._loaded, 0, inputs, outputs, first._schema, split)
         return merged._build(times)
 
     def hole_values(self, holes: Sequence[Hole]) -> list[memoryview]:
@@ -557,6 +794,129 @@ def answer_parts(exclude: Sequence[str]) -> frozenset[str]:
 def _part(column: str) -> str:
     """The group of a result column: `in.tensor` -> "in", `time` -> "time"."""
     return column.split(".", 1)[0]
+
+
+SPLIT_COLUMN = "out._model_split"
+"""Which model served each row: a list, one entry per split step, of Wallaroo's JSON."""
+
+
+def _session(step: _Step | _SplitStep) -> Any:
+    """The step's (first) model's session: the one that decides its inputs and outputs."""
+    return step.arms[0].step.session if isinstance(step, _SplitStep) else step.session
+
+
+def _next_feed(step: _Step | _SplitStep, outputs: list[Array]) -> dict[str, Array]:
+    feed = {}
+    for name, source, row in step.feeds:
+        value = outputs[source]
+        feed[name] = value if row is None else value.reshape(value.shape[0], *row)
+    return feed
+
+
+def _split_column(chosen: list[tuple[_SplitStep, Array | int]], n: int) -> pa.Array | None:
+    """`out._model_split`: for each row, the label of the model each split step chose."""
+    if not chosen:
+        return None
+    parts = []
+    for step, order in chosen:
+        index = np.full(n, order, np.int32) if isinstance(order, int) else order.astype(np.int32)
+        parts.append(step.labels.take(pa.array(index)))
+    values = parts[0]
+    if len(parts) > 1:  # row-major: row 0's entries, then row 1's...
+        interleave = np.arange(n * len(parts)).reshape(len(parts), n).T.reshape(-1)
+        values = pa.concat_arrays(parts).take(pa.array(interleave))
+    offsets = pa.array(np.arange(0, n * len(parts) + 1, len(parts), dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values)
+
+
+def _arm_label(step: int, model: StepSpec) -> str:
+    return f"step {step} (model {model.model_name!r})"
+
+
+def _split_step(
+    spec: PipelineSpec, split: SplitSpec, first: _Step | _SplitStep, sessions: Sequence[Any]
+) -> _SplitStep:
+    """The split step of `split`, over its first model's planned step and the sessions of
+    the others. Every model must take the first one's inputs (by position: names may
+    differ); a split's models must also give its outputs, as one result holds their rows."""
+    label = f"step {split.step} ({split.kind} split)"
+    problem = split.check()
+    if not problem and not 0 <= split.step < len(spec.steps):
+        problem = f"a split names step {split.step} of a {len(spec.steps)}-step pipeline"
+    if not problem and split.models[0].sha256 != spec.steps[split.step].sha256:
+        problem = f"step {split.step}'s split does not start with the step's model"
+    names = [m.model_name for m in split.models]
+    if not problem and len(set(names)) != len(names):
+        problem = f"step {split.step}'s split names a model twice ({', '.join(names)})"
+    if problem or not isinstance(first, _Step):
+        raise PrepareError(problem or f"step {split.step} has two splits")
+    base = first.session
+    arms = [_Arm(first, tuple((a.name, a.name) for a in base.get_inputs()), split.models[0],
+                 model_label(split.models[0]), ModelStats())]  # fmt: skip
+    shadow_columns = []
+    for model, session in zip(split.models[1:], sessions, strict=True):
+        where = f"{label}: model {model.model_name!r}"
+        renames = _match_args(where, "inputs", base.get_inputs(), session.get_inputs())
+        if split.kind == "shadow":
+            outputs = session.get_outputs()
+            for out in outputs:
+                if not out.type.startswith("tensor("):
+                    raise PrepareError(f"{where} output {out.name!r} is {out.type}, not a tensor")
+            outs = [out.name for out in outputs]
+            shadow_columns.append(
+                [(f"out_{model.model_name}.{out.name}", _arrow_type(out)) for out in outputs]
+            )
+        else:
+            # Its outputs by position, in the order the first model's are asked for.
+            mine = dict(_match_args(where, "outputs", base.get_outputs(), session.get_outputs()))
+            outs = [mine[name] for name in first.outputs]
+        step = _Step(_arm_label(split.step, model), session, outs, ())
+        arms.append(_Arm(step, renames, model, model_label(model), ModelStats()))
+    return _SplitStep(
+        label,
+        split.kind,
+        tuple(arms),
+        None if split.kind == "shadow" else Router(split, label),
+        first.feeds,
+        first.outputs,
+        pa.array([arm.label for arm in arms], pa.string()),
+        shadow_columns,
+    )
+
+
+def _match_args(
+    where: str, what: str, theirs: Sequence[Any], mine: Sequence[Any]
+) -> tuple[tuple[str, str], ...]:
+    """Pairs (first model's name, this model's name) of inputs or outputs by position, with
+    the same types and row shapes."""
+    if len(theirs) != len(mine):
+        raise PrepareError(
+            f"{where} has {len(mine)} {what}, the step's first model {len(theirs)}: every "
+            "model of a split takes and gives what the first does"
+        )
+    for a, b in zip(theirs, mine, strict=True):
+        a_dims, b_dims = _dims(a), _dims(b)
+        rows_differ = (
+            a_dims is not None and b_dims is not None
+            and _static(a_dims[1:]) is not None and _static(b_dims[1:]) is not None
+            and a_dims[1:] != b_dims[1:]
+        )  # fmt: skip
+        if a.type != b.type or rows_differ:
+            raise PrepareError(
+                f"{where} {what[:-1]} {b.name!r} is {b.type} {format_dims(b_dims or ())}, but the "
+                f"step's first model's {a.name!r} is {a.type} {format_dims(a_dims or ())}"
+            )
+    return tuple((a.name, b.name) for a, b in zip(theirs, mine, strict=True))
+
+
+def _arrow_type(arg: Any) -> pa.DataType | None:
+    """The Arrow type an output's values take in a result, when its row shape is static."""
+    dtype = _ELEMENT_TYPES.get(arg.type)
+    dims = _dims(arg)
+    if dtype is None or dims is None:
+        return None
+    row = _static(dims[1:])
+    return None if row is None else ndarray_to_arrow(np.zeros((1, *row), dtype)).type
 
 
 def _open_session(index: int, step: StepSpec, options: RuntimeOptions) -> Any:

@@ -53,11 +53,12 @@ def _run(loaded: LoadedPipeline, data: bytes, max_rows: int, exclude: frozenset[
         inferred = loaded.infer_arrays(columns, layout.schema)
         answer = loaded.answer(inferred, layout, exclude)
         # The logged rows hold views of the request: its bytes count against the log's bound.
-        return Ran(answer, inferred, time.perf_counter_ns() - start, len(answer) + len(data))
+        elapsed = time.perf_counter_ns() - start
+        return Ran(answer, inferred, elapsed, len(answer) + len(data), inferred.shadows)
     table = decode_ipc(data, max_rows)
-    result = loaded.infer(table)
+    result, shadows = loaded.infer_traced(table)
     out = loaded.encode(result, exclude)
-    return Ran(out, result, time.perf_counter_ns() - start, len(out) + len(data))
+    return Ran(out, result, time.perf_counter_ns() - start, len(out) + len(data), shadows)
 
 
 def code_name(exc: Exception) -> str:

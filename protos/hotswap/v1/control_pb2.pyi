@@ -555,11 +555,18 @@ class CreatePipelineVersionRequest(_message.Message):
     WORKSPACE_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    SPLITS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepRef]:
         """The steps, in order; at least one."""
+
+    @_builtins.property
+    def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitRef]:
+        """Steps of several models (StepSplit, by step index); `models` names every model of the
+        step and models[0] must be the model `steps` names there.
+        """
 
     def __init__(
         self,
@@ -567,14 +574,54 @@ class CreatePipelineVersionRequest(_message.Message):
         workspace: _builtins.str = ...,
         pipeline: _builtins.str = ...,
         steps: _abc.Iterable[Global___StepRef] | None = ...,
+        splits: _abc.Iterable[Global___SplitRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "steps", b"steps", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "splits", b"splits", "steps", b"steps", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreatePipelineVersionRequest: _TypeAlias = CreatePipelineVersionRequest  # noqa: Y015
+
+@_typing.final
+class SplitRef(_message.Message):
+    """A split or shadow step to create (StepSplit, with models named instead of resolved)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    KEY_VALUES_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    kind: _types_pb2.StepSplit.Kind.ValueType
+    key: _builtins.str
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepRef]: ...
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def key_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        kind: _types_pb2.StepSplit.Kind.ValueType = ...,
+        models: _abc.Iterable[Global___StepRef] | None = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        key: _builtins.str = ...,
+        key_values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_values", b"key_values", "kind", b"kind", "models", b"models", "step", b"step", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitRef: _TypeAlias = SplitRef  # noqa: Y015
 
 @_typing.final
 class ListPipelineVersionsRequest(_message.Message):
@@ -973,6 +1020,7 @@ class PipelineStatus(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
     SWAP_IN_PROGRESS_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
@@ -998,6 +1046,10 @@ class PipelineStatus(_message.Message):
     def swap_in_progress(self) -> Global___SwapInProgress:
         """The deploy running now, if any, with each engine's stage."""
 
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout running now, if any."""
+
     def __init__(
         self,
         *,
@@ -1009,11 +1061,12 @@ class PipelineStatus(_message.Message):
         replicas: _builtins.int = ...,
         engines: _abc.Iterable[Global___EngineStatus] | None = ...,
         swap_in_progress: Global___SwapInProgress | None = ...,
+        rollout: Global___Rollout | None = ...,
         status_code: Global___ServingStatus.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "swap_in_progress", b"swap_in_progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "rollout", b"rollout", "swap_in_progress", b"swap_in_progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "details", b"details", "engines", b"engines", "pipeline", b"pipeline", "replicas", b"replicas", "status", b"status", "status_code", b"status_code", "swap_in_progress", b"swap_in_progress", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "details", b"details", "engines", b"engines", "pipeline", b"pipeline", "replicas", b"replicas", "rollout", b"rollout", "status", b"status", "status_code", b"status_code", "swap_in_progress", b"swap_in_progress", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1259,6 +1312,7 @@ class SwapRecord(_message.Message):
     PREPARE_MS_FIELD_NUMBER: _builtins.int
     COMMIT_MS_FIELD_NUMBER: _builtins.int
     OUTCOME_CODE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
     """Swap id (UUID); the engines' logs mention it."""
     workspace: _builtins.str
@@ -1292,6 +1346,10 @@ class SwapRecord(_message.Message):
     commit_ms: _builtins.float
     outcome_code: Global___SwapOutcome.ValueType
     """`outcome` as an enum."""
+    note: _builtins.str
+    """What made the swap, when it was not a person's Deploy: e.g. "rollout 3f2a step 2 of 4:
+    25% to gbr (step 1 passed: 0 of 212 requests failed; latency 1.04x <= 1.5x)".
+    """
     @_builtins.property
     def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineSwapTiming]:
         """Per-engine stage and timings."""
@@ -1315,14 +1373,271 @@ class SwapRecord(_message.Message):
         prepare_ms: _builtins.float = ...,
         commit_ms: _builtins.float = ...,
         outcome_code: Global___SwapOutcome.ValueType = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ms", b"commit_ms", "ended_ms", b"ended_ms", "engines", b"engines", "kind", b"kind", "outcome", b"outcome", "outcome_code", b"outcome_code", "pipeline", b"pipeline", "prepare_ms", b"prepare_ms", "reason", b"reason", "request_id", b"request_id", "requested_by", b"requested_by", "started_ms", b"started_ms", "swap_id", b"swap_id", "version_after", b"version_after", "version_before", b"version_before", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ms", b"commit_ms", "ended_ms", b"ended_ms", "engines", b"engines", "kind", b"kind", "note", b"note", "outcome", b"outcome", "outcome_code", b"outcome_code", "pipeline", b"pipeline", "prepare_ms", b"prepare_ms", "reason", b"reason", "request_id", b"request_id", "requested_by", b"requested_by", "started_ms", b"started_ms", "swap_id", b"swap_id", "version_after", b"version_after", "version_before", b"version_before", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SwapRecord: _TypeAlias = SwapRecord  # noqa: Y015
+
+@_typing.final
+class StartRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    PERCENTS_FIELD_NUMBER: _builtins.int
+    STEP_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    pipeline: _builtins.str
+    step: _builtins.int
+    """Which step of the deployed version it replaces (0-based)."""
+    step_seconds: _builtins.float
+    """How long each step lasts before it may advance, seconds; 0 means 60."""
+    max_error_rate: _builtins.float
+    """The most challenger requests that may fail, as a fraction (0.01 = 1%); a step with more
+    rolls back. Unset means 0.01.
+    """
+    max_latency_ratio: _builtins.float
+    """The most the challenger's mean time per request may be, as a multiple of the champion's
+    in the same step; 0 means 1.5.
+    """
+    min_requests: _builtins.int
+    """Challenger requests a step needs before it may advance (a quiet step waits for them);
+    0 means 20. The latency limit is judged from this many requests of each model.
+    """
+    requested_by: _builtins.str
+    """As DeployRequest.requested_by."""
+    @_builtins.property
+    def model(self) -> Global___StepRef:
+        """The challenger: a model version (empty version: the model's latest)."""
+
+    @_builtins.property
+    def percents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The challenger's share of rows at each step, in percent, increasing, the last 100;
+        empty means 5, 25, 50, 100.
+        """
+
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        model: Global___StepRef | None = ...,
+        step: _builtins.int = ...,
+        percents: _abc.Iterable[_builtins.float] | None = ...,
+        step_seconds: _builtins.float = ...,
+        max_error_rate: _builtins.float | None = ...,
+        max_latency_ratio: _builtins.float = ...,
+        min_requests: _builtins.int = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "max_error_rate", b"max_error_rate", "model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "max_error_rate", b"max_error_rate", "max_latency_ratio", b"max_latency_ratio", "min_requests", b"min_requests", "model", b"model", "percents", b"percents", "pipeline", b"pipeline", "requested_by", b"requested_by", "step", b"step", "step_seconds", b"step_seconds", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
+
+Global___StartRolloutRequest: _TypeAlias = StartRolloutRequest  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    pipeline: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class AbortRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    pipeline: _builtins.str
+    reason: _builtins.str
+    """Why, for the timeline."""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "reason", b"reason", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRolloutRequest: _TypeAlias = AbortRolloutRequest  # noqa: Y015
+
+@_typing.final
+class RolloutStep(_message.Message):
+    """One step of a rollout and the numbers that decided it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    ENDED_MS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    CHAMPION_FIELD_NUMBER: _builtins.int
+    CHALLENGER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    percent: _builtins.float
+    """The challenger's share of rows, percent."""
+    version: _builtins.int
+    """The pipeline version number this step serves."""
+    started_ms: _builtins.int
+    ended_ms: _builtins.int
+    """0 while running."""
+    outcome: _builtins.str
+    """"running", "passed", "failed" (a limit broke: the rollout rolled back) or "stopped"
+    (aborted, or the control plane restarted during it).
+    """
+    reason: _builtins.str
+    """The decision in words, e.g. "error rate 0.0% <= 1.0%; latency 1.04x <= 1.5x"."""
+    @_builtins.property
+    def champion(self) -> _types_pb2.ModelTraffic:
+        """Summed over the engines, for this step's version."""
+
+    @_builtins.property
+    def challenger(self) -> _types_pb2.ModelTraffic: ...
+    def __init__(
+        self,
+        *,
+        percent: _builtins.float = ...,
+        version: _builtins.int = ...,
+        started_ms: _builtins.int = ...,
+        ended_ms: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        champion: _types_pb2.ModelTraffic | None = ...,
+        challenger: _types_pb2.ModelTraffic | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["challenger", b"challenger", "champion", b"champion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenger", b"challenger", "champion", b"champion", "ended_ms", b"ended_ms", "outcome", b"outcome", "percent", b"percent", "reason", b"reason", "started_ms", b"started_ms", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutStep: _TypeAlias = RolloutStep  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    BASELINE_VERSION_FIELD_NUMBER: _builtins.int
+    FINAL_VERSION_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    CHAMPION_FIELD_NUMBER: _builtins.int
+    CHALLENGER_FIELD_NUMBER: _builtins.int
+    PERCENTS_FIELD_NUMBER: _builtins.int
+    STEP_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    ENDED_MS_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    workspace: _builtins.str
+    pipeline: _builtins.str
+    state: _builtins.str
+    """"running", "completed" (the challenger serves alone), "rolled_back" (a limit broke),
+    "aborted" (AbortRollout), or "failed" (a swap of the rollout failed; the version
+    deployed before it serves).
+    """
+    baseline_version: _builtins.int
+    """The version deployed before the rollout (what a rollback returns to), and the version
+    it ended on (0 while running).
+    """
+    final_version: _builtins.int
+    step: _builtins.int
+    step_seconds: _builtins.float
+    max_error_rate: _builtins.float
+    max_latency_ratio: _builtins.float
+    min_requests: _builtins.int
+    reason: _builtins.str
+    """Why it ended, for a person."""
+    started_ms: _builtins.int
+    ended_ms: _builtins.int
+    requested_by: _builtins.str
+    @_builtins.property
+    def champion(self) -> _types_pb2.ModelVersion: ...
+    @_builtins.property
+    def challenger(self) -> _types_pb2.ModelVersion: ...
+    @_builtins.property
+    def percents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutStep]:
+        """The steps so far, the running one last."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        state: _builtins.str = ...,
+        baseline_version: _builtins.int = ...,
+        final_version: _builtins.int = ...,
+        step: _builtins.int = ...,
+        champion: _types_pb2.ModelVersion | None = ...,
+        challenger: _types_pb2.ModelVersion | None = ...,
+        percents: _abc.Iterable[_builtins.float] | None = ...,
+        step_seconds: _builtins.float = ...,
+        max_error_rate: _builtins.float = ...,
+        max_latency_ratio: _builtins.float = ...,
+        min_requests: _builtins.int = ...,
+        steps: _abc.Iterable[Global___RolloutStep] | None = ...,
+        reason: _builtins.str = ...,
+        started_ms: _builtins.int = ...,
+        ended_ms: _builtins.int = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["challenger", b"challenger", "champion", b"champion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_version", b"baseline_version", "challenger", b"challenger", "champion", b"champion", "ended_ms", b"ended_ms", "final_version", b"final_version", "id", b"id", "max_error_rate", b"max_error_rate", "max_latency_ratio", b"max_latency_ratio", "min_requests", b"min_requests", "percents", b"percents", "pipeline", b"pipeline", "reason", b"reason", "requested_by", b"requested_by", "started_ms", b"started_ms", "state", b"state", "step", b"step", "step_seconds", b"step_seconds", "steps", b"steps", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
 
 @_typing.final
 class ListSwapsResponse(_message.Message):

@@ -120,6 +120,21 @@ class ControlPlaneStub:
                 request_serializer=hotswap_dot_v1_dot_control__pb2.ListSwapsRequest.SerializeToString,
                 response_deserializer=hotswap_dot_v1_dot_control__pb2.ListSwapsResponse.FromString,
                 _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/hotswap.v1.ControlPlane/StartRollout',
+                request_serializer=hotswap_dot_v1_dot_control__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_control__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/hotswap.v1.ControlPlane/GetRollout',
+                request_serializer=hotswap_dot_v1_dot_control__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_control__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/hotswap.v1.ControlPlane/AbortRollout',
+                request_serializer=hotswap_dot_v1_dot_control__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_control__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -251,6 +266,34 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartRollout(self, request, context):
+        """Moves a deployed pipeline's traffic to a new model in steps: each step is a hot swap to a
+        version whose step `step` is a random split between the deployed model (the champion) and
+        the new one (the challenger). The control plane watches the challenger's error rate and
+        latency as the engines report them; it advances when a step's time is up and the limits
+        held, and rolls back at once (a hot swap to the version deployed before) when one breaks.
+        The last step deploys the challenger alone. Returns when the first step is live.
+        FAILED_PRECONDITION when the pipeline is not deployed or a rollout of it is running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """The pipeline's newest rollout (running or ended). NOT_FOUND when it never had one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Stops a running rollout and swaps back to the version deployed before it.
+        FAILED_PRECONDITION when none is running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -338,6 +381,21 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.ListSwaps,
                     request_deserializer=hotswap_dot_v1_dot_control__pb2.ListSwapsRequest.FromString,
                     response_serializer=hotswap_dot_v1_dot_control__pb2.ListSwapsResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=hotswap_dot_v1_dot_control__pb2.StartRolloutRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_control__pb2.Rollout.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=hotswap_dot_v1_dot_control__pb2.GetRolloutRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_control__pb2.Rollout.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=hotswap_dot_v1_dot_control__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_control__pb2.Rollout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -799,6 +857,87 @@ class ControlPlane:
             '/hotswap.v1.ControlPlane/ListSwaps',
             hotswap_dot_v1_dot_control__pb2.ListSwapsRequest.SerializeToString,
             hotswap_dot_v1_dot_control__pb2.ListSwapsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotswap.v1.ControlPlane/StartRollout',
+            hotswap_dot_v1_dot_control__pb2.StartRolloutRequest.SerializeToString,
+            hotswap_dot_v1_dot_control__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotswap.v1.ControlPlane/GetRollout',
+            hotswap_dot_v1_dot_control__pb2.GetRolloutRequest.SerializeToString,
+            hotswap_dot_v1_dot_control__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotswap.v1.ControlPlane/AbortRollout',
+            hotswap_dot_v1_dot_control__pb2.AbortRolloutRequest.SerializeToString,
+            hotswap_dot_v1_dot_control__pb2.Rollout.FromString,
             options,
             channel_credentials,
             insecure,

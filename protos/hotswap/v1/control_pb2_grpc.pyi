@@ -63,6 +63,21 @@ class ControlPlaneStub:
     """
     ListSwaps: _aio.UnaryUnaryMultiCallable[_control_pb2.ListSwapsRequest, _control_pb2.ListSwapsResponse]
     """The swap timeline of a pipeline: every deploy, rollback and undeploy, newest first."""
+    StartRollout: _aio.UnaryUnaryMultiCallable[_control_pb2.StartRolloutRequest, _control_pb2.Rollout]
+    """Moves a deployed pipeline's traffic to a new model in steps: each step is a hot swap to a
+    version whose step `step` is a random split between the deployed model (the champion) and
+    the new one (the challenger). The control plane watches the challenger's error rate and
+    latency as the engines report them; it advances when a step's time is up and the limits
+    held, and rolls back at once (a hot swap to the version deployed before) when one breaks.
+    The last step deploys the challenger alone. Returns when the first step is live.
+    FAILED_PRECONDITION when the pipeline is not deployed or a rollout of it is running.
+    """
+    GetRollout: _aio.UnaryUnaryMultiCallable[_control_pb2.GetRolloutRequest, _control_pb2.Rollout]
+    """The pipeline's newest rollout (running or ended). NOT_FOUND when it never had one."""
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_control_pb2.AbortRolloutRequest, _control_pb2.Rollout]
+    """Stops a running rollout and swaps back to the version deployed before it.
+    FAILED_PRECONDITION when none is running.
+    """
 
 class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -210,5 +225,38 @@ class ControlPlaneServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_control_pb2.ListSwapsRequest, _abc.Awaitable[_control_pb2.ListSwapsResponse]],
     ) -> _abc.Awaitable[_control_pb2.ListSwapsResponse]:
         """The swap timeline of a pipeline: every deploy, rollback and undeploy, newest first."""
+
+    @_abc_1.abstractmethod
+    def StartRollout(
+        self,
+        request: _control_pb2.StartRolloutRequest,
+        context: _aio.ServicerContext[_control_pb2.StartRolloutRequest, _abc.Awaitable[_control_pb2.Rollout]],
+    ) -> _abc.Awaitable[_control_pb2.Rollout]:
+        """Moves a deployed pipeline's traffic to a new model in steps: each step is a hot swap to a
+        version whose step `step` is a random split between the deployed model (the champion) and
+        the new one (the challenger). The control plane watches the challenger's error rate and
+        latency as the engines report them; it advances when a step's time is up and the limits
+        held, and rolls back at once (a hot swap to the version deployed before) when one breaks.
+        The last step deploys the challenger alone. Returns when the first step is live.
+        FAILED_PRECONDITION when the pipeline is not deployed or a rollout of it is running.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _control_pb2.GetRolloutRequest,
+        context: _aio.ServicerContext[_control_pb2.GetRolloutRequest, _abc.Awaitable[_control_pb2.Rollout]],
+    ) -> _abc.Awaitable[_control_pb2.Rollout]:
+        """The pipeline's newest rollout (running or ended). NOT_FOUND when it never had one."""
+
+    @_abc_1.abstractmethod
+    def AbortRollout(
+        self,
+        request: _control_pb2.AbortRolloutRequest,
+        context: _aio.ServicerContext[_control_pb2.AbortRolloutRequest, _abc.Awaitable[_control_pb2.Rollout]],
+    ) -> _abc.Awaitable[_control_pb2.Rollout]:
+        """Stops a running rollout and swaps back to the version deployed before it.
+        FAILED_PRECONDITION when none is running.
+        """
 
 def add_ControlPlaneServicer_to_server(servicer: ControlPlaneServicer, server: _aio.Server) -> None: ...

@@ -286,15 +286,23 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SENT_MS_FIELD_NUMBER: _builtins.int
+    TRAFFIC_FIELD_NUMBER: _builtins.int
     sent_ms: _builtins.int
+    @_builtins.property
+    def traffic(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelTraffic]:
+        """Engine -> control plane: what each model of a split or shadow step of a loaded version
+        served, since it was loaded (what a rollout decides on). Empty when no version has one.
+        """
+
     def __init__(
         self,
         *,
         sent_ms: _builtins.int = ...,
+        traffic: _abc.Iterable[_types_pb2.ModelTraffic] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sent_ms", b"sent_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sent_ms", b"sent_ms", "traffic", b"traffic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

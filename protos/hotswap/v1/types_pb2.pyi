@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -122,6 +123,7 @@ class PipelineVersion(_message.Message):
     NUMBER_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     CREATED_MS_FIELD_NUMBER: _builtins.int
+    SPLITS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     """Workspace the pipeline belongs to."""
     pipeline: _builtins.str
@@ -136,6 +138,10 @@ class PipelineVersion(_message.Message):
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]:
         """The steps, in execution order."""
 
+    @_builtins.property
+    def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepSplit]:
+        """The steps that have more than one model (splits and shadow deploys), by step index."""
+
     def __init__(
         self,
         *,
@@ -145,14 +151,169 @@ class PipelineVersion(_message.Message):
         number: _builtins.int = ...,
         steps: _abc.Iterable[Global___ModelVersion] | None = ...,
         created_ms: _builtins.int = ...,
+        splits: _abc.Iterable[Global___StepSplit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_ms", b"created_ms", "number", b"number", "pipeline", b"pipeline", "steps", b"steps", "version_id", b"version_id", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_ms", b"created_ms", "number", b"number", "pipeline", b"pipeline", "splits", b"splits", "steps", b"steps", "version_id", b"version_id", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PipelineVersion: _TypeAlias = PipelineVersion  # noqa: Y015
+
+@_typing.final
+class StepSplit(_message.Message):
+    """A step of several models: which one serves each row (Wallaroo's random split, key split
+    and shadow deploy). Decided per row inside the engine, so a request is still served wholly
+    by one pipeline version. `models[0]` is the step's model in `PipelineVersion.steps`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[StepSplit._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: StepSplit._Kind.ValueType  # 0
+        KIND_RANDOM: StepSplit._Kind.ValueType  # 1
+        """A row goes to models[i] with probability weights[i] / sum(weights). With `key`, the
+        choice is a hash of the row's value in that input column, so equal values always go
+        to the same model (sticky) while the weights stay the same.
+        """
+        KIND_KEY: StepSplit._Kind.ValueType  # 2
+        """A row whose `key` column equals key_values[i - 1] goes to models[i]; any other row to
+        models[0] (the default).
+        """
+        KIND_SHADOW: StepSplit._Kind.ValueType  # 3
+        """Every row goes to models[0] (the champion), whose output is the answer. The others
+        (challengers) run on the same input off the request path; their outputs go to the
+        inference log as `out_<model>.<output>`, and their failures never fail a request.
+        """
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: StepSplit.Kind.ValueType  # 0
+    KIND_RANDOM: StepSplit.Kind.ValueType  # 1
+    """A row goes to models[i] with probability weights[i] / sum(weights). With `key`, the
+    choice is a hash of the row's value in that input column, so equal values always go
+    to the same model (sticky) while the weights stay the same.
+    """
+    KIND_KEY: StepSplit.Kind.ValueType  # 2
+    """A row whose `key` column equals key_values[i - 1] goes to models[i]; any other row to
+    models[0] (the default).
+    """
+    KIND_SHADOW: StepSplit.Kind.ValueType  # 3
+    """Every row goes to models[0] (the champion), whose output is the answer. The others
+    (challengers) run on the same input off the request path; their outputs go to the
+    inference log as `out_<model>.<output>`, and their failures never fail a request.
+    """
+
+    STEP_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    KEY_VALUES_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Index of the step in `PipelineVersion.steps`."""
+    kind: Global___StepSplit.Kind.ValueType
+    key: _builtins.str
+    """KIND_RANDOM: the input column whose value makes the choice sticky (empty: none).
+    KIND_KEY: the input column to match. A string or integer column of the request.
+    """
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]:
+        """Every model of the step, at least two, each name once."""
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """KIND_RANDOM: one weight per model, each >= 0, not all 0 (e.g. 90 and 10)."""
+
+    @_builtins.property
+    def key_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """KIND_KEY: the value that selects models[i + 1], one per model after the first."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        kind: Global___StepSplit.Kind.ValueType = ...,
+        models: _abc.Iterable[Global___ModelVersion] | None = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        key: _builtins.str = ...,
+        key_values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_values", b"key_values", "kind", b"kind", "models", b"models", "step", b"step", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepSplit: _TypeAlias = StepSplit  # noqa: Y015
+
+@_typing.final
+class ModelTraffic(_message.Message):
+    """What one model of a split or shadow step served in one pipeline version on one engine,
+    counted since the engine loaded that version (Heartbeat), or over a rollout step (Rollout).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    ELAPSED_NS_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    pipeline: _builtins.str
+    version_id: _builtins.str
+    """The pipeline version id whose step this is."""
+    step: _builtins.int
+    """The step's index, and the model's index within the step (0: the default or champion)."""
+    arm: _builtins.int
+    model: _builtins.str
+    """Model name, version id and sha256."""
+    model_version: _builtins.str
+    sha256: _builtins.str
+    requests: _builtins.int
+    """Requests with at least one row for this model, those rows, and the requests that failed
+    in this model (or, for a shadow challenger, whose run failed).
+    """
+    rows: _builtins.int
+    errors: _builtins.int
+    elapsed_ns: _builtins.int
+    """Time this model's runs took, summed over `requests`, nanoseconds."""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        arm: _builtins.int = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        elapsed_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "elapsed_ns", b"elapsed_ns", "errors", b"errors", "model", b"model", "model_version", b"model_version", "pipeline", b"pipeline", "requests", b"requests", "rows", b"rows", "sha256", b"sha256", "step", b"step", "version_id", b"version_id", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelTraffic: _TypeAlias = ModelTraffic  # noqa: Y015
 
 @_typing.final
 class ServedModel(_message.Message):
@@ -236,7 +397,10 @@ class LogsResponse(_message.Message):
     `check_failures`, then `metadata.pipeline_version` (int64), `metadata.pipeline_version_id`,
     `metadata.last_model` (JSON {"model_name","model_version","model_sha"} of the last step),
     `metadata.models` (JSON list of every step's model), `metadata.elapsed` (engine ns) and
-    `metadata.engine`. Empty bytes when there are no rows.
+    `metadata.engine`. A pipeline with a split step adds `out._model_split` (as the answer);
+    one with a shadow step adds `out_<challenger>.<output>`, `metadata.shadow_elapsed`
+    (JSON {challenger: ns}) and `metadata.shadow_errors` (JSON {challenger: message}, null when
+    every challenger ran). Empty bytes when there are no rows.
     """
     dropped_rows: _builtins.int
     """Rows the answering engine(s) dropped since they started (memory ring or disk cap full)."""
