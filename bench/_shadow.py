@@ -42,15 +42,18 @@ def _deploy(stub: Any, shadows: bool) -> int:
     return int(version.number)
 
 
-def _shadow_runs(metrics: str) -> dict[str, float]:
-    """Requests each challenger ran for, from the engine's Prometheus text."""
+def _shadow_runs(metrics: str) -> tuple[dict[str, float], float]:
+    """Requests each model ran for, and log rows dropped, from the engine's Prometheus text."""
     text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
     runs: dict[str, float] = {}
+    dropped = 0.0
     for line in text.splitlines():
         if line.startswith("hotswap_engine_model_requests_total{"):
             model = line.split('model="', 1)[1].split('"', 1)[0]
             runs[model] = runs.get(model, 0.0) + float(line.rsplit(" ", 1)[1])
-    return runs
+        elif line.startswith("hotswap_engine_inference_log_dropped_rows_total "):
+            dropped = float(line.rsplit(" ", 1)[1])
+    return runs, dropped
 
 
 def phase(
@@ -72,10 +75,15 @@ def phase(
                     served = got["requests_s"] * (time.monotonic() - began)
                     cells.append({"shadows": shadows, "cpu_us": busy / max(served, 1) * 1e6, **got})
         time.sleep(2.5)  # the log's last flush runs the last requests' challengers
-        runs = _shadow_runs(stack.metrics_address("engine-1"))
+        runs, dropped = _shadow_runs(stack.metrics_address("engine-1"))
     # The champion (rf) is counted as the shadow step's first model: the requests the
     # shadowed versions answered, each of which owes one run of each challenger.
-    return {"cells": cells, "challenger_runs": runs, "champion_requests": runs.get("rf", 0.0)}
+    return {
+        "cells": cells,
+        "challenger_runs": runs,
+        "champion_requests": runs.get("rf", 0.0),
+        "log_dropped_rows": dropped,
+    }
 
 
 def summary(result: dict[str, Any]) -> list[str]:
@@ -111,7 +119,8 @@ def summary(result: dict[str, Any]) -> list[str]:
         f"Challenger runs counted by the engine: gbr {runs.get('gbr', 0):,.0f}, xgb "
         f"{runs.get('xgb', 0):,.0f}, for the {result['champion_requests']:,.0f} requests the "
         "shadowed versions answered (each owes one run of each challenger; the engine's "
-        "versions still loaded are counted).",
+        "versions still loaded are counted). Rows the inference log dropped (its memory "
+        f"bound; their shadows never run): {result.get('log_dropped_rows', 0):,.0f}.",
     ]
     return lines
 

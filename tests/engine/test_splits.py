@@ -173,6 +173,34 @@ def test_shadows_answer_with_the_champion_and_log_each_challenger(
     assert {m.model_name: snap[0] for _, _, m, snap in loaded.traffic()}["gbr"] == 1
 
 
+def test_shadows_of_many_requests_run_together_and_failures_stay_with_their_requests(
+    models: dict[str, StepSpec], x: np.ndarray, tmp_path: Path
+) -> None:
+    rf, gbr, failing = models["rf"], models["gbr"], models["failing"]
+    loaded = _split(SplitSpec(0, "shadow", (rf, gbr, failing)))
+    log = InferenceLog(LogSettings(tmp_path / "logs"), "engine-1")
+    zeros = np.zeros((3, 18), np.float32)  # what the failing model takes without failing
+    batches = [x[:5], zeros, x[5:9], zeros[:1]]
+    for batch in batches:
+        # The fast path's arrays, as a real request's: one log run of one shape.
+        inferred = loaded.infer_arrays({"tensor": batch})
+        log.append(loaded, inferred, 1000, 100, "", inferred.shadows)
+    log.flush()
+    rows = log.query("ws", "p", 100)
+    assert rows is not None and rows.num_rows == 13
+    rows = rows.take(pa.array(range(12, -1, -1)))  # oldest first, as sent
+    every = np.concatenate(batches)
+    gbr_out = np.asarray(rows.column("out_gbr.variable").combine_chunks().flatten())
+    np.testing.assert_array_equal(gbr_out, _reference(gbr, every).ravel())
+    failed = [v is None for v in rows.column("out_failing.variable").to_pylist()]
+    assert failed == [True] * 5 + [False] * 3 + [True] * 4 + [False]
+    errors = [e is not None for e in rows.column("metadata.shadow_errors").to_pylist()]
+    assert errors == failed
+    counts = {m.model_name: snap for _, _, m, snap in loaded.traffic()}
+    assert counts["gbr"][:3] == (4, 13, 0)  # one batch of four requests
+    assert counts["failing"][:3] == (4, 13, 2)  # retried one by one: two failed
+
+
 def test_the_warm_up_is_not_counted_as_traffic(models: dict[str, StepSpec], x: np.ndarray) -> None:
     loaded = _split(SplitSpec(0, "random", (models["rf"], models["xgb"]), (1, 0)))
     assert loaded.warmup_ms > 0

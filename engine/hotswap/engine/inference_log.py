@@ -35,7 +35,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from hotswap.engine.runtime import SPLIT_COLUMN, Inferred, LoadedPipeline, LogRows, Shadows
+from hotswap.engine.runtime import (
+    SPLIT_COLUMN,
+    Inferred,
+    LoadedPipeline,
+    LogRows,
+    Shadows,
+    shadow_columns,
+)
 from hotswap.service.log_tables import concat_logs
 
 log = logging.getLogger(__name__)
@@ -402,17 +409,14 @@ def _served_last(split: pa.ChunkedArray, index: int) -> pa.Array:
 
 
 def _shadow_columns(run: list[_Entry]) -> dict[str, pa.Array]:
-    """The shadow columns of a run's requests, in row order. A column whose requests gave
-    values of different types (a challenger with dynamic output shapes) is left out of this
-    run's table, with a warning, rather than failing the write."""
-    parts = [cast(Shadows, e.shadows).columns() for e in run]
-    merged = {}
-    for name in parts[0]:
-        try:
-            merged[name] = pa.concat_arrays([p[name] for p in parts])
-        except (pa.ArrowInvalid, KeyError) as exc:
-            log.warning("shadow column %s left out of a log write: %s", name, exc)
-    return merged
+    """The shadow columns of a run's requests, in row order (`runtime.shadow_columns`). Values
+    that cannot be put together (a challenger with dynamic output shapes) leave the columns
+    out of this run's table, with a warning, rather than failing the write."""
+    try:
+        return shadow_columns([cast(Shadows, e.shadows) for e in run])
+    except (pa.ArrowInvalid, ValueError) as exc:
+        log.warning("shadow columns left out of a log write: %s", exc)
+        return {}
 
 
 def _sources(run: list[_Entry], rows: Any) -> pa.Array:

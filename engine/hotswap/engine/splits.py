@@ -102,6 +102,14 @@ class ModelStats:
             self.elapsed_ns += elapsed_ns
             self.errors += failed
 
+    def record_many(self, requests: int, rows: int, elapsed_ns: int, failed: int) -> None:
+        """A run of several requests at once (shadow challengers)."""
+        with self._lock:
+            self.requests += requests
+            self.rows += rows
+            self.elapsed_ns += elapsed_ns
+            self.errors += failed
+
     def reset(self) -> None:
         with self._lock:
             self.requests = self.rows = self.errors = self.elapsed_ns = 0
