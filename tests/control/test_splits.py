@@ -73,6 +73,9 @@ def test_splits_are_stored_whole_and_read_back(tmp_path: Path, store: Store) -> 
         (SplitRequest(0, "random", (("rf", ""), ("xgb", "")), (1, -1)), "each must be a number"),
         (SplitRequest(0, "random", (("rf", ""), ("xgb", "")), (0, 0)), "one above 0"),
         (SplitRequest(0, "random", (("rf", ""), ("xgb", "")), (1, float("nan"))), "each must"),
+        (SplitRequest(0, "random", (("rf", ""), ("xgb", "")), (1e308, 1e308)), "one above 0"),
+        (SplitRequest(0, "random", (("rf", ""),) * 17, (1,) * 17), "more than 16 models"),
+        (SplitRequest(0, "shadow", (("rf", ""), ("rf", ""))), "names a model twice"),
         (SplitRequest(0, "key", (("rf", ""), ("xgb", "")), (), ""), "without a key column"),
         (SplitRequest(0, "key", (("rf", ""), ("xgb", "")), (), "k", ("a", "b")), "2 key value"),
         (SplitRequest(0, "shadow", (("rf", ""), ("xgb", "")), (1, 1)), "takes no weights"),
@@ -95,10 +98,24 @@ def test_a_shadow_may_give_other_outputs_but_must_take_the_inputs(store: Store) 
         _version(store, SplitRequest(0, "shadow", (("rf", ""), ("narrow", ""))))
 
 
-def test_one_split_per_step(store: Store) -> None:
+def test_one_split_per_step_and_bounded_sizes_before_any_look_up(store: Store) -> None:
     split = SplitRequest(0, "random", (("rf", ""), ("xgb", "")), (1, 1))
     with pytest.raises(InvalidArgument, match="step 0 has two splits"):
+        _version(store, split, split, steps=("rf", "rf"))
+    with pytest.raises(InvalidArgument, match="2 splits for 1 step"):
         _version(store, split, split)
+    # Refused before a name is resolved: an unknown model would be NOT_FOUND otherwise.
+    with pytest.raises(InvalidArgument, match="at most 64 steps"):
+        _version(store, steps=("no-such-model",) * 65)
+    many = SplitRequest(0, "random", (("no-such-model", ""),) * 10_000, (1,) * 10_000)
+    with pytest.raises(InvalidArgument, match="more than 16"):
+        _version(store, many)
+
+
+def test_a_key_split_may_send_several_values_to_one_model(store: Store) -> None:
+    split = SplitRequest(0, "key", (("rf", ""), ("xgb", ""), ("xgb", "")), (), "k", ("a", "b"))
+    made = _version(store, split)
+    assert [m.name for m in made.splits[0].models] == ["rf", "xgb", "xgb"]  # type: ignore[attr-defined]
 
 
 def test_rollout_steps_increase_to_100() -> None:

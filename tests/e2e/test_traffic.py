@@ -23,6 +23,7 @@ import pytest
 
 import hotswap
 from hotswap.clients._stack import LocalStack
+from hotswap.v1 import control_pb2 as c
 from tests.traffic_models import failing_model, slow_model
 
 MODELS = ("rf", "gbr", "xgb")
@@ -164,9 +165,11 @@ def test_rows_with_the_same_key_go_to_the_same_model_across_requests(
         assert again == [by_user[u] for u in users[part]]
     # A key split sends each value where it says.
     pipeline = wl.build_pipeline("keyed")
-    pipeline.add_key_split(models["rf"], "card", {"gold": models["xgb"]}).deploy()
-    result = pipeline.infer(_table(x[:3], card=["gold", "basic", "gold"]))
-    assert _served(result) == ["xgb", "rf", "xgb"]
+    pipeline.add_key_split(
+        models["rf"], "card", {"gold": models["xgb"], "black": models["xgb"]}
+    ).deploy()
+    result = pipeline.infer(_table(x[:4], card=["gold", "basic", "black", "gold"]))
+    assert _served(result) == ["xgb", "rf", "xgb", "xgb"]
 
 
 def test_shadows_never_hold_up_or_fail_a_request_and_their_outputs_are_logged(
@@ -334,3 +337,64 @@ def test_a_rollout_resumes_after_the_control_plane_is_killed(
             assert resumed.state() == "completed", resumed
             assert restarted.deployed_version().steps()[0].name() == "gbr"  # type: ignore[union-attr]
     assert load.failures == []
+
+
+def test_a_deploy_by_someone_else_ends_a_quiet_rollout_leaving_their_version(
+    wl: hotswap.Client, models: dict[str, hotswap.Model]
+) -> None:
+    pipeline = wl.build_pipeline("overtaken").add_model_step(models["rf"]).deploy()
+    rollout = pipeline.rollout(models["gbr"], steps=(20, 100), step_seconds=60)
+    # No traffic: the step waits. Someone deploys xgb meanwhile.
+    pipeline.replace_with_model_step(0, models["xgb"]).deploy()
+    theirs = pipeline.deployed_version().number()  # type: ignore[union-attr]
+    rollout.wait(30)
+    assert rollout.state() == "aborted" and "someone else" in rollout.reason()
+    assert rollout.final_version() == theirs
+    assert pipeline.deployed_version().number() == theirs  # type: ignore[union-attr]
+    # The pipeline is free for the next rollout.
+    again = pipeline.rollout(models["gbr"], steps=(100,), step_seconds=1).wait(30)
+    assert again.state() == "completed"
+
+
+def test_an_engine_restarting_during_a_step_rolls_the_rollout_back(
+    wl: hotswap.Client, models: dict[str, hotswap.Model], stack: LocalStack
+) -> None:
+    pipeline = wl.build_pipeline("crashy").add_model_step(models["rf"]).deploy()
+    baseline = pipeline.deployed_version().number()  # type: ignore[union-attr]
+    rollout = pipeline.rollout(models["gbr"], steps=(20, 100), step_seconds=60)
+    _until(lambda: bool(rollout.refresh().steps()))
+    time.sleep(1.5)  # the watcher notes the engine's instance (it polls every 0.5 s)
+    # A crash, as a challenger that kills engines would cause: its counts die with it.
+    stack.kill("engine-1", signal.SIGKILL)
+    stack.start_engine("engine-1")
+    rollout.wait(60)
+    assert rollout.state() == "rolled_back", rollout
+    assert "engine engine-1 restarted" in rollout.reason()
+    assert pipeline.deployed_version().number() == baseline  # type: ignore[union-attr]
+
+
+def test_an_abort_decided_while_no_engine_can_take_it_lands_after_a_restart(
+    wl: hotswap.Client, models: dict[str, hotswap.Model], stack: LocalStack
+) -> None:
+    pipeline = wl.build_pipeline("stubborn").add_model_step(models["rf"]).deploy()
+    baseline = pipeline.deployed_version().number()  # type: ignore[union-attr]
+    rollout = pipeline.rollout(models["gbr"], steps=(20, 100), step_seconds=60)
+    stack.kill("engine-1", signal.SIGKILL)
+    # The abort cannot land with no engine: the caller gives up, the decision stays.
+    with pytest.raises(hotswap.HotswapError):
+        pipeline._channels.control.abort_rollout(  # a short deadline of its own
+            c.AbortRolloutRequest(workspace="traffic", pipeline="stubborn", reason="ops"),
+            timeout=2,
+        )
+    assert rollout.refresh().state() == "rolling_back"
+    stack.kill("control", signal.SIGKILL)
+    stack.start_control()
+    stack.start_engine("engine-1")
+    stack.wait_engines_connected(stack.engine_names)
+    with hotswap.Client(stack.control_address) as again:
+        again.set_current_workspace("traffic")
+        restarted = again.get_pipeline("stubborn")
+        ended = restarted.rollout_status().wait(60)
+        assert ended.state() == "aborted" and "ops" in ended.reason()
+        assert restarted.deployed_version().number() == baseline  # type: ignore[union-attr]
+        assert ended.final_version() == baseline

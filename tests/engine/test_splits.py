@@ -72,20 +72,27 @@ def test_random_split_holds_its_weights_and_each_row_is_its_models_answer(
 ) -> None:
     rf, xgb = models["rf"], models["xgb"]
     loaded = _split(SplitSpec(0, "random", (rf, xgb), (70, 30)))
-    rows = np.tile(x, (20, 1))  # 20,000 rows
-    result = loaded.infer(_table(rows))
-    served = np.array(_served(result))
+    references = {"rf": _reference(rf, x), "xgb": _reference(xgb, x)}
+    served = []
+    for i in range(2000):  # 2,000 requests: the engine draws once for each
+        row = i % len(x)
+        result = loaded.infer(_table(x[row : row + 1]))
+        (model,) = _served(result)
+        served.append(model)
+        np.testing.assert_array_equal(_outputs(result), references[model][row : row + 1])
     n, p = len(served), 0.3
     sigma = np.sqrt(n * p * (1 - p))
-    assert abs((served == "xgb").sum() - n * p) < 5 * sigma  # binomial bound, 5 sigma
-    expected = np.where((served == "xgb")[:, None], _reference(xgb, rows), _reference(rf, rows))
-    np.testing.assert_array_equal(_outputs(result), expected)
+    assert abs(served.count("xgb") - n * p) < 5 * sigma  # binomial bound, 5 sigma
     label = json.loads(result.column("out._model_split")[0].as_py()[0])
     assert set(label) == {"name", "version", "sha"}  # Wallaroo's shape
-    # Each model counted what it served: rows add up to the request's.
+    # A request of many rows goes to one model whole (each model is timed on whole
+    # requests, so a rollout compares like with like).
+    whole = _served(loaded.infer(_table(x)))
+    assert len(set(whole)) == 1 and len(whole) == len(x)
+    # Each model counted what it served: requests and rows add up.
     counts = {m.model_name: snap for _, _, m, snap in loaded.traffic()}
-    assert counts["rf"][1] + counts["xgb"][1] == n
-    assert counts["xgb"][1] == (served == "xgb").sum()
+    assert counts["rf"][0] + counts["xgb"][0] == n + 1
+    assert counts["rf"][1] + counts["xgb"][1] == n + len(x)
     assert counts["rf"][2] == counts["xgb"][2] == 0
 
 
@@ -113,10 +120,12 @@ def test_a_hash_key_makes_rows_sticky_across_requests(
 
 def test_a_key_split_routes_by_value(models: dict[str, StepSpec], x: np.ndarray) -> None:
     rf, gbr, xgb = models["rf"], models["gbr"], models["xgb"]
-    loaded = _split(SplitSpec(0, "key", (rf, gbr, xgb), (), "card", ("gold", "black")))
-    cards = pa.array(["gold", "black", "basic", "gold", "none", "black"])
+    loaded = _split(
+        SplitSpec(0, "key", (rf, gbr, xgb, xgb), (), "card", ("gold", "black", "platinum"))
+    )
+    cards = pa.array(["gold", "black", "basic", "gold", "none", "platinum"])
     result = loaded.infer(_table(x[:6], card=cards))
-    assert _served(result) == ["gbr", "xgb", "rf", "gbr", "rf", "xgb"]
+    assert _served(result) == ["gbr", "xgb", "rf", "gbr", "rf", "xgb"]  # two values, one model
     expected = [_reference({"rf": rf, "gbr": gbr, "xgb": xgb}[m], x[i : i + 1])[0]
                 for i, m in enumerate(_served(result))]  # fmt: skip
     np.testing.assert_array_equal(_outputs(result), np.array(expected))
@@ -132,13 +141,24 @@ def test_a_bad_or_missing_key_column_is_the_callers_error(
         loaded.infer(_table(x[:2], card=pa.array([1.5, 2.5])))
     with pytest.raises(InvalidInput, match="nulls"):
         loaded.infer(_table(x[:2], card=pa.array(["gold", None])))
+    tensor = pa.FixedSizeListArray.from_arrays(pa.array(x[:2].ravel()), 18)
+    twice = pa.Table.from_arrays(
+        [tensor, pa.array(["gold", "x"]), pa.array(["gold", "x"])], ["tensor", "card", "card"]
+    )
+    with pytest.raises(InvalidInput, match="2 columns named 'card'"):
+        loaded.infer(twice)
 
 
-def test_models_that_cannot_share_a_step_fail_the_prepare(models: dict[str, StepSpec]) -> None:
+def test_models_that_cannot_share_a_step_fail_the_prepare(
+    models: dict[str, StepSpec], x: np.ndarray
+) -> None:
     with pytest.raises(PrepareError, match="model 'narrow' input 'x'"):
         _split(SplitSpec(0, "random", (models["rf"], models["narrow"]), (1, 1)))
     with pytest.raises(PrepareError, match="names a model twice"):
         _split(SplitSpec(0, "random", (models["rf"], models["rf"]), (1, 1)))
+    # Weights near the float limit do not overflow into sending every row one way.
+    huge = _split(SplitSpec(0, "random", (models["rf"], models["gbr"]), (1e308, 1e308)))
+    assert {m for _ in range(200) for m in _served(huge.infer(_table(x[:1])))} == {"rf", "gbr"}
     with pytest.raises(PrepareError, match="one weight >= 0 per model"):
         _split(SplitSpec(0, "random", (models["rf"], models["gbr"]), (1,)))
 

@@ -277,7 +277,7 @@ ROLLOUT_NOT_COMPLETED = 1
 
 
 def _rollout_output(rollout: Rollout) -> Output:
-    ended = rollout.state() not in ("running", "completed")
+    ended = rollout.state() not in ("running", "rolling_back", "completed")
     return Output(rollout.to_dict(), repr(rollout), exit_code=ROLLOUT_NOT_COMPLETED * ended)
 
 

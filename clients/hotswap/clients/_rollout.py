@@ -52,8 +52,8 @@ def rollout_dict(r: control_pb2.Rollout) -> dict[str, Any]:
 
 class Rollout:
     """A rollout of a pipeline (:meth:`Pipeline.rollout`): ``state()`` is ``running``,
-    ``completed``, ``rolled_back``, ``aborted`` or ``failed``; ``wait()`` blocks until it
-    ends."""
+    ``rolling_back`` (decided, swapping back), then ``completed``, ``rolled_back``,
+    ``aborted`` or ``failed``; ``wait()`` blocks until it ends."""
 
     _HEADERS = ("Step", "Percent", "Version", "Outcome", "Challenger", "Champion", "Why")
 
@@ -64,7 +64,7 @@ class Rollout:
     def refresh(self) -> Rollout:
         self._proto = self._channels.control.get_rollout(
             control_pb2.GetRolloutRequest(
-                workspace=self._proto.workspace, pipeline=self._proto.pipeline
+                workspace=self._proto.workspace, pipeline=self._proto.pipeline, id=self._proto.id
             )
         )
         return self
@@ -89,7 +89,7 @@ class Rollout:
     def wait(self, timeout: float | None = None) -> Rollout:
         """Blocks until the rollout ends; raises HotswapError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.refresh().state() == "running":
+        while self.refresh().state() in ("running", "rolling_back"):
             if deadline is not None and time.monotonic() > deadline:
                 raise HotswapError(
                     f"rollout {self._proto.id[:8]} still runs after {timeout:g} s (at step "

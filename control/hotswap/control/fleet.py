@@ -375,12 +375,22 @@ class Fleet:
             if not s.lost(self.lost_after)
         ]
 
-    def traffic(self, version_id: str) -> list[types_pb2.ModelTraffic]:
-        """What each engine last reported of a pipeline version's split and shadow models,
-        lost engines' last reports included (what they served still counts)."""
+    def traffic(self, version_id: str) -> list[tuple[str, types_pb2.ModelTraffic]]:
+        """(engine, counts) that engines last reported of a pipeline version's split and
+        shadow models, lost engines' last reports included (what they served still counts).
+        Callers keep only the engines they assigned: an engine's word is its own."""
         return [
-            t for c in self.connections.values() for t in c.traffic if t.version_id == version_id
+            (c.name, t)
+            for c in self.connections.values()
+            for t in c.traffic
+            if t.version_id == version_id
         ]
+
+    def instance_of(self, name: str) -> str:
+        """The process instance an engine name last connected from ("" when unknown): a
+        change means the engine restarted, and its counts started again from zero."""
+        connection = self.connections.get(name)
+        return connection.instance_id if connection else ""
 
     def known(self, name: str) -> bool:
         return name in self.connections

@@ -25,9 +25,8 @@ import dataclasses
 import itertools
 import logging
 import math
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +52,11 @@ DEFAULT_MAX_LATENCY_RATIO = 1.5
 DEFAULT_MIN_REQUESTS = 20
 # How often the watcher reads the engines' counts (they report every heartbeat).
 POLL_SECONDS = 0.5
-# A rollback that cannot be deployed (no engine connected yet) is retried this long.
-ROLLBACK_PATIENCE = 120.0
+# A rollback that cannot be deployed (no engine connected yet) is retried, this far apart
+# at most, until it lands or someone else deploys the pipeline.
+ROLLBACK_RETRY_MAX = 10.0
+# A running rollout's numbers are saved at most this often (state changes at once).
+SAVE_EVERY = 5.0
 MAX_STEPS = 20
 
 
@@ -86,6 +88,9 @@ class RolloutStep:
     champion: Served = field(default_factory=Served)
     challenger: Served = field(default_factory=Served)
     reason: str = ""
+    # The process instance of each engine serving the step, when first seen: an engine that
+    # restarts during the step lost its counts (a challenger that crashes it must not pass).
+    engines: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -103,7 +108,9 @@ class Rollout:
     max_latency_ratio: float
     min_requests: int
     requested_by: str = ""
-    state: str = "running"  # running | completed | rolled_back | aborted | failed
+    # running | rolling_back | completed | rolled_back | aborted | failed
+    state: str = "running"
+    rollback_to: str = ""  # while rolling back: the state it ends in
     final_version: int = 0
     steps: list[RolloutStep] = field(default_factory=list)
     reason: str = ""
@@ -134,9 +141,9 @@ class Rollout:
 
 def check_percents(percents: Sequence[float]) -> tuple[float, ...]:
     """The step shares, checked: increasing, above 0, ending at 100."""
+    if len(percents) > MAX_STEPS:
+        raise InvalidArgument(f"a rollout has at most {MAX_STEPS} steps, not {len(percents)}")
     shares = tuple(float(p) for p in percents) or DEFAULT_PERCENTS
-    if len(shares) > MAX_STEPS:
-        raise InvalidArgument(f"a rollout has at most {MAX_STEPS} steps, not {len(shares)}")
     if any(not math.isfinite(p) or not 0 < p <= 100 for p in shares):
         raise InvalidArgument(
             f"rollout steps {list(shares)}: each is a percent above 0, at most 100"
@@ -189,38 +196,50 @@ def summary(rollout: Rollout, step: RolloutStep) -> str:
 
 
 class Rollouts:
-    """Starts, watches, resumes and aborts rollouts; one running per pipeline."""
+    """Starts, watches, resumes and aborts rollouts; one at a time per pipeline.
+
+    Every swap a rollout makes runs in a task of this object, never in the RPC that asked
+    for it: a caller that goes away (a deadline, Ctrl-C) cannot leave a split half-made or
+    unwatched. The record is saved before each swap with what it is about to do, so a
+    restart finishes what was decided.
+    """
 
     def __init__(
         self,
         store: Store,
         coordinator: SwapCoordinator,
-        traffic: Callable[[str], list[types_pb2.ModelTraffic]],
+        traffic: Callable[[str], list[tuple[str, types_pb2.ModelTraffic]]],
+        instance_of: Callable[[str], str],
         *,
         poll: float = POLL_SECONDS,
     ) -> None:
         self._store = store
         self._coordinator = coordinator
         self._traffic = traffic
+        self._instance_of = instance_of
         self._poll = poll
         self._running: dict[str, Rollout] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._stop: dict[str, asyncio.Event] = {}
-        self._starting: set[str] = set()
+        self._saved: dict[str, float] = {}  # rollout id -> monotonic time of its last save
 
     # -- the API ----------------------------------------------------------------------------
 
     def running(self, workspace: str, pipeline: str) -> Rollout | None:
         return self._running.get(pipeline_key(workspace, pipeline))
 
-    def latest(self, workspace: str, pipeline: str) -> Rollout:
+    def latest(self, workspace: str, pipeline: str, rollout_id: str = "") -> Rollout:
+        """The pipeline's running or newest rollout, or the one with `rollout_id`."""
         live = self.running(workspace, pipeline)
-        if live is not None:
+        if live is not None and rollout_id in ("", live.id):
             return live
         self._store.get_pipeline(workspace, pipeline)  # NOT_FOUND for an unknown pipeline
-        found = self._store.rollouts(workspace, pipeline)
+        found = self._store.rollouts(workspace, pipeline, rollout_id=rollout_id, limit=1)
         if not found:
-            raise NotFound(f"pipeline {pipeline!r} has had no rollout")
+            raise NotFound(
+                f"pipeline {pipeline!r} has no rollout {rollout_id!r}"
+                if rollout_id
+                else f"pipeline {pipeline!r} has had no rollout"
+            )
         return Rollout.from_record(found[0])
 
     async def start(
@@ -240,7 +259,7 @@ class Rollouts:
     ) -> Rollout:
         """Deploys the first step and returns with the watcher running."""
         key = pipeline_key(workspace, pipeline)
-        if key in self._running or key in self._starting:
+        if key in self._running:
             raise FailedPrecondition(
                 f"a rollout of pipeline {pipeline!r} is running: wait for it, or abort it"
             )
@@ -249,7 +268,10 @@ class Rollouts:
         latency = max_latency_ratio or DEFAULT_MAX_LATENCY_RATIO
         seconds = step_seconds or DEFAULT_STEP_SECONDS
         if not (
-            0 <= error_rate <= 1 and latency > 0 and 0 < seconds <= 86_400 and min_requests >= 0
+            0 <= error_rate <= 1
+            and 0 < latency < math.inf
+            and 0 < seconds <= 86_400
+            and 0 <= min_requests <= 1_000_000_000
         ):
             raise InvalidArgument(
                 "max_error_rate is a fraction 0-1, max_latency_ratio above 0, step_seconds "
@@ -294,21 +316,12 @@ class Rollouts:
             min_requests or DEFAULT_MIN_REQUESTS,
             requested_by,
         )
-        self._starting.add(key)
-        try:
-            self._save(rollout)
-            note = (
-                f"{self._name(rollout)}: step 1 of {len(shares)}, {shares[0]:g}% to "
-                f"{challenger.name}"
-            )
-            try:
-                await self._deploy_step(rollout, 0, baseline.number, note)
-            except ControlError as exc:
-                self._end(rollout, "failed", f"the first step could not be deployed: {exc}")
-                raise
-            self._watch(rollout)
-        finally:
-            self._starting.discard(key)
+        self._running[key] = rollout  # from here a second start is refused
+        self._save(rollout)
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        first.add_done_callback(lambda f: f.cancelled() or f.exception())  # read either way
+        self._spawn(rollout, self._begin(rollout, first))
+        await asyncio.shield(first)
         return rollout
 
     async def abort(self, workspace: str, pipeline: str, reason: str = "") -> Rollout:
@@ -316,91 +329,147 @@ class Rollouts:
         rollout = self.running(workspace, pipeline)
         if rollout is None:
             raise FailedPrecondition(f"no rollout of pipeline {pipeline!r} is running")
+        if rollout.state == "rolling_back":
+            raise FailedPrecondition(
+                f"the rollout of pipeline {pipeline!r} is already swapping back: {rollout.reason}"
+            )
         why = f"aborted: {reason.strip()[:200] or 'AbortRollout'}"
-        self._stop[rollout.key].set()
-        task = self._tasks.get(rollout.key)
-        if task is not None:
-            task.cancel()
+        # The decision is saved before the watcher stops: a restart finishes it.
+        self._decide_rollback(rollout, "aborted", why)
+        watcher = self._tasks.get(rollout.key)
+        if watcher is not None:
+            watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._roll_back(rollout, "aborted", why)
+                await watcher
+        task = self._spawn(rollout, self._roll_back(rollout))
+        await asyncio.shield(task)
         return rollout
 
     def resume(self) -> None:
-        """At start: watch each rollout the store says is running, if its version still
-        serves; else it ends as stopped, and what serves is left as it is."""
-        for record in self._store.rollouts(state="running"):
+        """At start: finish each rollout the store says is not over. A decided rollback is
+        carried out; a running rollout is watched again from the step that serves; one
+        whose pipeline serves something else ends, leaving that as it is."""
+        for record in self._store.rollouts(states=("running", "rolling_back")):
             rollout = Rollout.from_record(record)
-            deployment = self._store.get_pipeline(rollout.workspace, rollout.pipeline).deployment
-            current = rollout.steps[-1] if rollout.steps else None
-            if (
-                current is None
-                or deployment is None
-                or deployment.version.number != current.version
-            ):
-                serving = deployment.version.number if deployment else 0
+            self._running[rollout.key] = rollout
+            if rollout.state == "rolling_back":
+                log.info("finishing the rollback of rollout %s of %s", rollout.id, rollout.key)
+                self._spawn(rollout, self._roll_back(rollout))
+                continue
+            serving = self._serving(rollout)
+            ours = {s.version: s for s in rollout.steps}
+            if serving not in ours:
+                what = (
+                    "the version before it"
+                    if serving == rollout.baseline_version
+                    else f"version {serving}"
+                )
                 self._end(
                     rollout,
                     "aborted",
-                    "the control plane restarted and the pipeline "
-                    f"serves version {serving}, not the rollout's: left as it is",
+                    f"the control plane restarted and the pipeline "
+                    f"serves {what}, not the rollout's: left as it is",
                 )
                 continue
-            log.info("resuming rollout %s of %s at %g%%", rollout.id, rollout.key, current.percent)
-            self._watch(rollout)
+            current = rollout.steps[-1]
+            if current.version != serving:  # an advance the restart cut short
+                current.outcome, current.ended_ms = "stopped", now_ms()
+                current.reason = "the control plane stopped before this step was deployed"
+                rollout.steps.append(
+                    RolloutStep(ours[serving].percent, serving, now_ms(), engines={})
+                )
+            log.info(
+                "resuming rollout %s of %s at %g%%",
+                rollout.id,
+                rollout.key,
+                rollout.steps[-1].percent,
+            )
+            self._save(rollout)
+            self._spawn(rollout, self._watch_forever(rollout))
 
     async def close(self) -> None:
-        """Stops watching (a control plane stopping): the records stay running, to resume."""
-        for task in list(self._tasks.values()):
+        """Stops watching (a control plane stopping): the records stay as they are, and the
+        next start resumes them."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks.values()):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    # -- the watcher ----------------------------------------------------------------------
+    # -- the tasks --------------------------------------------------------------------------
 
-    def _watch(self, rollout: Rollout) -> None:
-        self._running[rollout.key] = rollout
-        self._stop[rollout.key] = asyncio.Event()
-        self._tasks[rollout.key] = asyncio.get_running_loop().create_task(
-            self._watch_forever(rollout), name=f"rollout {rollout.id}"
+    def _spawn(self, rollout: Rollout, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work, name=f"rollout {rollout.id}")
+        self._tasks[rollout.key] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if self._tasks.get(rollout.key) is finished:
+                del self._tasks[rollout.key]
+
+        task.add_done_callback(done)
+        return task
+
+    async def _begin(self, rollout: Rollout, first: asyncio.Future[None]) -> None:
+        shares = rollout.percents
+        note = (
+            f"{self._name(rollout)}: step 1 of {len(shares)}, {shares[0]:g}% to "
+            f"{rollout.challenger['name']}"
         )
+        try:
+            await self._deploy_step(rollout, 0, rollout.baseline_version, note)
+        except ControlError as exc:
+            self._end(rollout, "failed", f"the first step could not be deployed: {exc}")
+            first.set_exception(exc)
+            return
+        except BaseException:  # cancelled (a control plane stopping, or an abort)
+            first.cancel()
+            raise
+        first.set_result(None)
+        await self._watch_forever(rollout)
 
     async def _watch_forever(self, rollout: Rollout) -> None:
         try:
             while rollout.state == "running":
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop[rollout.key].wait(), self._poll)
-                    return  # aborted: `abort` rolls back
+                await asyncio.sleep(self._poll)
                 await self._decide(rollout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not leave traffic split with no one watching
             log.exception("rollout %s failed", rollout.id)
-            await self._roll_back(rollout, "failed", f"the rollout stopped on an error: {exc}")
-        finally:
-            if self._tasks.get(rollout.key) is asyncio.current_task():
-                self._tasks.pop(rollout.key, None)
+            self._decide_rollback(rollout, "failed", f"the rollout stopped on an error: {exc}")
+            await self._roll_back(rollout)
 
     async def _decide(self, rollout: Rollout) -> None:
         step = rollout.steps[-1]
         index = len(rollout.steps) - 1
+        serving = self._serving(rollout)
+        if serving != step.version:
+            self._end(
+                rollout,
+                "aborted",
+                f"the pipeline was deployed by someone else (version "
+                f"{serving} serves): left as it is",
+            )
+            return
         if step.percent >= 100:
             step.outcome, step.ended_ms = "passed", now_ms()
-            rollout.final_version = step.version
             self._end(rollout, "completed", f"{rollout.challenger['name']} serves alone")
             return
-        self._count(rollout, step)
-        broken = judge(rollout, step)
+        broken = self._restarted(rollout, step)
+        if not broken:
+            self._count(rollout, step)
+            broken = judge(rollout, step)
         if broken:
             step.outcome, step.reason, step.ended_ms = "failed", broken, now_ms()
-            await self._roll_back(
+            self._decide_rollback(
                 rollout, "rolled_back", f"step {index + 1} ({step.percent:g}%): {broken}"
             )
+            await self._roll_back(rollout)
             return
         elapsed = (now_ms() - step.started_ms) / 1000
         if elapsed < rollout.step_seconds or step.challenger.requests < rollout.min_requests:
-            self._save(rollout)  # the numbers so far, for status()
+            self._save(rollout, force=False)  # the numbers so far, for status()
             return
         step.outcome, step.reason, step.ended_ms = "passed", summary(rollout, step), now_ms()
         nxt = rollout.percents[index + 1]
@@ -418,15 +487,41 @@ class Rollouts:
         except DeployConflict as exc:
             self._end(rollout, "aborted", f"someone else deployed the pipeline: {exc}")
         except ControlError as exc:
-            await self._roll_back(
+            self._decide_rollback(
                 rollout, "failed", f"step {index + 2} could not be deployed: {exc}"
             )
+            await self._roll_back(rollout)
+
+    def _serving(self, rollout: Rollout) -> int:
+        deployment = self._store.get_pipeline(rollout.workspace, rollout.pipeline).deployment
+        return deployment.version.number if deployment else 0
+
+    def _engines(self, rollout: Rollout) -> tuple[str, ...]:
+        deployment = self._store.get_pipeline(rollout.workspace, rollout.pipeline).deployment
+        return deployment.engines if deployment else ()
+
+    def _restarted(self, rollout: Rollout, step: RolloutStep) -> str:
+        """Which engine serving the step restarted during it, in words ("" when none)."""
+        for engine in self._engines(rollout):
+            instance = self._instance_of(engine)
+            if not instance:
+                continue
+            seen = step.engines.setdefault(engine, instance)
+            if seen != instance:
+                return (
+                    f"engine {engine} restarted during the step (its counts of the challenger "
+                    "were lost with it; a model that crashes engines must not pass)"
+                )
+        return ""
 
     def _count(self, rollout: Rollout, step: RolloutStep) -> None:
+        """Sums the step's counts over the engines the deployment assigned (only theirs: an
+        engine's word counts for its own assignments)."""
         version = self._store.pipeline_version(rollout.workspace, rollout.pipeline, step.version)
+        assigned = set(self._engines(rollout))
         champion, challenger = Served(), Served()
-        for t in self._traffic(version.version_id):
-            if t.step != rollout.step:
+        for engine, t in self._traffic(version.version_id):
+            if engine not in assigned or t.step != rollout.step or t.arm not in (0, 1):
                 continue
             into = champion if t.arm == 0 else challenger
             into.requests += t.requests
@@ -452,8 +547,8 @@ class Rollouts:
                 note=note,
             )
         except ControlError as exc:
-            rollout.steps[-1].outcome, rollout.steps[-1].reason = "stopped", str(exc)
-            rollout.steps[-1].ended_ms = now_ms()
+            step = rollout.steps[-1]
+            step.outcome, step.reason, step.ended_ms = "stopped", str(exc), now_ms()
             self._save(rollout)
             raise
         log.info("%s", note)
@@ -490,17 +585,27 @@ class Rollouts:
             rollout.workspace, rollout.pipeline, steps, splits
         )
 
-    async def _roll_back(self, rollout: Rollout, state: str, reason: str) -> None:
-        """A hot swap to the baseline, retried while no engine can take it."""
-        if rollout.steps and rollout.steps[-1].outcome == "running":
-            rollout.steps[-1].outcome, rollout.steps[-1].ended_ms = "stopped", now_ms()
-        note = f"{self._name(rollout)}: rolled back to version {rollout.baseline_version}: {reason}"
-        deadline = time.monotonic() + ROLLBACK_PATIENCE
+    def _decide_rollback(self, rollout: Rollout, state: str, reason: str) -> None:
+        """Saves the decision to swap back, before any swap: a restart carries it out."""
+        step = rollout.steps[-1] if rollout.steps else None
+        if step is not None and step.outcome == "running":
+            step.outcome, step.ended_ms = "stopped", now_ms()
+        rollout.state, rollout.rollback_to, rollout.reason = "rolling_back", state, reason
+        self._save(rollout)
+
+    async def _roll_back(self, rollout: Rollout) -> None:
+        """A hot swap to the baseline, retried until it lands or someone else deploys."""
+        note = (
+            f"{self._name(rollout)}: rolled back to version {rollout.baseline_version}: "
+            f"{rollout.reason}"
+        )
+        reason, wait = rollout.reason, 0.5
         while True:
-            current = self._store.get_pipeline(rollout.workspace, rollout.pipeline).deployment
-            ours = {s.version for s in rollout.steps}
-            if current is None or current.version.number not in ours:
-                reason += " (the pipeline was deployed by someone else meanwhile: left as it is)"
+            serving = self._serving(rollout)
+            if serving == rollout.baseline_version:
+                break  # done, perhaps by the try before a restart
+            if serving not in {s.version for s in rollout.steps}:
+                reason += f" (version {serving} was deployed by someone else meanwhile: left)"
                 break
             try:
                 await self._coordinator.deploy(
@@ -508,37 +613,47 @@ class Rollouts:
                     rollout.pipeline,
                     rollout.baseline_version,
                     0,
-                    current.version.number,
+                    serving,
                     requested_by=self._who(rollout),
                     note=note,
                 )
+                log.warning("%s", note)
                 break
             except DeployConflict:
                 continue  # someone deployed between the read and the swap: look again
             except ControlError as exc:
-                if time.monotonic() > deadline:
-                    state, reason = "failed", f"{reason}; the rollback failed: {exc}"
-                    log.error(
-                        "rollout %s: rollback to v%d failed: %s",
-                        rollout.id,
-                        rollout.baseline_version,
-                        exc,
-                    )
-                    break
-                await asyncio.sleep(1.0)
-        rollout.final_version = rollout.baseline_version
-        log.warning("%s", note)
-        self._end(rollout, state, reason)
+                log.error(
+                    "rollout %s: rollback to v%d failed (retrying in %.1f s): %s",
+                    rollout.id,
+                    rollout.baseline_version,
+                    wait,
+                    exc,
+                )
+                rollout.reason = f"{reason}; swapping back failed, retrying: {exc}"
+                self._save(rollout, force=False)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, ROLLBACK_RETRY_MAX)
+        self._end(rollout, rollout.rollback_to or "rolled_back", reason)
 
     def _end(self, rollout: Rollout, state: str, reason: str) -> None:
+        for step in rollout.steps:
+            if step.outcome == "running":  # cut short (an abort during an advance)
+                step.outcome, step.ended_ms = "stopped", now_ms()
         rollout.state, rollout.reason, rollout.ended_ms = state, reason, now_ms()
-        if not rollout.final_version and rollout.steps and state == "completed":
-            rollout.final_version = rollout.steps[-1].version
+        rollout.rollback_to = ""
+        rollout.final_version = self._serving(rollout)  # what serves, whatever was meant
         self._save(rollout)
-        self._running.pop(rollout.key, None)
-        self._stop.pop(rollout.key, None)
+        if self._running.get(rollout.key) is rollout:
+            del self._running[rollout.key]
+        self._saved.pop(rollout.id, None)
 
-    def _save(self, rollout: Rollout) -> None:
+    def _save(self, rollout: Rollout, force: bool = True) -> None:
+        """Writes the record; `force=False` skips it when it was written in the last
+        SAVE_EVERY seconds (the numbers of a running step: each write is an fsync)."""
+        now = asyncio.get_running_loop().time()
+        if not force and now - self._saved.get(rollout.id, -math.inf) < SAVE_EVERY:
+            return
+        self._saved[rollout.id] = now
         self._store.save_rollout(
             rollout.id,
             rollout.workspace,
@@ -555,8 +670,5 @@ class Rollouts:
     @classmethod
     def _who(cls, rollout: Rollout) -> str:
         """The timeline's requested_by of a rollout's swaps: the rollout, for whom started it."""
-        return (
-            f"{cls._name(rollout)} ({rollout.requested_by})"
-            if rollout.requested_by
-            else cls._name(rollout)
-        )
+        name = cls._name(rollout)
+        return f"{name} ({rollout.requested_by})" if rollout.requested_by else name

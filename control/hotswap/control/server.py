@@ -66,7 +66,9 @@ class ControlPlaneServer:
             metrics=self.metrics,
         )
         self.logs = LogGatherer(self.fleet)
-        self.rollouts = Rollouts(self.store, self.coordinator, self.fleet.traffic)
+        self.rollouts = Rollouts(
+            self.store, self.coordinator, self.fleet.traffic, self.fleet.instance_of
+        )
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         uploads = ModelUploads(self.store, self.blobs, settings.max_model_bytes)
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]

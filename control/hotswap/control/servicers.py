@@ -337,7 +337,8 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     async def GetRollout(
         self, request: control_pb2.GetRolloutRequest, context: Context
     ) -> control_pb2.Rollout:
-        return _convert.rollout(self._rollouts.latest(request.workspace, request.pipeline))
+        rollout = self._rollouts.latest(request.workspace, request.pipeline, request.id)
+        return _convert.rollout(rollout)
 
     @unary
     async def AbortRollout(

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from hotswap.control.domain import SPLIT_KINDS, ModelVersion, Split, TensorSpec
 from hotswap.control.errors import InvalidArgument
 
-# Bounds on what one split may hold: each model is a session on every engine serving it.
+# Bounds on what one version may hold: each model is a session on every engine serving it,
+# and every name is resolved in the store while the caller waits.
+MAX_STEPS = 64
 MAX_MODELS = 16
 MAX_KEY_CHARS = 256
 
@@ -29,6 +31,22 @@ class SplitRequest:
     weights: tuple[float, ...] = ()
     key: str = ""
     key_values: tuple[str, ...] = ()
+
+
+def check_sizes(steps: int, splits: Sequence[SplitRequest]) -> None:
+    """Raises InvalidArgument for a version too big to make, before any name is looked up."""
+    if steps > MAX_STEPS:
+        raise InvalidArgument(f"a pipeline version has at most {MAX_STEPS} steps, not {steps}")
+    if len(splits) > steps:
+        raise InvalidArgument(
+            f"{len(splits)} splits for {steps} step(s): a step has at most one split"
+        )
+    for s in splits:
+        if max(len(s.models), len(s.weights), len(s.key_values) + 1) > MAX_MODELS:
+            raise InvalidArgument(
+                f"the split of step {s.step} has more than {MAX_MODELS} models, weights or "
+                "key values"
+            )
 
 
 def check_split(split: Split, steps: Sequence[ModelVersion]) -> None:
@@ -50,7 +68,9 @@ def check_split(split: Split, steps: Sequence[ModelVersion]) -> None:
             f"{steps[split.step].name!r}: a split's first model is its step's"
         )
     names = [m.name for m in split.models]
-    if len(set(names)) != len(names):
+    if split.kind != "key" and len(set(names)) != len(names):
+        # A key split may send several values to one model; a random split's weights and a
+        # shadow's log columns go by model.
         raise InvalidArgument(f"{where} names a model twice ({', '.join(names)}): each once")
     if len(split.key) > MAX_KEY_CHARS or any(len(v) > MAX_KEY_CHARS for v in split.key_values):
         raise InvalidArgument(f"{where}: keys and key values are at most {MAX_KEY_CHARS} chars")
@@ -60,7 +80,7 @@ def check_split(split: Split, steps: Sequence[ModelVersion]) -> None:
             raise InvalidArgument(
                 f"{where} has {len(weights)} weight(s) for {len(split.models)} models: one each"
             )
-        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        if any(not math.isfinite(w) or w < 0 for w in weights) or not 0 < sum(weights) < math.inf:
             raise InvalidArgument(
                 f"{where} has weights {list(weights)}: each must be a number >= 0, one above 0"
             )

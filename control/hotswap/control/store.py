@@ -25,7 +25,7 @@ from hotswap.control.domain import (
     check_name,
 )
 from hotswap.control.errors import AlreadyExists, InvalidArgument, NotFound
-from hotswap.control.splits import SplitRequest, check_split
+from hotswap.control.splits import SplitRequest, check_sizes, check_split
 
 # Append only: each entry upgrades the schema by one version (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -378,12 +378,23 @@ class Store:
         the steps of several models among them (`splits`)."""
         if not steps:
             raise InvalidArgument("a pipeline version needs at least one step")
-        models = tuple(self.resolve_model_version(workspace, m, v) for m, v in steps)
+        check_sizes(len(steps), splits)
+        known: dict[tuple[str, str], ModelVersion] = {}
+
+        def resolve(name: str, version: str) -> ModelVersion:
+            found = known.get((name, version))
+            if found is None:
+                found = known[(name, version)] = self.resolve_model_version(
+                    workspace, name, version
+                )
+            return found
+
+        models = tuple(resolve(m, v) for m, v in steps)
         resolved = tuple(
             Split(
                 s.step,
                 s.kind,
-                tuple(self.resolve_model_version(workspace, m, v) for m, v in s.models),
+                tuple(resolve(m, v) for m, v in s.models),
                 tuple(s.weights),
                 s.key,
                 tuple(s.key_values),
@@ -501,15 +512,32 @@ class Store:
             )
 
     def rollouts(
-        self, workspace: str = "", pipeline: str = "", state: str = ""
+        self,
+        workspace: str = "",
+        pipeline: str = "",
+        states: Sequence[str] = (),
+        rollout_id: str = "",
+        limit: int = -1,
     ) -> list[dict[str, object]]:
-        """Rollout records, newest first, of a pipeline ("" for every one) in a state ("" for
-        any)."""
+        """Rollout records, newest first: of a pipeline ("" for every one), in `states` (any
+        when empty), with an id ("" for any), at most `limit` (-1: all)."""
+        wanted = list(states)
         rows = self._db.execute(
             "SELECT record_json FROM rollouts WHERE (? = '' OR workspace = ?)"
-            " AND (? = '' OR pipeline = ?) AND (? = '' OR state = ?)"
-            " ORDER BY started_ms DESC, rowid DESC",
-            (workspace, workspace, pipeline, pipeline, state, state),
+            " AND (? = '' OR pipeline = ?) AND (? = '' OR id = ?)"
+            f" AND (? = 0 OR state IN ({', '.join('?' * len(wanted)) or 'NULL'}))"
+            " ORDER BY started_ms DESC, rowid DESC LIMIT ?",
+            (
+                workspace,
+                workspace,
+                pipeline,
+                pipeline,
+                rollout_id,
+                rollout_id,
+                len(wanted),
+                *wanted,
+                limit,
+            ),
         ).fetchall()
         return [json.loads(r["record_json"]) for r in rows]
 

@@ -221,6 +221,8 @@ class ControlLink:
             beat = fleet_pb2.Heartbeat(sent_ms=int(time.time() * 1000))
             for spec, counts in self._host.traffic():
                 beat.traffic.extend(_convert.traffic(spec, counts))
+            if self._relay is not None:
+                beat.traffic.extend(self._relay.traffic())
             self._send(fleet_pb2.EngineMessage(heartbeat=beat))
             await asyncio.sleep(self._heartbeat_interval)
 

@@ -191,6 +191,10 @@ def input_columns(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) 
     """
     columns = loaded.input_columns()
     name = loaded.spec.pipeline
+    keys = loaded.key_columns()
+    if keys:  # the columns a split step chooses by: extra tensors, beside the model's
+        named_keys = {n: v for n, v in tensors if n in keys}
+        tensors = [(n, v) for n, v in tensors if n not in keys]
     if len(columns) == 1:
         if len(tensors) != 1:
             raise InvalidInput(f"model {name!r} takes one input tensor; got {len(tensors)}")
@@ -200,6 +204,8 @@ def input_columns(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) 
         if sorted(given) != sorted(columns):
             raise InvalidInput(f"model {name!r} takes inputs {columns}; got {given}")
         named = dict(tensors)
+    if keys:
+        named.update(named_keys)
     rows = {values.shape[0] for values in named.values()}
     if len(rows) > 1:
         raise InvalidInput(f"the input tensors have different first dims {sorted(rows)}")

@@ -499,6 +499,10 @@ class LoadedPipeline:
             for i, arm in enumerate(step.arms)
         ]
 
+    def key_columns(self) -> frozenset[str]:
+        """The request columns the version's split steps read besides the model inputs."""
+        return frozenset(s.router.key for s in self._routed or () if s.router and s.router.key)
+
     def input_columns(self) -> list[str]:
         """The columns the first step reads, e.g. `["tensor"]`."""
         return [plan.columns[0] for plan in self._inputs]
@@ -533,10 +537,7 @@ class LoadedPipeline:
         feed = {plan.input_name: plan.tensor(batch, n) for plan in self._inputs}
         if self._routed is None:
             return self._result(epoch_ms, batch.columns, batch.schema, self._run(feed, n)), None
-        names = batch.schema.names
-        outputs, split, shadows = self._run_routed(
-            feed, n, lambda key: batch.column(key) if key in names else None
-        )
+        outputs, split, shadows = self._run_routed(feed, n, lambda key: _key_column(batch, key))
         return self._result(epoch_ms, batch.columns, batch.schema, outputs, split), shadows
 
     def infer_arrays(
@@ -873,6 +874,21 @@ def _session(step: _Step | _SplitStep) -> Any:
     return step.arms[0].step.session if isinstance(step, _SplitStep) else step.session
 
 
+def _key_column(batch: pa.RecordBatch, key: str) -> pa.Array | None:
+    """A request's split key column, None when it has none.
+
+    Raises:
+        InvalidInput: the request has several columns of that name.
+    """
+    index = batch.schema.get_field_index(key)
+    if index >= 0:
+        return batch.column(index)
+    count = batch.schema.names.count(key)
+    if count:
+        raise InvalidInput(f"the request has {count} columns named {key!r}: send one")
+    return None
+
+
 def _next_feed(step: _Step | _SplitStep, outputs: list[Array]) -> dict[str, Array]:
     feed = {}
     for name, source, row in step.feeds:
@@ -914,7 +930,9 @@ def _split_step(
     if not problem and split.models[0].sha256 != spec.steps[split.step].sha256:
         problem = f"step {split.step}'s split does not start with the step's model"
     names = [m.model_name for m in split.models]
-    if not problem and len(set(names)) != len(names):
+    # A key split may send several values to one model; the other kinds name each model once
+    # (a shadow's columns are named after its models).
+    if not problem and split.kind != "key" and len(set(names)) != len(names):
         problem = f"step {split.step}'s split names a model twice ({', '.join(names)})"
     if problem or not isinstance(first, _Step):
         raise PrepareError(problem or f"step {split.step} has two splits")

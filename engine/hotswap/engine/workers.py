@@ -69,6 +69,8 @@ class _Worker:
     name: str
     outbox: asyncio.Queue[fleet_pb2.ControlMessage]
     revision: int = 0  # the desired state revision it reported applied
+    # What its split and shadow models served, as its last heartbeat said (ModelTraffic).
+    traffic: list[types_pb2.ModelTraffic] = dataclasses.field(default_factory=list)
     waiting: dict[str, asyncio.Future[Any]] = dataclasses.field(default_factory=dict)
 
 
@@ -116,7 +118,9 @@ class WorkerRelay(fleet_pb2_grpc.FleetServicer):
     ) -> None:
         async for message in messages:
             kind = message.WhichOneof("kind")
-            if kind == "state":
+            if kind == "heartbeat":
+                worker.traffic = list(message.heartbeat.traffic)
+            elif kind == "state":
                 worker.revision = max(worker.revision, message.state.revision)
                 async with self._changed:
                     self._changed.notify_all()
@@ -143,6 +147,11 @@ class WorkerRelay(fleet_pb2_grpc.FleetServicer):
                 yield fleet_pb2.BlobChunk(data=chunk)
 
     # -- process 0's side -----------------------------------------------------------------
+
+    def traffic(self) -> list[types_pb2.ModelTraffic]:
+        """The workers' model counts, for process 0's heartbeat: the control plane sums every
+        entry of a version, so a rollout judges all of the engine's processes."""
+        return [t for worker in list(self._workers.values()) for t in worker.traffic]
 
     async def wait_connected(self, timeout: float) -> None:
         async with self._changed:

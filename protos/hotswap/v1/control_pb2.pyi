@@ -1457,17 +1457,21 @@ class GetRolloutRequest(_message.Message):
 
     WORKSPACE_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
+    id: _builtins.str
+    """A rollout's id (Rollout.id); empty for the pipeline's newest."""
     def __init__(
         self,
         *,
         workspace: _builtins.str = ...,
         pipeline: _builtins.str = ...,
+        id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "pipeline", b"pipeline", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1522,7 +1526,7 @@ class RolloutStep(_message.Message):
     """0 while running."""
     outcome: _builtins.str
     """"running", "passed", "failed" (a limit broke: the rollout rolled back) or "stopped"
-    (aborted, or the control plane restarted during it).
+    (aborted, its deploy failed, or the control plane stopped before it was deployed).
     """
     reason: _builtins.str
     """The decision in words, e.g. "error rate 0.0% <= 1.0%; latency 1.04x <= 1.5x"."""
@@ -1579,13 +1583,15 @@ class Rollout(_message.Message):
     workspace: _builtins.str
     pipeline: _builtins.str
     state: _builtins.str
-    """"running", "completed" (the challenger serves alone), "rolled_back" (a limit broke),
-    "aborted" (AbortRollout), or "failed" (a swap of the rollout failed; the version
-    deployed before it serves).
+    """"running"; "rolling_back" (decided, or aborted, and swapping back: retried until the
+    version deployed before serves again, across control plane restarts); then
+    "completed" (the challenger serves alone), "rolled_back" (a limit broke), "aborted"
+    (AbortRollout, someone else deployed meanwhile, or a restart found another version
+    serving), or "failed" (a swap of the rollout failed; the version before it serves).
     """
     baseline_version: _builtins.int
     """The version deployed before the rollout (what a rollback returns to), and the version
-    it ended on (0 while running).
+    that served when it ended (0 while running).
     """
     final_version: _builtins.int
     step: _builtins.int
