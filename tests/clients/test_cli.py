@@ -31,6 +31,7 @@ SUBCOMMANDS = [
         "rollback",
     )),
     ["infer"], ["demo"], ["engines"], ["swaps"], ["logs"],
+    ["rollout"], ["rollout", "start"], ["rollout", "status"], ["rollout", "abort"],
 ]  # fmt: skip
 
 
@@ -212,6 +213,30 @@ def test_pipeline_lifecycle_and_infer(cli: Cli, assets: Path, tmp_path: Path) ->
 
     assert cli.json("pipeline", "undeploy", "p") == {"pipeline": "p", "deployed": False}
     assert "not deployed" in cli.fails("infer", "p", "--input", houses)
+
+
+def test_rollouts_from_the_shell(cli: Cli, assets: Path) -> None:
+    for short in ("rf", "gbr"):
+        cli.json("model", "upload", short, str(assets / "models" / f"{short}_model.onnx"))
+    cli.json("pipeline", "create", "ro")
+    cli.json("pipeline", "add-step", "ro", "rf")
+    cli.json("pipeline", "deploy", "ro")
+    err = cli.fails("rollout", "status", "ro")
+    assert "has had no rollout" in err
+    assert "increase and end at 100" in cli.fails("rollout", "start", "ro", "gbr", "--steps", "50")
+    # No traffic, so --no-wait: the first step is live and the rollout shows in the status.
+    started = cli.json("rollout", "start", "ro", "gbr", "--steps", "50,100", "--no-wait")
+    assert started["state"] == "running" and started["steps"][0]["percent"] == 50
+    status = cli.json("pipeline", "status", "ro")
+    assert status["rollout"]["id"] == started["id"]
+    assert "is running" in cli.fails("rollout", "start", "ro", "gbr")  # one at a time
+    aborted = cli.json("rollout", "abort", "ro", "--reason", "from the shell")
+    assert aborted["state"] == "aborted" and "from the shell" in aborted["reason"]
+    assert aborted["final_version"] == aborted["baseline_version"] == 1
+    # Following a rollout that does not complete exits 1, with the record on stdout.
+    proc = _run("rollout", "status", "ro", "--workspace", cli.workspace,
+                address=cli.address, check=False)  # fmt: skip
+    assert proc.returncode == 1 and "aborted" in proc.stdout
 
 
 def test_unknown_workspace_says_how_to_create_it(cli: Cli) -> None:

@@ -188,6 +188,8 @@ class Fleet:
         self._metrics.watch_engines(lambda: len(self.live()))
         self.connections: dict[str, EngineConnection] = {}
         self._reports = asyncio.Condition()
+        # Called when an engine reports model counts (rollouts decide on them at once).
+        self.on_traffic: Callable[[], None] = lambda: None
 
     # -- connections ----------------------------------------------------------------------
 
@@ -310,6 +312,8 @@ class Fleet:
         if kind == "heartbeat":
             # Bounded as every message is (its size); the counts are only read, summed.
             connection.traffic = list(message.heartbeat.traffic)
+            if connection.traffic:
+                self.on_traffic()
         elif kind == "prepared":
             self._resolve(connection, ("prepare", message.prepared.swap_id), message)
         elif kind == "committed":

@@ -221,8 +221,15 @@ class Rollouts:
         self._running: dict[str, Rollout] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._saved: dict[str, float] = {}  # rollout id -> monotonic time of its last save
+        # Set when engines report new counts: the watchers decide then, not a poll later.
+        self._news = asyncio.Event()
 
     # -- the API ----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New counts arrived: the watchers look at them now."""
+        if self._running:
+            self._news.set()
 
     def running(self, workspace: str, pipeline: str) -> Rollout | None:
         return self._running.get(pipeline_key(workspace, pipeline))
@@ -431,7 +438,10 @@ class Rollouts:
     async def _watch_forever(self, rollout: Rollout) -> None:
         try:
             while rollout.state == "running":
-                await asyncio.sleep(self._poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._news.wait(), self._poll)
+                # Set wakes every waiting watcher; one busy meanwhile sees it a poll later.
+                self._news.clear()
                 await self._decide(rollout)
         except asyncio.CancelledError:
             raise

@@ -69,6 +69,7 @@ class ControlPlaneServer:
         self.rollouts = Rollouts(
             self.store, self.coordinator, self.fleet.traffic, self.fleet.instance_of
         )
+        self.fleet.on_traffic = self.rollouts.wake
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         uploads = ModelUploads(self.store, self.blobs, settings.max_model_bytes)
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]

@@ -41,6 +41,8 @@ _ERRORS: dict[int, type[PrepareError]] = {
 
 BACKOFF_START = 0.1
 BACKOFF_MAX = 2.0
+# How often a heartbeat's wait looks for new failures of split models (sent at once).
+ERROR_CHECK_SECONDS = 0.05
 
 # Answers the control plane's LogsQuery from this engine's inference log.
 LogsAnswer = Callable[[types_pb2.GetLogsRequest], Awaitable[types_pb2.LogsResponse]]
@@ -224,7 +226,19 @@ class ControlLink:
             if self._relay is not None:
                 beat.traffic.extend(self._relay.traffic())
             self._send(fleet_pb2.EngineMessage(heartbeat=beat))
-            await asyncio.sleep(self._heartbeat_interval)
+            # A new failure of a split model goes out at once, not a heartbeat later: a
+            # rollout rolls back on it, and every moment more requests meet that model.
+            errors = sum(t.errors for t in beat.traffic)
+            deadline = time.monotonic() + self._heartbeat_interval
+            while time.monotonic() < deadline and self._errors() == errors:
+                await asyncio.sleep(min(ERROR_CHECK_SECONDS, self._heartbeat_interval))
+
+    def _errors(self) -> int:
+        """Failures counted so far by the models of split steps, workers' included."""
+        errors = int(sum(snap[2] for _, counts in self._host.traffic() for *_, snap in counts))
+        if self._relay is not None:
+            errors += sum(t.errors for t in self._relay.traffic())
+        return errors
 
     def _dispatch(self, message: fleet_pb2.ControlMessage) -> None:
         kind = message.WhichOneof("kind")

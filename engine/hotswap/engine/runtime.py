@@ -364,6 +364,7 @@ class LoadedPipeline:
     __slots__ = (
         "__weakref__",  # lets the engine (and tests) check that a retired version is freed
         "_answer_schemas",
+        "_first",
         "_inputs",
         "_last_label",
         "_later",
@@ -406,7 +407,10 @@ class LoadedPipeline:
         self._steps = tuple(steps)
         routed = [s for s in steps if isinstance(s, _SplitStep)]
         self._routed = tuple(routed) if routed else None
-        self._later = self._steps[1:]
+        # The plain chain `_run` walks (a version without split steps): no type checks a call.
+        plain = [s for s in steps if isinstance(s, _Step)] if not routed else []
+        self._first: _Step | None = plain[0] if plain else None
+        self._later = tuple(plain[1:])
         self._last_label = labels[-1]
         self._out_names = self._steps[-1].outputs
         self._out_columns = [f"out.{name}" for name in self._out_names]
@@ -602,9 +606,9 @@ class LoadedPipeline:
         return (group, name)
 
     def _run(self, feed: dict[str, Array], n: int) -> list[Array]:
-        outputs = cast(_Step, self._steps[0]).run(feed)
+        outputs = cast(_Step, self._first).run(feed)  # set: `_run` serves unrouted versions
         for step in self._later:
-            outputs = cast(_Step, step).run(_next_feed(step, outputs))
+            outputs = step.run(_next_feed(step, outputs))
         self._check_rows(outputs, n)
         return outputs
 
