@@ -138,8 +138,6 @@ def summary(auth: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     """`make bench-auth`: this phase alone, written to bench/results/<date>-<host>-auth."""
-    import socket
-    import sys
     import tempfile
 
     from bench import run
@@ -147,12 +145,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="hotswap-bench-auth-") as scratch:
         tmp = Path(scratch)
         result = phase(run.tutorial_models(tmp), tmp, run.rows_table(1), 4.0)
-    out = run.ROOT / "bench" / "results"
-    stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-auth"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    text = "\n".join(["# hotswap bench: the engine's token check", *summary(result), ""])
-    (out / f"{stem}.md").write_text(text)
-    print(text, file=sys.stdout)
+    run.write_phase("auth", "the engine's token check", result, summary(result))
     return 0
 
 

@@ -9,7 +9,6 @@ shows the shadows kept up and were not skipped.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 from pathlib import Path
@@ -127,8 +126,6 @@ def summary(result: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     """`make bench-traffic`: this phase alone, written to bench/results/<date>-<host>-traffic."""
-    import socket
-    import sys
     import tempfile
 
     from bench import run
@@ -137,12 +134,7 @@ def main() -> int:
         tmp = Path(scratch)
         tables = {n: run.rows_table(n) for n in (1, 1000)}
         result = phase(run.tutorial_models(tmp), tmp, tables, 4.0, run.log)
-    out = run.ROOT / "bench" / "results"
-    stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-traffic"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    text = "\n".join(["# hotswap bench: shadow deploys", *summary(result), ""])
-    (out / f"{stem}.md").write_text(text)
-    print(text, file=sys.stdout)
+    run.write_phase("traffic", "shadow deploys", result, summary(result))
     return 0
 
 

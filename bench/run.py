@@ -52,6 +52,17 @@ def tutorial_models(tmp: Path) -> dict[str, Path]:
     return {m: out / f"{m}_model.onnx" for m in TRIO}
 
 
+def write_phase(suffix: str, title: str, result: dict[str, Any], lines: list[str]) -> None:
+    """A phase run alone (`make bench-auth`, `make bench-traffic`): its figures and summary
+    in bench/results/<date>-<host>-<suffix>.json/.md, the summary on stdout."""
+    out = ROOT / "bench" / "results"
+    stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-{suffix}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    text = "\n".join([f"# hotswap bench: {title}", *lines, ""])
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
 def rows_table(rows: int) -> pa.Table:
     base = (
         pa.ipc.open_file(SHARED_DATA).read_all()

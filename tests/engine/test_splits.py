@@ -159,6 +159,11 @@ def test_models_that_cannot_share_a_step_fail_the_prepare(
     # Weights near the float limit do not overflow into sending every row one way.
     huge = _split(SplitSpec(0, "random", (models["rf"], models["gbr"]), (1e308, 1e308)))
     assert {m for _ in range(200) for m in _served(huge.infer(_table(x[:1])))} == {"rf", "gbr"}
+    for step in (1, -1):  # a split of a step the version does not have
+        spec = PipelineSpec("ws", "p", "id", 1, (models["rf"],), (
+            SplitSpec(step, "random", (models["rf"], models["gbr"]), (1, 1)),))  # fmt: skip
+        with pytest.raises(PrepareError, match=f"names step {step} of a 1-step"):
+            LoadedPipeline.build(spec, RuntimeOptions())
     with pytest.raises(PrepareError, match="one weight >= 0 per model"):
         _split(SplitSpec(0, "random", (models["rf"], models["gbr"]), (1,)))
 

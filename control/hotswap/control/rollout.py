@@ -547,21 +547,26 @@ class Rollouts:
         rollout.steps.append(RolloutStep(rollout.percents[index], version.number, now_ms()))
         self._save(rollout)
         try:
-            await self._coordinator.deploy(
-                rollout.workspace,
-                rollout.pipeline,
-                version.number,
-                0,
-                current,
-                requested_by=self._who(rollout),
-                note=note,
-            )
+            await self._swap(rollout, version.number, current, note)
         except ControlError as exc:
             step = rollout.steps[-1]
             step.outcome, step.reason, step.ended_ms = "stopped", str(exc), now_ms()
             self._save(rollout)
             raise
         log.info("%s", note)
+
+    async def _swap(self, rollout: Rollout, number: int, current: int, note: str) -> None:
+        """Deploys version `number` if `current` still serves (else DeployConflict), keeping
+        the replica count, in the timeline under the rollout's name with `note`."""
+        await self._coordinator.deploy(
+            rollout.workspace,
+            rollout.pipeline,
+            number,
+            0,
+            current,
+            requested_by=self._who(rollout),
+            note=note,
+        )
 
     def _step_version(self, rollout: Rollout, percent: float) -> PipelineVersion:
         """The version of a step: the baseline with its step split (or, at 100%, the
@@ -618,15 +623,7 @@ class Rollouts:
                 reason += f" (version {serving} was deployed by someone else meanwhile: left)"
                 break
             try:
-                await self._coordinator.deploy(
-                    rollout.workspace,
-                    rollout.pipeline,
-                    rollout.baseline_version,
-                    0,
-                    serving,
-                    requested_by=self._who(rollout),
-                    note=note,
-                )
+                await self._swap(rollout, rollout.baseline_version, serving, note)
                 log.warning("%s", note)
                 break
             except DeployConflict:

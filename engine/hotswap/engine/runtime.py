@@ -268,7 +268,9 @@ def shadow_columns(requests: Sequence[Shadows]) -> dict[str, pa.Array]:
     if todo:
         _run_shadows(todo)
     first = cast(_ShadowBatch, requests[0].batch)
-    if all(r.batch is first for r in requests) and len(requests) == len(first.starts) - 1:
+    if len(requests) == len(first.starts) - 1 and all(
+        r.batch is first and r.index == i for i, r in enumerate(requests)
+    ):
         return first.columns  # the usual case: the flush ran exactly these requests
     pieces = []
     for r in requests:
@@ -403,6 +405,10 @@ class LoadedPipeline:
         self._inputs = _plan_inputs(spec.steps[0].model_name, labels[0], sessions[0])
         steps: list[_Step | _SplitStep] = list(_plan_steps(labels, sessions))
         for split, others in zip(spec.splits, split_sessions, strict=True):
+            if not 0 <= split.step < len(steps):
+                raise PrepareError(
+                    f"a split names step {split.step} of a {len(steps)}-step pipeline"
+                )
             steps[split.step] = _split_step(spec, split, steps[split.step], others)
         self._steps = tuple(steps)
         routed = [s for s in steps if isinstance(s, _SplitStep)]
@@ -929,8 +935,6 @@ def _split_step(
     differ); a split's models must also give its outputs, as one result holds their rows."""
     label = f"step {split.step} ({split.kind} split)"
     problem = split.check()
-    if not problem and not 0 <= split.step < len(spec.steps):
-        problem = f"a split names step {split.step} of a {len(spec.steps)}-step pipeline"
     if not problem and split.models[0].sha256 != spec.steps[split.step].sha256:
         problem = f"step {split.step}'s split does not start with the step's model"
     names = [m.model_name for m in split.models]
