@@ -14,8 +14,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
@@ -23,6 +24,8 @@ import pytest
 
 import hotswap
 from hotswap.clients._stack import LocalStack
+from hotswap.oip import grpc_service_pb2 as oip
+from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
 from hotswap.v1 import control_pb2 as c
 from tests.traffic_models import failing_model, slow_model
 
@@ -148,6 +151,29 @@ def test_an_ab_split_holds_its_weights_and_each_answer_is_its_models(
     assert Counter(_served(logged)) == counts
     last = [json.loads(m)["model_name"] for m in logged.column("metadata.last_model").to_pylist()]
     assert last == _served(logged)  # the metadata names the model that served the row
+    # The Open Inference Protocol's answers name the model too, as a BYTES output.
+    channel = grpc.insecure_channel(pipeline.endpoints()[0])
+    stub: Any = oip_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[arg-type]
+    for i in range(20):
+        row = x[i : i + 1].astype(np.float32)
+        answer = stub.ModelInfer(
+            oip.ModelInferRequest(
+                model_name="ab",
+                inputs=[
+                    oip.ModelInferRequest.InferInputTensor(
+                        name="tensor", datatype="FP32", shape=[1, 18]
+                    )
+                ],
+                raw_input_contents=[row.tobytes()],
+            )
+        )
+        names = [o.name for o in answer.outputs]
+        assert names == ["variable", "_model_split"]
+        assert list(answer.outputs[1].shape) == [1, 1] and answer.outputs[1].datatype == "BYTES"
+        label = answer.raw_output_contents[1][4:]  # BYTES: a 4-byte length, then the text
+        model = json.loads(label)["name"]
+        value = np.frombuffer(answer.raw_output_contents[0], np.float32)
+        np.testing.assert_array_equal(value, _reference(assets, model, row).ravel())
 
 
 def test_rows_with_the_same_key_go_to_the_same_model_across_requests(

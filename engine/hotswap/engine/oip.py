@@ -242,6 +242,10 @@ def output_tensors(
     return tensors, raws
 
 
+SPLIT_OUTPUT = "_model_split"
+"""The output tensor that names each row's models in answers of versions with split steps."""
+
+
 def _bytes_raw(values: Array) -> bytes:
     """Strings as the protocol's BYTES: each element's length as a 4-byte little-endian
     integer, then its bytes."""
@@ -269,7 +273,20 @@ def _infer(
     columns = input_columns(loaded, input_tensors(request))
     check_rows(next(iter(columns.values())).shape[0], max_rows)
     inferred = loaded.infer_arrays(columns)
-    outputs, raws = output_tensors(inferred.outputs, loaded, [o.name for o in request.outputs])
+    wanted = [o.name for o in request.outputs]
+    split = inferred.split_labels()
+    named = [w for w in wanted if w != SPLIT_OUTPUT] if split is not None else wanted
+    outputs, raws = (
+        ([], []) if wanted and not named else output_tensors(inferred.outputs, loaded, named)
+    )
+    if split is not None and (not wanted or SPLIT_OUTPUT in wanted):
+        # Which model served each row: BYTES [rows, split steps] of Wallaroo's JSON.
+        outputs.append(
+            oip.ModelInferResponse.InferOutputTensor(
+                name=SPLIT_OUTPUT, datatype="BYTES", shape=list(split.shape)
+            )
+        )
+        raws.append(_bytes_raw(split))
     spec = loaded.spec
     response = oip.ModelInferResponse(
         model_name=spec.pipeline,

@@ -805,6 +805,14 @@ class Inferred:
             arrays = [array_of(self._inputs[f.name], f.type) for f in schema]
         return self._loaded._result(times, arrays, schema, self.outputs, self._split)
 
+    def split_labels(self) -> Array | None:
+        """Each row's models (`out._model_split`) as a [rows, split steps] array of their
+        JSON labels, or None for a version without random or key splits."""
+        if self._split is None:
+            return None
+        labels = self._split.flatten().to_numpy(zero_copy_only=False)
+        return np.asarray(labels, dtype=object).reshape(self.num_rows, -1)
+
     def signature(self) -> tuple[Any, ...]:
         """What results must share to be built as one batch (`merged_batch`)."""
         return (
