@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hotswap.control.coordinator import SwapCoordinator
-from hotswap.control.domain import PipelineVersion, pipeline_key
+from hotswap.control.domain import Deployment, PipelineVersion, pipeline_key
 from hotswap.control.errors import (
     ControlError,
     DeployConflict,
@@ -453,8 +453,11 @@ class Rollouts:
     async def _decide(self, rollout: Rollout) -> None:
         step = rollout.steps[-1]
         index = len(rollout.steps) - 1
-        serving = self._serving(rollout)
-        if serving != step.version:
+        # One read of the deployment a poll: what serves, on which engines (a poll runs on
+        # every heartbeat that carries counts).
+        deployment = self._store.get_pipeline(rollout.workspace, rollout.pipeline).deployment
+        serving = deployment.version.number if deployment else 0
+        if deployment is None or serving != step.version:
             self._end(
                 rollout,
                 "aborted",
@@ -466,9 +469,9 @@ class Rollouts:
             step.outcome, step.ended_ms = "passed", now_ms()
             self._end(rollout, "completed", f"{rollout.challenger['name']} serves alone")
             return
-        broken = self._restarted(rollout, step)
+        broken = self._restarted(step, deployment.engines)
         if not broken:
-            self._count(rollout, step)
+            self._count(rollout, step, deployment)
             broken = judge(rollout, step)
         if broken:
             step.outcome, step.reason, step.ended_ms = "failed", broken, now_ms()
@@ -506,13 +509,9 @@ class Rollouts:
         deployment = self._store.get_pipeline(rollout.workspace, rollout.pipeline).deployment
         return deployment.version.number if deployment else 0
 
-    def _engines(self, rollout: Rollout) -> tuple[str, ...]:
-        deployment = self._store.get_pipeline(rollout.workspace, rollout.pipeline).deployment
-        return deployment.engines if deployment else ()
-
-    def _restarted(self, rollout: Rollout, step: RolloutStep) -> str:
-        """Which engine serving the step restarted during it, in words ("" when none)."""
-        for engine in self._engines(rollout):
+    def _restarted(self, step: RolloutStep, engines: Sequence[str]) -> str:
+        """Which of the step's engines restarted during it, in words ("" when none)."""
+        for engine in engines:
             instance = self._instance_of(engine)
             if not instance:
                 continue
@@ -524,13 +523,12 @@ class Rollouts:
                 )
         return ""
 
-    def _count(self, rollout: Rollout, step: RolloutStep) -> None:
-        """Sums the step's counts over the engines the deployment assigned (only theirs: an
-        engine's word counts for its own assignments)."""
-        version = self._store.pipeline_version(rollout.workspace, rollout.pipeline, step.version)
-        assigned = set(self._engines(rollout))
+    def _count(self, rollout: Rollout, step: RolloutStep, deployment: Deployment) -> None:
+        """Sums the step's counts (the deployed version's) over the engines the deployment
+        assigned (only theirs: an engine's word counts for its own assignments)."""
+        assigned = set(deployment.engines)
         champion, challenger = Served(), Served()
-        for engine, t in self._traffic(version.version_id):
+        for engine, t in self._traffic(deployment.version.version_id):
             if engine not in assigned or t.step != rollout.step or t.arm not in (0, 1):
                 continue
             into = champion if t.arm == 0 else challenger
