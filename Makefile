@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PROTOS := $(shell find protos -name '*.proto' | sort)
 MODELS := examples/housing/models/.stamp
+# Debian's prometheus, chromium and chromedriver: the tests' real Prometheus and browser.
+SYSTEM_TOOLS := prometheus chromium chromium-driver
 
-.PHONY: install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic clean
+.PHONY: system-tools install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic clean
 
 install: $(STAMP)
 
@@ -32,10 +34,19 @@ fmt: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check . && $(VENV)/bin/mypy
 
-test: $(STAMP)
+# Installs what is missing when this user may (root, as in CI); elsewhere the tests that need
+# a tool skip and say which.
+system-tools:
+	@missing=$$(for p in $(SYSTEM_TOOLS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: $(STAMP) system-tools
 	$(VENV)/bin/pytest -m "not slow and not gpu"
 
-test-all: $(STAMP)
+test-all: $(STAMP) system-tools
 	$(VENV)/bin/pytest
 
 models: $(MODELS)

@@ -116,6 +116,8 @@ class EngineConnection:
     labels: dict[str, str] = field(default_factory=dict)
     # The engine said it is shutting down (Drain): no new replicas, its replicas move.
     draining: bool = False
+    # Where it serves HTTP (host:port), "" without an HTTP port.
+    http_address: str = ""
     outbox: asyncio.Queue[fleet_pb2.ControlMessage | None] = field(
         default_factory=lambda: asyncio.Queue(OUTBOX_LIMIT + 1)
     )
@@ -204,6 +206,12 @@ class Fleet:
                 f"engine address {hello.address[:60]!r} is not host:port: pass --advertise"
             )
         labels = _checked_labels(hello.labels)
+        if hello.http_address and (
+            not _ADDRESS.fullmatch(hello.http_address) or ":" not in hello.http_address
+        ):
+            raise InvalidArgument(
+                f"engine HTTP address {hello.http_address[:60]!r} is not host:port"
+            )
         old = self.connections.get(hello.name)
         if old is None:
             self._make_room()
@@ -225,7 +233,13 @@ class Fleet:
                 log.warning("engine %s reconnected; closing its previous stream", hello.name)
                 self._close(old, "replaced by a new connection from the same engine")
         connection = EngineConnection(
-            hello.name, hello.address, hello.instance_id, principal, labels, hello.draining
+            hello.name,
+            hello.address,
+            hello.instance_id,
+            principal,
+            labels,
+            hello.draining,
+            hello.http_address,
         )
         for serving in hello.serving:
             connection.serving[f"{serving.workspace}/{serving.pipeline}"] = _serving(serving)

@@ -73,6 +73,7 @@ def _engine_info(connection: EngineConnection, lost: bool) -> control_pb2.Engine
         last_seen_ms=connection.last_seen_ms,
         draining=connection.draining,
         labels=connection.labels,
+        http_address=connection.http_address,
         serving=[
             f"{p.workspace}/{p.pipeline}@{p.number}"
             for p in connection.serving.values()
@@ -289,6 +290,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
                     reason=e.reason,
                     serving_version=e.serving_version,
                     last_seen_ms=e.last_seen_ms,
+                    http_address=e.http_address,
                     models=[
                         control_pb2.ModelStatus(
                             name=m.name,

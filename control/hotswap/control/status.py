@@ -29,6 +29,7 @@ class EngineView:
     serving_version: int
     models: tuple[ModelState, ...]
     last_seen_ms: int
+    http_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,14 @@ class StatusBoard:
             status = "Starting"
             reason = f"loading version {deployment.version.number}"
         return EngineView(
-            name, connection.address, status, reason, number, models, connection.last_seen_ms
+            name,
+            connection.address,
+            status,
+            reason,
+            number,
+            models,
+            connection.last_seen_ms,
+            connection.http_address,
         )
 
     def status(self, workspace: str, pipeline: str) -> PipelineStatus:

@@ -131,6 +131,8 @@ class ControlLink:
         self._control = control
         self.name = name
         self.address = address
+        # Where this engine serves HTTP, told in the Hello (set once its port is bound).
+        self.http_address = ""
         self._heartbeat_interval = heartbeat_interval
         self._channel = channel or grpc.aio.insecure_channel(control, options=channel_options())
         self._stub = fleet_pb2_grpc.FleetStub(self._channel)
@@ -155,6 +157,7 @@ class ControlLink:
             hello=fleet_pb2.Hello(
                 name=self.name,
                 address=self.address,
+                http_address=self.http_address,
                 serving=[_convert.serving_pipeline(s) for s in self._host.states()],
                 instance_id=self.instance_id,
                 labels=self._labels,

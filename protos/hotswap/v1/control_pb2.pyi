@@ -968,6 +968,7 @@ class EngineStatus(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
+    HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Engine name."""
     address: _builtins.str
@@ -984,6 +985,8 @@ class EngineStatus(_message.Message):
     """Last heartbeat, milliseconds since the Unix epoch."""
     status_code: Global___ServingStatus.ValueType
     """`status` as an enum."""
+    http_address: _builtins.str
+    """The engine's HTTP address (host:port), empty when it serves no HTTP."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
         """The models of the version it serves."""
@@ -999,10 +1002,11 @@ class EngineStatus(_message.Message):
         models: _abc.Iterable[Global___ModelStatus] | None = ...,
         last_seen_ms: _builtins.int = ...,
         status_code: Global___ServingStatus.ValueType = ...,
+        http_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "last_seen_ms", b"last_seen_ms", "models", b"models", "name", b"name", "reason", b"reason", "serving_version", b"serving_version", "status", b"status", "status_code", b"status_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "http_address", b"http_address", "last_seen_ms", b"last_seen_ms", "models", b"models", "name", b"name", "reason", b"reason", "serving_version", b"serving_version", "status", b"status", "status_code", b"status_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1205,6 +1209,7 @@ class EngineInfo(_message.Message):
     STATE_CODE_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     state: _builtins.str
@@ -1214,6 +1219,8 @@ class EngineInfo(_message.Message):
     """`state` as an enum."""
     draining: _builtins.bool
     """The engine said it is shutting down: it gets no new replicas, and its replicas move."""
+    http_address: _builtins.str
+    """The engine's HTTP address (host:port), empty when it serves no HTTP."""
     @_builtins.property
     def serving(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Pipelines it serves now, as "workspace/pipeline@number"."""
@@ -1233,10 +1240,11 @@ class EngineInfo(_message.Message):
         state_code: Global___ConnectionState.ValueType = ...,
         draining: _builtins.bool = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        http_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "name", b"name", "serving", b"serving", "state", b"state", "state_code", b"state_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "http_address", b"http_address", "labels", b"labels", "last_seen_ms", b"last_seen_ms", "name", b"name", "serving", b"serving", "state", b"state", "state_code", b"state_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

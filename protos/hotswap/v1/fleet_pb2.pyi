@@ -237,6 +237,7 @@ class Hello(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Stable engine name; a restarted engine reuses it to get its assignments back."""
     address: _builtins.str
@@ -249,6 +250,10 @@ class Hello(_message.Message):
     draining: _builtins.bool
     """The engine is shutting down (it sent Drain on an earlier stream): it gets no replicas,
     and the drain goes on, on this stream.
+    """
+    http_address: _builtins.str
+    """Where the engine serves HTTP (OIP REST and Wallaroo's formats), host:port; empty when
+    it has no HTTP port (`--http-listen`).
     """
     @_builtins.property
     def serving(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServingPipeline]:
@@ -270,10 +275,11 @@ class Hello(_message.Message):
         instance_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         draining: _builtins.bool = ...,
+        http_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "instance_id", b"instance_id", "labels", b"labels", "name", b"name", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "http_address", b"http_address", "instance_id", b"instance_id", "labels", b"labels", "name", b"name", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
