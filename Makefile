@@ -10,7 +10,7 @@ MODELS := examples/housing/models/.stamp
 # Debian's prometheus, chromium and chromedriver: the tests' real Prometheus and browser.
 SYSTEM_TOOLS := prometheus chromium chromium-driver
 
-.PHONY: system-tools install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic clean
+.PHONY: system-tools install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic bench-http clean
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ bench-auth: $(STAMP)
 # Shadow deploys' cost to the champion alone (make bench includes it): <date>-<host>-traffic.md.
 bench-traffic: $(STAMP)
 	$(PY) -m bench._shadow
+
+# HTTP's cost next to gRPC's alone (make bench includes it): <date>-<host>-http.md.
+bench-http: $(STAMP)
+	$(PY) -m bench._http $(if $(PEERS),--peers)
 
 demo: $(STAMP) $(MODELS)
 	$(VENV)/bin/hotswap demo --models examples/housing/models

@@ -137,7 +137,8 @@ def kserve_python(log: Any) -> Path:
 
 
 @contextmanager
-def kserve_server(model: Path, threads: int, tmp: Path, log: Any) -> Iterator[tuple[str, int]]:
+def kserve_server(model: Path, threads: int, tmp: Path, log: Any) -> Iterator[tuple[str, int, str]]:
+    """KServe's ModelServer; yields its gRPC address, pid and REST address."""
     python = kserve_python(log)
     grpc_port, http_port = free_port(), free_port()
     out = (tmp / "kserve.log").open("wb")
@@ -162,7 +163,7 @@ def kserve_server(model: Path, threads: int, tmp: Path, log: Any) -> Iterator[tu
     address = f"127.0.0.1:{grpc_port}"
     try:
         wait_ready(address, process)
-        yield address, process.pid
+        yield address, process.pid, f"127.0.0.1:{http_port}"
     finally:
         process.terminate()
         process.wait(15)
@@ -214,7 +215,8 @@ def phase(
         service, engine = stack.enter_context(_cells.service(tmp / "oip", 1, {"rf": rf}))
         servers.append(("hotswap", engine, service.processes["engine-1"].pid))
         if peers:
-            servers.append(("kserve", *stack.enter_context(kserve_server(rf, 1, tmp, log))))
+            address, pid, _ = stack.enter_context(kserve_server(rf, 1, tmp, log))
+            servers.append(("kserve", address, pid))
         for rows, concurrency in OIP_CELLS:
             log(f"OIP rows={rows} concurrency={concurrency}: {', '.join(s[0] for s in servers)}")
             for name, address, pid in servers:

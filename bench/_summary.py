@@ -249,6 +249,10 @@ def markdown(r: dict[str, Any]) -> str:
         from bench import _auth
 
         lines += _auth.summary(r["auth"])
+    if r.get("http"):
+        from bench import _http
+
+        lines += _http.summary(r["http"])
     if r.get("shadow"):
         from bench import _shadow
 

@@ -6,7 +6,8 @@ Phases: (1) in-process ONNX Runtime, (2) the bare reference server and (3) the s
 the same batches; (4) 50 swaps under load; (5) a soak of many swaps with the engine's RSS
 sampled; (6) deploy time and serving pause for ~1/10/100 MB models; (7) a 16-engine
 fleet's deploy time and cutover spread, light and saturated (bench/_fleet.py); the champion
-with and without two shadow challengers (bench/_shadow.py). Writes
+with and without two shadow challengers (bench/_shadow.py); HTTP next to gRPC on one engine
+(bench/_http.py). Writes
 <out>/<date>-<host>.json and .md (see bench/README.md).
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # `bench.*` when run as a script
 
 import pyarrow as pa  # noqa: E402
 
-from bench import _auth, _cells, _fleet, _models, _peers, _shadow, _summary  # noqa: E402
+from bench import _auth, _cells, _fleet, _http, _models, _peers, _shadow, _summary  # noqa: E402
 from hotswap.clients.loadtest import SwapPlan, _input  # noqa: E402
 
 SHARED_MODELS = ROOT.parent / "shared" / "assets" / "models"
@@ -259,6 +260,7 @@ def main(argv: list[str]) -> int:
         log("token check: open vs token file, 1 row")
         results["auth"] = _auth.phase(models, tmp, rows_table(1), seconds)
         results["shadow"] = _shadow.phase(models, tmp, tables, seconds, log)
+        results["http"] = _http.phase(models, tmp, tables, seconds, args.peers, log)
         with _cells.service(tmp / "swaps", 1, models) as (stack, engine):
             swap_phase(results, stack, engine, 50)
             soak_phase(results, stack, engine, 200 if args.quick else 1000)

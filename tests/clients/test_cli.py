@@ -19,6 +19,7 @@ import pytest
 
 from hotswap.clients._stack import LocalStack
 from hotswap.clients.cli import build_parser, main
+from tests._terminal import in_terminal
 
 _names = (f"cli{i}" for i in itertools.count())
 
@@ -250,3 +251,14 @@ def test_unreachable_server_exits_1_with_a_message() -> None:
     assert proc.returncode == 1
     assert "cannot reach the control plane at 127.0.0.1:1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_upload_progress_shows_on_a_terminal_only(cli: Cli, assets: Path) -> None:
+    model = str(assets / "models" / "gbr_model.onnx")
+    command = [sys.executable, "-m", "hotswap.clients.cli", "--address", cli.address]
+    command += ["--workspace", cli.workspace, "model", "upload", "gbr", model]
+    code, shown = in_terminal(command)
+    assert code == 0, shown
+    assert "uploading gbr_model.onnx: 100%" in shown  # tqdm's bar, at its end
+    piped = _run("model", "upload", "gbr", model, "--workspace", cli.workspace, address=cli.address)
+    assert "uploading" not in piped.stderr

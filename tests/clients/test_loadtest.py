@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from hotswap.clients._stack import LocalStack
 from hotswap.clients.loadtest import Histogram, main
 from hotswap.clients.loadtest._histogram import SUB
 from hotswap.v1 import control_pb2 as c
+from tests._terminal import in_terminal
 from tests.e2e import _api
 
 PRECISION = 1.0 / SUB  # a bucket's width relative to its value
@@ -174,3 +177,16 @@ def test_loadtest_errors_are_sentences(tmp_path: Path, capsys: pytest.CaptureFix
         main(["housing", "--swap-every", "1", "--requests", "1"])
     assert usage.value.code == 2
     assert "--swap-every needs --models" in capsys.readouterr().err
+
+
+def test_progress_shows_on_a_terminal_and_nowhere_else(served: LocalStack, tmp_path: Path) -> None:
+    hotswap_cli = str(Path(sys.executable).parent / "hotswap")
+    command = [hotswap_cli, "loadtest", "housing", "--requests", "3000"]
+    command += ["--address", served.control_address, "--workspace", _api.WS]
+    code, shown = in_terminal(command)
+    assert code == 0, shown
+    assert "load: " in shown and "/3000" in shown and "req/s" in shown  # tqdm's bar
+    assert "3000/3000" in shown
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0, piped.stderr
+    assert "load: " not in piped.stderr and "req/s]" not in piped.stderr

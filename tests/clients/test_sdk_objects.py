@@ -83,6 +83,7 @@ def test_status_has_the_tutorial_shape() -> None:
                 },
             }
         ],
+        "rates": [],
     }
 
 
@@ -97,6 +98,16 @@ def test_status_carries_details_and_reasons() -> None:
     assert status["details"] == ["engine-2: model housing-rf: sha256 mismatch"]
     assert status["engines"][0]["reason"] == "sha256 mismatch"
     assert status["engines"][0]["ip"] == "::1"
+
+
+def test_status_carries_live_rates_per_version() -> None:
+    rate = control_pb2.VersionRate(
+        number=2, requests_per_second=12.5, errors_per_second=0.5, mean_latency_ms=0.8, engines=2
+    )
+    assert status_dict(control_pb2.PipelineStatus(rates=[rate]))["rates"] == [
+        {"version": 2, "requests_per_second": 12.5, "errors_per_second": 0.5,
+         "mean_latency_ms": 0.8, "engines": 2}
+    ]  # fmt: skip
 
 
 def test_model_renders_in_a_terminal_and_in_jupyter(session: Channels) -> None:

@@ -40,8 +40,9 @@ def test_the_python_blocks_run_as_written(tmp_path: Path) -> None:
         "Running it",
         "A/B tests, shadow deploys and rollouts",
         "Calling an engine from anything",
+        "Over HTTP: the pipeline's URL, curl, OIP REST",
     )
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     models = tmp_path / "clone" / "examples" / "housing" / "models"
     subprocess.run(
         [
@@ -78,6 +79,8 @@ def test_the_python_blocks_run_as_written(tmp_path: Path) -> None:
     assert state == "completed"  # the rollout moved the traffic to gbr by itself
     # The raw Engine.Infer call, served by the version the rollout ended on.
     assert lines[6].startswith(f"{final} ")
+    # The same version over HTTP, at p.url(), in Wallaroo's pandas-records.
+    assert lines[-1].startswith(f"{final} [")
 
 
 def test_the_shell_blocks_name_real_targets_and_commands() -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from hotswap.v1 import control_pb2 as c
@@ -89,6 +90,10 @@ def _check_up(up: subprocess.Popen[str]) -> None:
             ("engine-1", "Connected"),
             ("engine-2", "Connected"),
         ]
+        # The banner names the web console, and it answers there.
+        [console] = [x.split()[1] for x in lines if x.startswith("console ")]
+        with urllib.request.urlopen(console, timeout=10) as page:
+            assert b"hotswap console" in page.read()
         children = _children(up.pid)
         assert len(children) == 3
         up.send_signal(signal.SIGTERM)

@@ -197,3 +197,21 @@ async def test_process_0_answers_a_swap_only_with_every_worker(
     assert [(p.pipeline, p.number) for p in resync.desired.pipelines] == [("p", 2)]
     await worker.close()
     host.close()
+
+
+async def test_workers_version_counts_reach_process_0s_heartbeat(
+    relay: tuple[WorkerRelay, str],
+) -> None:
+    hub, address = relay
+    worker = await ScriptedWorker(address).connect()
+    await hub.wait_connected(10)
+    counts = fleet_pb2.VersionTraffic(workspace="ws", pipeline="p", version_id="v1", number=1,
+                                      requests=40, errors=1, seconds=0.02)  # fmt: skip
+    worker.send(fleet_pb2.EngineMessage(heartbeat=fleet_pb2.Heartbeat(versions=[counts])))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not hub.versions() and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    # Relayed as the worker said it: the control plane sums one entry per process.
+    assert hub.versions() == [counts]
+    await worker.close()

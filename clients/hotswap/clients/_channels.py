@@ -23,6 +23,10 @@ class Channels:
             str, tuple[grpc.Channel, Unary[engine_pb2.InferRequest, engine_pb2.InferResponse]]
         ] = {}
 
+    @property
+    def tls(self) -> bool:
+        return self._security.ca is not None
+
     def infer_stub(self, address: str) -> Unary[engine_pb2.InferRequest, engine_pb2.InferResponse]:
         """``Engine.Infer`` on the engine at ``address``, reusing its channel."""
         with self._lock:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from hotswap.clients._client import Client
 from hotswap.clients._convert import (
     check_result_path,
@@ -86,19 +88,18 @@ def workspace_list(args: argparse.Namespace) -> Output:
 
 
 def _progress(label: str) -> Any:
+    """An upload's progress bar on a terminal (tqdm); nothing when stderr is not one."""
     if not sys.stderr.isatty():
         return None
+    bar: tqdm[Any] | None = None
 
     def show(sent: int, total: int) -> None:
-        frac = sent / total if total else 1.0
-        bar = "#" * int(frac * 30)
-        sys.stderr.write(
-            f"\ruploading {label} [{bar:<30}] {frac:4.0%} "
-            f"{sent / 2**20:.1f}/{total / 2**20:.1f} MiB"
-        )
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=f"uploading {label}", unit="B", unit_scale=True)
+        bar.update(sent - bar.n)
         if sent >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            bar.close()
 
     return show
 
@@ -265,6 +266,13 @@ def pipeline_status(args: argparse.Namespace) -> Output:
         if rows:
             headers = ("engine", "address", "status", "serving version", "models", "reason")
             lines.append(grid_text(headers, rows))
+        rates = [
+            (r["version"], f"{r['requests_per_second']:.1f}", f"{r['errors_per_second']:.1f}",
+             f"{r['mean_latency_ms']:.2f}")
+            for r in status["rates"]
+        ]  # fmt: skip
+        if rates:
+            lines.append(grid_text(("version", "requests/s", "errors/s", "mean ms"), rates))
         if "rollout" in status:
             lines.append(repr(wl.get_pipeline(args.pipeline).rollout_status()))
         return Output(status, "\n".join(lines))

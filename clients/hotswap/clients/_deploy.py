@@ -161,6 +161,17 @@ def status_dict(status: control_pb2.PipelineStatus) -> dict[str, Any]:
         "status": status.status,
         "details": [status.details] if status.details else [],
         "engines": [_engine_dict(pipeline, e) for e in status.engines],
+        # Live traffic per version, newest first (about one heartbeat old).
+        "rates": [
+            {
+                "version": r.number,
+                "requests_per_second": r.requests_per_second,
+                "errors_per_second": r.errors_per_second,
+                "mean_latency_ms": r.mean_latency_ms,
+                "engines": r.engines,
+            }
+            for r in status.rates
+        ],
     }
     if status.HasField("swap_in_progress"):
         swap = status.swap_in_progress

@@ -22,6 +22,7 @@ from hotswap.clients._convert import (
 )
 from hotswap.clients._deploy import DeploymentConfig, DeployResult, status_dict
 from hotswap.clients._errors import (
+    DeploymentError,
     EntityNotFoundError,
     HotswapError,
     HotswapWarning,
@@ -125,6 +126,30 @@ class Pipeline:
     def endpoints(self) -> list[str]:
         """The engine addresses serving the deployed version now."""
         return list(self._router.addresses(refresh=True))
+
+    def url(self) -> str:
+        """The deployed pipeline's HTTP inference URL, as Wallaroo's ``pipeline.url()``: POST
+        ``application/json; format=pandas-records`` or ``application/vnd.apache.arrow.file``
+        to it (with ``Authorization: Bearer <token>`` on a secured stack); the answer comes
+        in the same format. It names a running engine that serves HTTP (``--http-listen``).
+
+        Raises:
+            DeploymentError: the pipeline is not deployed, or no engine serving it has HTTP.
+        """
+        status = self._channels.control.get_pipeline_status(
+            control_pb2.GetPipelineStatusRequest(workspace=self.workspace(), pipeline=self.name())
+        )
+        running = [e.http_address for e in status.engines if e.status == "Running"]
+        if not running:
+            raise DeploymentError(f"pipeline {self.name()!r} is not running: {status.details}")
+        served = [address for address in running if address]
+        if not served:
+            raise DeploymentError(
+                f"no engine serving pipeline {self.name()!r} has an HTTP port: start engines "
+                "with --http-listen host:port"
+            )
+        scheme = "https" if self._channels.tls else "http"
+        return f"{scheme}://{served[0]}/v1/api/pipelines/infer/{self.workspace()}/{self.name()}"
 
     def last_served(self) -> Served | None:
         """Which version (and engine) answered this object's last inference."""

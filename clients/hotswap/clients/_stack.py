@@ -78,6 +78,16 @@ class LocalStack:
     def address_of(self, name: str) -> str:
         return self._addresses[name]
 
+    def http_address(self, name: str) -> str:
+        """host:port of engine `name`'s HTTP (OIP REST, Wallaroo's formats)."""
+        return (self.data_dir / f"{name}.address.http").read_text().strip()
+
+    @property
+    def console_url(self) -> str:
+        """The control plane's web console (served on its --http-listen port)."""
+        scheme = "https" if "--tls-cert" in self._control_args else "http"
+        return f"{scheme}://{self.http_address('control')}/"
+
     def metrics_address(self, name: str) -> str:
         """host:port of the Prometheus endpoint of `name` ("control" or an engine)."""
         return (self.data_dir / f"{name}.address.metrics").read_text().strip()
@@ -125,6 +135,9 @@ class LocalStack:
             if "control" in self._addresses
             else self._port
         )
+        # The console keeps its port across restarts too, so an open page carries on.
+        http = self.data_dir / "control.address.http"
+        http_port = http.read_text().strip().rsplit(":", 1)[1] if http.is_file() else "0"
         self._spawn(
             "control",
             [
@@ -136,6 +149,8 @@ class LocalStack:
                 str(self.data_dir / "control"),
                 "--metrics-port",
                 "0",
+                "--http-listen",
+                f"{self._host}:{http_port}",
                 *self._control_args,
             ],
         )
@@ -147,6 +162,8 @@ class LocalStack:
         """Starts (or restarts) engine `name`; `engine_args` replaces the stack's for it."""
         # Restarts reuse the same name, port and cache, like a restarted pod with a volume.
         port = self._addresses[name].rsplit(":", 1)[1] if name in self._addresses else "0"
+        http = self.data_dir / f"{name}.address.http"
+        http_port = http.read_text().strip().rsplit(":", 1)[1] if http.is_file() else "0"
         self._spawn(
             name,
             [
@@ -164,6 +181,8 @@ class LocalStack:
                 str(self._threads),
                 "--metrics-port",
                 "0",
+                "--http-listen",
+                f"{self._host}:{http_port}",
                 # On one machine a drain takes milliseconds; do not wait long for a control
                 # plane a test has killed.
                 "--drain-timeout",
@@ -282,10 +301,12 @@ def main_up(argv: list[str]) -> int:
         f"control plane  {stack.control_address}   (export HOTSWAP_ADDRESS={stack.control_address})"
         f"   metrics http://{stack.metrics_address('control')}/metrics"
     )
+    print(f"console        {stack.console_url}   (web console: pipelines, swaps, rollback)")
     for name in stack.engine_names:
         processes = f" ({args.processes} processes)" if args.processes > 1 else ""
         print(
             f"{name:<14} {stack.address_of(name)}{processes}"
+            f"   http://{stack.http_address(name)}"
             f"   metrics http://{stack.metrics_address(name)}/metrics"
         )
     print(f"data and logs  {args.data_dir}   — Ctrl-C stops everything", flush=True)

@@ -12,6 +12,7 @@ from hotswap.control.domain import (
     TensorSpec,
     Workspace,
 )
+from hotswap.control.rates import Rate
 from hotswap.control.rollout import Rollout, Served
 from hotswap.control.splits import SplitRequest
 from hotswap.control.timeline import EngineStage, Swap
@@ -20,6 +21,16 @@ from hotswap.v1 import control_pb2, types_pb2
 
 def tensor_spec(spec: TensorSpec) -> types_pb2.TensorSpec:
     return types_pb2.TensorSpec(name=spec.name, type=spec.type, shape=list(spec.shape))
+
+
+def version_rate(rate: Rate) -> control_pb2.VersionRate:
+    return control_pb2.VersionRate(
+        number=rate.number,
+        requests_per_second=rate.requests,
+        errors_per_second=rate.errors,
+        mean_latency_ms=rate.mean_latency_ms,
+        engines=rate.engines,
+    )
 
 
 def model_version(model: ModelVersion) -> types_pb2.ModelVersion:

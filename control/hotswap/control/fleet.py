@@ -33,6 +33,7 @@ from hotswap.control.engine_port import (
 )
 from hotswap.control.errors import InvalidArgument
 from hotswap.control.metrics import ControlMetrics
+from hotswap.control.rates import Rate, RateMeter, VersionCount, combined
 from hotswap.v1 import fleet_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,20 @@ def _checked_labels(labels: Mapping[str, str]) -> dict[str, str]:
     return dict(labels)
 
 
+def _sample_rates(connection: EngineConnection, beat: fleet_pb2.Heartbeat) -> None:
+    # The engine's own clock: the window between its two counts, whatever the stream's delay.
+    at = beat.sent_ms / 1000 if beat.sent_ms else time.monotonic()
+    connection.rates.sample(
+        at,
+        (
+            VersionCount(
+                v.workspace, v.pipeline, v.version_id, v.number, v.requests, v.errors, v.seconds
+            )
+            for v in beat.versions
+        ),
+    )
+
+
 def _serving(message: fleet_pb2.ServingPipeline) -> Serving:
     return Serving(
         message.workspace,
@@ -137,6 +152,8 @@ class EngineConnection:
     prepare_blobs: dict[str, frozenset[str]] = field(default_factory=dict)
     # What the models of split and shadow steps served here, as its last heartbeat said.
     traffic: list[types_pb2.ModelTraffic] = field(default_factory=list)
+    # Requests/s and latency of its loaded versions, from its heartbeats' counts.
+    rates: RateMeter = field(default_factory=RateMeter)
 
     def send(self, message: fleet_pb2.ControlMessage) -> None:
         kind = message.WhichOneof("kind")
@@ -328,6 +345,7 @@ class Fleet:
             connection.traffic = list(message.heartbeat.traffic)
             if connection.traffic:
                 self.on_traffic()
+            _sample_rates(connection, message.heartbeat)
         elif kind == "prepared":
             self._resolve(connection, ("prepare", message.prepared.swap_id), message)
         elif kind == "committed":
@@ -403,6 +421,17 @@ class Fleet:
             for t in c.traffic
             if t.version_id == version_id
         ]
+
+    def rates(self, workspace: str, pipeline: str) -> list[Rate]:
+        """A pipeline's requests/s and latency per version, summed over the engines whose
+        heartbeats are current (a lost engine's last rate says nothing about now)."""
+        return combined(
+            rate
+            for c in self.connections.values()
+            if not c.lost(self.lost_after)
+            for rate in c.rates.rates.values()
+            if rate.workspace == workspace and rate.pipeline == pipeline
+        )
 
     def instance_of(self, name: str) -> str:
         """The process instance an engine name last connected from ("" when unknown): a

@@ -13,6 +13,7 @@ import grpc
 from hotswap.control._auth_interceptor import AuthInterceptor
 from hotswap.control.auth import Grant, TokenFile
 from hotswap.control.blobs import BlobStore
+from hotswap.control.console import Console
 from hotswap.control.coordinator import SwapCoordinator
 from hotswap.control.engine_logs import LogGatherer
 from hotswap.control.fleet import Fleet
@@ -23,7 +24,8 @@ from hotswap.control.settings import Settings
 from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
 from hotswap.control.uploads import ModelUploads
-from hotswap.service.edge import bind, server_credentials, server_options
+from hotswap.service.edge import bind, is_loopback, server_credentials, server_options
+from hotswap.service.http_edge import HttpTls
 from hotswap.service.log_config import RequestIdInterceptor
 from hotswap.service.metrics_http import MetricsEndpoint
 from hotswap.service.probes import Health, add_probes
@@ -94,6 +96,19 @@ class ControlPlaneServer:
             FleetServicer(self.fleet, self.coordinator, self.blobs, self.store),
             self._fleet_server or self._server,
         )
+        # The web console: its own HTTP port, calling this server's API like any client.
+        self.console = (
+            Console(
+                settings.http_listen,
+                tls=HttpTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                if settings.tls_cert and settings.tls_key
+                else None,
+                # Open, the console's own checks are all that stand before the API.
+                check_host=self.tokens is None,
+            )
+            if settings.http_listen
+            else None
+        )
         self.address = ""
         self.fleet_address = ""  # where engines connect: `address` unless --fleet-listen
         self._health_server: grpc.aio.Server | None = None
@@ -123,6 +138,8 @@ class ControlPlaneServer:
             await self._fleet_server.start()
         if settings.health_listen:
             self._health_server, _ = await self._health.serve_alone(settings.health_listen)
+        if self.console is not None:
+            self.console.bind(self._server)
         await self._server.start()
         # The store was opened (and migrated) in __init__: the API can answer from now on.
         for name in ("", *services):
@@ -149,6 +166,15 @@ class ControlPlaneServer:
             self.metrics_endpoint.start(
                 self.settings.metrics_host, self.settings.metrics_port, self.settings.address_file
             )
+        if self.console is not None:
+            log.info("web console on %s", await self.console.start(self.settings.address_file))
+            plaintext = not credentials and not is_loopback(settings.http_listen)
+            if self.tokens is not None and plaintext:
+                log.warning(
+                    "the web console on %s has no TLS: browsers will send tokens in cleartext "
+                    "(give --tls-cert/--tls-key, or put a TLS proxy in front)",
+                    settings.http_listen,
+                )
         if self.settings.address_file is not None:
             _write_atomically(Path(f"{self.settings.address_file}.fleet"), self.fleet_address)
             _write_atomically(self.settings.address_file, self.address)  # last: "started"
@@ -179,6 +205,8 @@ class ControlPlaneServer:
         if self._health is not None:
             await self._health.shutdown()  # probes see NOT_SERVING while requests drain
         await self.supervisor.cancel()
+        if self.console is not None:
+            await self.console.stop(grace)
         await self.rollouts.close()
         await self.coordinator.close()
         await self._server.stop(grace)

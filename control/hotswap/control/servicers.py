@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import grpc
 
 from hotswap.control import _convert, auth
 from hotswap.control.blobs import BlobStore, check_sha256
+from hotswap.control.console.gateway import CLIENT_HEADER
 from hotswap.control.coordinator import SwapCoordinator
 from hotswap.control.engine_logs import LogGatherer
 from hotswap.control.errors import (
@@ -57,6 +59,7 @@ streaming = stream_errors(STATUS)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 BLOB_CHUNK = 1024 * 1024
+_ADDRESS = re.compile(r"[0-9A-Fa-f.:\[\]]{1,60}")
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
@@ -85,9 +88,21 @@ def _engine_info(connection: EngineConnection, lost: bool) -> control_pb2.Engine
 def _requested_by(note: str, context: Context) -> str:
     """Who asked, for the swap timeline: the authenticated token's name, never a claim."""
     principal = auth.current.get()
-    who = f"unauthenticated {context.peer()}" if principal is auth.OPEN else principal.name
+    who = f"unauthenticated {_peer(context)}" if principal is auth.OPEN else principal.name
     note = note.strip()[:100]
     return f"{who} ({note})" if note and note != who else who
+
+
+def _peer(context: Context) -> str:
+    """The caller's address; for a call over the private socket, which only the web console
+    uses (docs/console.md), the browser's address the console saw."""
+    peer = context.peer()
+    if not peer.startswith("unix:"):
+        return peer
+    client = dict(context.invocation_metadata() or ()).get(CLIENT_HEADER, "")
+    if isinstance(client, str) and _ADDRESS.fullmatch(client):
+        return f"console {client}"
+    return "console"
 
 
 class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
@@ -305,6 +320,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
                 for e in status.engines
             ],
         )
+        message.rates.extend(_convert.version_rate(rate) for rate in status.rates)
         if status.deployment is not None:
             message.deployed.CopyFrom(_convert.pipeline_version(status.deployment.version))
         if status.swap is not None:

@@ -43,6 +43,8 @@ class Settings:
     fleet_listen: str = ""
     # gRPC health alone, in plaintext, for probes that speak no TLS; "" = off.
     health_listen: str = ""
+    # The web console (HTTP, TLS with the gRPC server's certificate); "" = off.
+    http_listen: str = ""
 
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -61,6 +63,12 @@ class Settings:
             help="serve engines (Fleet: their stream and model downloads) on this host:port "
             "only, not on --listen, so a firewall can keep everyone else off it (default: "
             "on --listen)",
+        )
+        parser.add_argument(
+            "--http-listen",
+            default=env("HOTSWAP_HTTP_LISTEN", ""),
+            help="serve the web console on this host:port (HTTPS with --tls-cert; the API "
+            "tokens guard it as they guard gRPC); port 0 picks one (default: off)",
         )
         parser.add_argument(
             "--data-dir",
@@ -152,6 +160,7 @@ class Settings:
             log_format=args.log_format,
             fleet_listen=args.fleet_listen,
             health_listen=args.health_listen,
+            http_listen=args.http_listen,
         )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from hotswap.control.domain import Deployment, pipeline_key
 from hotswap.control.errors import DeployFailed
 from hotswap.control.fleet import Fleet
+from hotswap.control.rates import Rate
 from hotswap.control.store import Store
 from hotswap.control.timeline import Swap
 
@@ -41,6 +42,7 @@ class PipelineStatus:
     deployment: Deployment | None
     engines: tuple[EngineView, ...]
     swap: Swap | None = None  # the swap running now, if any
+    rates: tuple[Rate, ...] = ()  # live requests/s and latency per version, newest first
 
 
 class StatusBoard:
@@ -82,10 +84,18 @@ class StatusBoard:
 
     def status(self, workspace: str, pipeline: str) -> PipelineStatus:
         deployment = self._store.get_pipeline(workspace, pipeline).deployment
+        rates = tuple(self._fleet.rates(workspace, pipeline))
         if deployment is None:
             running = self._running.get(pipeline_key(workspace, pipeline))
             return PipelineStatus(
-                workspace, pipeline, "Undeployed", "pipeline is not deployed", None, (), running
+                workspace,
+                pipeline,
+                "Undeployed",
+                "pipeline is not deployed",
+                None,
+                (),
+                running,
+                rates,
             )
         engines = tuple(self._engine_view(n, deployment) for n in deployment.engines)
         states = [e.status for e in engines]
@@ -104,7 +114,9 @@ class StatusBoard:
                 "engine(s) were connected; start more engines to add replicas"
             )
         running = self._running.get(pipeline_key(workspace, pipeline))
-        return PipelineStatus(workspace, pipeline, status, details, deployment, engines, running)
+        return PipelineStatus(
+            workspace, pipeline, status, details, deployment, engines, running, rates
+        )
 
     def endpoints(self, workspace: str, pipeline: str) -> tuple[int, list[str]]:
         """The deployed version and the engines serving exactly it now."""

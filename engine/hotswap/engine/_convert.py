@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from hotswap.engine.host import ModelRef, PipelineState, SplitRef, VersionRef
+from hotswap.engine.metrics import Bound
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, StepSpec
 from hotswap.v1 import fleet_pb2, types_pb2
 
@@ -91,6 +92,20 @@ def traffic(
         )
         for step, arm, model, (requests, rows, errors, elapsed_ns) in counts
     ]
+
+
+def version_traffic(spec: PipelineSpec, bound: Bound) -> fleet_pb2.VersionTraffic:
+    """One version's request counts (`metrics.Bound`) as the Heartbeat carries them."""
+    errors = sum(bound.failures.values())
+    return fleet_pb2.VersionTraffic(
+        workspace=spec.workspace,
+        pipeline=spec.pipeline,
+        version_id=spec.version_id,
+        number=spec.number,
+        requests=bound.ok + errors,
+        errors=errors,
+        seconds=bound.latency_sum,
+    )
 
 
 def served_models(loaded: LoadedPipeline) -> list[types_pb2.ServedModel]:

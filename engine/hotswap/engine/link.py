@@ -221,13 +221,20 @@ class ControlLink:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def heartbeat(self) -> fleet_pb2.Heartbeat:
+        """A heartbeat with this engine's counts so far, its workers' included."""
+        beat = fleet_pb2.Heartbeat(sent_ms=int(time.time() * 1000))
+        for spec, counts in self._host.traffic():
+            beat.traffic.extend(_convert.traffic(spec, counts))
+        beat.versions.extend(self._version_traffic())
+        if self._relay is not None:
+            beat.traffic.extend(self._relay.traffic())
+            beat.versions.extend(self._relay.versions())
+        return beat
+
     async def _heartbeat_forever(self) -> None:
         while True:
-            beat = fleet_pb2.Heartbeat(sent_ms=int(time.time() * 1000))
-            for spec, counts in self._host.traffic():
-                beat.traffic.extend(_convert.traffic(spec, counts))
-            if self._relay is not None:
-                beat.traffic.extend(self._relay.traffic())
+            beat = self.heartbeat()
             self._send(fleet_pb2.EngineMessage(heartbeat=beat))
             # A new failure of a split model goes out at once, not a heartbeat later: a
             # rollout rolls back on it, and every moment more requests meet that model.
@@ -235,6 +242,16 @@ class ControlLink:
             deadline = time.monotonic() + self._heartbeat_interval
             while time.monotonic() < deadline and self._errors() == errors:
                 await asyncio.sleep(min(ERROR_CHECK_SECONDS, self._heartbeat_interval))
+
+    def _version_traffic(self) -> list[fleet_pb2.VersionTraffic]:
+        """The request counts of the versions loaded now (not of every version ever served,
+        so a heartbeat stays a few entries long), for the control plane's requests/s."""
+        found = []
+        for loaded in self._host.loaded_versions():
+            bound = self._metrics.bound_of(loaded.spec.version_id)
+            if bound is not None:
+                found.append(_convert.version_traffic(loaded.spec, bound))
+        return found
 
     def _errors(self) -> int:
         """Failures counted so far by the models of split steps, workers' included."""

@@ -78,6 +78,9 @@ class Bound:
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
+SWAP_FAILURE_CAUSES = ("fetch", "build", "warmup", "not_prepared", "unexpected")
+
+
 class EngineMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -122,6 +125,9 @@ class EngineMetrics:
             ["cause"],
             registry=r,
         )
+        # Every cause from the start, at 0: a dashboard's panel shows "none yet", not no data.
+        for cause in SWAP_FAILURE_CAUSES:
+            self.swap_failures.labels(cause)
 
     def bind(self, loaded: LoadedPipeline) -> Bound:
         """The counts of `loaded`'s version (made on its first request)."""
@@ -132,6 +138,10 @@ class EngineMetrics:
             self._bound[spec.version_id] = found
             self._forget_old(found.labels[:2])
         return found
+
+    def bound_of(self, version_id: str) -> Bound | None:
+        """The counts of a version that has had requests (None before its first)."""
+        return self._bound.get(version_id)
 
     def bounds(self) -> list[Bound]:
         return [*self._bound.values(), self._unbound]

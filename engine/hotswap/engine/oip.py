@@ -61,7 +61,7 @@ _FROM_ONNX = {
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
 }
-_DTYPES: dict[str, np.dtype[Any]] = {
+DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype("<u1"),
     "UINT16": np.dtype("<u2"),
@@ -75,7 +75,7 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
-_BY_KIND = {(dtype.kind, dtype.itemsize): name for name, dtype in _DTYPES.items()}
+_BY_KIND = {(dtype.kind, dtype.itemsize): name for name, dtype in DTYPES.items()}
 # Which typed field carries each datatype; narrow integers travel widened.
 _CONTENTS = {
     "BOOL": "bool_contents",
@@ -127,9 +127,9 @@ def input_tensors(request: oip.ModelInferRequest) -> list[tuple[str, Array]]:
     tensors = []
     for index, tensor in enumerate(request.inputs):
         what = f"input {tensor.name!r}"
-        dtype = _DTYPES.get(tensor.datatype)
+        dtype = DTYPES.get(tensor.datatype)
         if dtype is None:
-            known = ", ".join(_DTYPES)
+            known = ", ".join(DTYPES)
             raise InvalidInput(f"{what} has datatype {tensor.datatype!r}; send one of {known}")
         shape = tuple(tensor.shape)
         if not shape or min(shape) < 1:
@@ -232,7 +232,7 @@ def output_tensors(
             datatype, raw = "BYTES", _bytes_raw(values)
         else:
             datatype = _BY_KIND[(values.dtype.kind, values.dtype.itemsize)]
-            raw = values.astype(_DTYPES[datatype], copy=False).tobytes()
+            raw = values.astype(DTYPES[datatype], copy=False).tobytes()
         tensors.append(
             oip.ModelInferResponse.InferOutputTensor(
                 name=name, datatype=datatype, shape=list(values.shape)
@@ -265,10 +265,11 @@ def tensor_metadata(spec: TensorInfo) -> oip.ModelMetadataResponse.TensorMetadat
 # -- the request path ------------------------------------------------------------------------
 
 
-def _infer(
+def infer(
     loaded: LoadedPipeline, request: oip.ModelInferRequest, max_rows: int
 ) -> Ran[oip.ModelInferResponse]:
-    """Decode, infer, encode one request, wholly on `loaded`."""
+    """Decode, infer, encode one request, wholly on `loaded` (gRPC's and REST's: the REST
+    routes translate their JSON to and from these messages)."""
     started = time.perf_counter_ns()
     columns = input_columns(loaded, input_tensors(request))
     check_rows(next(iter(columns.values())).shape[0], max_rows)
@@ -315,6 +316,41 @@ def _served_by(spec: PipelineSpec) -> dict[str, oip.InferParameter]:
     }
 
 
+def lookup(
+    host: EngineHost, caller: access.Caller, name: str, version: str, workspace: str = ""
+) -> LoadedPipeline:
+    """The loaded version of model (pipeline) `name` that `caller` may use.
+
+    Raises:
+        PermissionDenied: `workspace` is not the caller's.
+        PipelineNotServed: no such model here, or not at `version`.
+        PipelineLoading: it is still loading.
+    """
+    if workspace:
+        caller.check(workspace)
+    loaded = host.lookup(workspace, name, caller.may_use)
+    if version and version != str(loaded.spec.number):
+        raise PipelineNotServed(
+            f"model {name!r} version {version} is not served by this engine (it serves "
+            f"version {loaded.spec.number}); omit the version to use the serving one"
+        )
+    return loaded
+
+
+def model_metadata(loaded: LoadedPipeline) -> oip.ModelMetadataResponse:
+    return oip.ModelMetadataResponse(
+        name=loaded.spec.pipeline,
+        versions=[str(loaded.spec.number)],
+        platform=PLATFORM,
+        inputs=[tensor_metadata(s) for s in loaded.input_specs()],
+        outputs=[tensor_metadata(s) for s in loaded.output_specs()],
+    )
+
+
+def server_metadata() -> oip.ServerMetadataResponse:
+    return oip.ServerMetadataResponse(name="hotswap", version=_version(), extensions=EXTENSIONS)
+
+
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """Decode, call the host and the loaded pipeline, encode: nothing else."""
 
@@ -323,16 +359,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._plane = plane
 
     def _lookup(self, name: str, version: str, workspace: str = "") -> LoadedPipeline:
-        caller = access.current.get()
-        if workspace:
-            caller.check(workspace)
-        loaded = self._host.lookup(workspace, name, caller.may_use)
-        if version and version != str(loaded.spec.number):
-            raise PipelineNotServed(
-                f"model {name!r} version {version} is not served by this engine (it serves "
-                f"version {loaded.spec.number}); omit the version to use the serving one"
-            )
-        return loaded
+        return lookup(self._host, access.current.get(), name, version, workspace)
 
     async def ServerLive(
         self, request: oip.ServerLiveRequest, context: Context
@@ -356,30 +383,23 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: Context
     ) -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(name="hotswap", version=_version(), extensions=EXTENSIONS)
+        return server_metadata()
 
     @unary
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: Context
     ) -> oip.ModelMetadataResponse:
-        loaded = self._lookup(request.name, request.version)
-        return oip.ModelMetadataResponse(
-            name=loaded.spec.pipeline,
-            versions=[str(loaded.spec.number)],
-            platform=PLATFORM,
-            inputs=[tensor_metadata(s) for s in loaded.input_specs()],
-            outputs=[tensor_metadata(s) for s in loaded.output_specs()],
-        )
+        return model_metadata(self._lookup(request.name, request.version))
 
     @unary
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: Context
     ) -> oip.ModelInferResponse:
-        workspace = _workspace(request)
+        workspace = workspace_parameter(request)
         max_rows = self._plane.max_rows
         served = await self._plane.serve(
             lambda: self._lookup(request.model_name, request.model_version, workspace),
-            lambda loaded: _infer(loaded, request, max_rows),
+            lambda loaded: infer(loaded, request, max_rows),
             nbytes=sum(len(raw) for raw in request.raw_input_contents),
         )
         return served.answer
@@ -402,7 +422,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.RepositoryIndexResponse(models=models)
 
 
-def _workspace(request: oip.ModelInferRequest) -> str:
+def workspace_parameter(request: oip.ModelInferRequest) -> str:
     """The optional `workspace` request parameter: which workspace's pipeline, when several
     workspaces deploy pipelines of the same name to this engine."""
     if "workspace" not in request.parameters:

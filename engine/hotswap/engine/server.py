@@ -20,6 +20,7 @@ from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.dataplane import DataPlane, InferenceQueue
 from hotswap.engine.health import EngineHealth
 from hotswap.engine.host import EngineHost
+from hotswap.engine.http import EngineHttp
 from hotswap.engine.inference_log import InferenceLog, LogSettings
 from hotswap.engine.link import BlobFetcher, ControlLink, new_instance_id
 from hotswap.engine.metrics import EngineMetrics
@@ -37,6 +38,7 @@ from hotswap.service.edge import (
     server_credentials,
     server_options,
 )
+from hotswap.service.http_edge import HttpServer, HttpTls
 from hotswap.service.metrics_http import MetricsEndpoint
 from hotswap.service.probes import Health, add_probes
 from hotswap.service.supervisor import Supervisor
@@ -85,6 +87,8 @@ class EngineServer:
         self.inference_log: InferenceLog | None = None
         self._health: Health | None = None
         self._health_server: grpc.aio.Server | None = None  # --health-listen
+        self._http: HttpServer | None = None  # --http-listen
+        self._plane: DataPlane | None = None
         # With --processes N: the relay to the N-1 worker processes, and the processes.
         self.relay: WorkerRelay | None = None
         self._relay_server: grpc.aio.Server | None = None
@@ -128,9 +132,10 @@ class EngineServer:
         if self.settings.health_listen:
             self._health_server, _ = await self._health.serve_alone(self.settings.health_listen)
         await self._server.start()
+        http_port = await self._start_http(link) if self.settings.http_listen else 0
         if self.relay is not None:
             try:
-                await self._start_workers(self.relay, port, cache_dir)
+                await self._start_workers(self.relay, port, cache_dir, http_port)
             except BaseException:
                 await self._stop_workers(grace=0)  # none may serve the port on its own
                 raise
@@ -159,6 +164,35 @@ class EngineServer:
             tmp.replace(self.settings.address_file)
         return self.address
 
+    async def _start_http(self, link: ControlLink) -> int:
+        """Serves HTTP on the data plane gRPC uses; returns the bound port."""
+        settings = self.settings
+        assert self.host is not None and self._plane is not None
+        tls = (
+            HttpTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            if (settings.tls_cert and settings.tls_key)
+            else None
+        )
+        routes = EngineHttp(
+            self.host,
+            self._plane,
+            self.access_rules,
+            self.name,
+            loopback_only=is_loopback(settings.http_listen),
+        )
+        self._http = HttpServer(
+            routes.app(),
+            settings.http_listen,
+            tls=tls,
+            reuse_port=settings.reuse_port or settings.processes > 1,
+            max_connections=settings.max_concurrent_rpcs,
+        )
+        bound = await self._http.start(settings.address_file)
+        port = int(bound.rpartition(":")[2])
+        # Told to the control plane (pipeline.url()) beside the gRPC address it advertises.
+        link.http_address = f"{self.address.rpartition(':')[0]}:{port}"
+        return port
+
     async def _stop_workers(self, grace: float) -> None:
         if self.relay is None:
             return
@@ -171,7 +205,9 @@ class EngineServer:
             await self._relay_server.stop(None)
             shutil.rmtree(self._relay_dir, ignore_errors=True)
 
-    async def _start_workers(self, relay: WorkerRelay, port: int, cache_dir: Path) -> None:
+    async def _start_workers(
+        self, relay: WorkerRelay, port: int, cache_dir: Path, http_port: int
+    ) -> None:
         """Starts the worker processes on the bound port and waits until all are linked:
         the control plane hears of this engine only once every process takes its swaps."""
         count = self.settings.processes - 1
@@ -182,7 +218,7 @@ class EngineServer:
         await self._relay_server.start()
         for index in range(1, self.settings.processes):
             worker = workers.worker_settings(
-                self.settings, address, port, index, cache_dir, self.name
+                self.settings, address, port, index, cache_dir, self.name, http_port
             )
             process = workers.spawn(worker)
             self._workers.append(process)
@@ -242,6 +278,7 @@ class EngineServer:
             inline_bytes=self.settings.inline_bytes,
             code_of=code_name,
         )
+        self._plane = plane
         engine = EngineServicer(self.host, plane, self._identity, inference_log=self.inference_log)
         self.link = ControlLink(
             self.host,
@@ -324,7 +361,10 @@ class EngineServer:
         await self.supervisor.cancel("control-link")
         if self.link is not None:
             await self.link.close()
-        await self._server.stop(grace)
+        # Both doors finish their requests in flight in the same grace period.
+        await asyncio.gather(
+            self._server.stop(grace), self._http.stop(grace) if self._http else asyncio.sleep(0)
+        )
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self._stop_workers(grace)

@@ -69,6 +69,8 @@ class Settings:
     drain_timeout: float = 20.0
     # gRPC health alone, in plaintext, for probes that speak no TLS; "" = off.
     health_listen: str = ""
+    # HTTP (OIP REST, Wallaroo's formats) on its own port, host:port (0 picks one); "" = off.
+    http_listen: str = ""
 
     @property
     def secured(self) -> bool:
@@ -181,6 +183,13 @@ class Settings:
             max_concurrent_rpcs=d.max_concurrent_rpcs,
         )
         parser.add_argument(
+            "--http-listen",
+            default=env("HOTSWAP_ENGINE_HTTP_LISTEN", d.http_listen),
+            help="also serve HTTP on host:port (0 = any free port): the Open Inference "
+            "Protocol's REST binding and Wallaroo's formats, with the same tokens and limits "
+            "(default: off)",
+        )
+        parser.add_argument(
             "--max-queued",
             type=int,
             default=int(env("HOTSWAP_MAX_QUEUED", str(d.max_queued))),
@@ -274,6 +283,7 @@ class Settings:
             labels=args.labels,
             drain_timeout=args.drain_timeout,
             health_listen=args.health_listen,
+            http_listen=args.http_listen,
         )
 
     def engine_name(self, port: int) -> str:

@@ -71,6 +71,8 @@ class _Worker:
     revision: int = 0  # the desired state revision it reported applied
     # What its split and shadow models served, as its last heartbeat said (ModelTraffic).
     traffic: list[types_pb2.ModelTraffic] = dataclasses.field(default_factory=list)
+    # Its loaded versions' request counts, as its last heartbeat said (VersionTraffic).
+    versions: list[fleet_pb2.VersionTraffic] = dataclasses.field(default_factory=list)
     waiting: dict[str, asyncio.Future[Any]] = dataclasses.field(default_factory=dict)
 
 
@@ -120,6 +122,7 @@ class WorkerRelay(fleet_pb2_grpc.FleetServicer):
             kind = message.WhichOneof("kind")
             if kind == "heartbeat":
                 worker.traffic = list(message.heartbeat.traffic)
+                worker.versions = list(message.heartbeat.versions)
             elif kind == "state":
                 worker.revision = max(worker.revision, message.state.revision)
                 async with self._changed:
@@ -152,6 +155,11 @@ class WorkerRelay(fleet_pb2_grpc.FleetServicer):
         """The workers' model counts, for process 0's heartbeat: the control plane sums every
         entry of a version, so a rollout judges all of the engine's processes."""
         return [t for worker in list(self._workers.values()) for t in worker.traffic]
+
+    def versions(self) -> list[fleet_pb2.VersionTraffic]:
+        """The workers' version counts, for process 0's heartbeat (summed by the control
+        plane, so the engine's requests/s counts every process)."""
+        return [v for worker in list(self._workers.values()) for v in worker.versions]
 
     async def wait_connected(self, timeout: float) -> None:
         async with self._changed:
@@ -257,15 +265,23 @@ def merge_logs(
 
 
 def worker_settings(
-    settings: Settings, relay: str, port: int, index: int, cache: Path, name: str
+    settings: Settings,
+    relay: str,
+    port: int,
+    index: int,
+    cache: Path,
+    name: str,
+    http_port: int = 0,
 ) -> Settings:
-    """Worker `index`'s settings: process 0's (named `name`), on the same port, linked to
+    """Worker `index`'s settings: process 0's (named `name`), on the same ports, linked to
     the relay."""
     host = settings.listen.rsplit(":", 1)[0]
+    http_host = settings.http_listen.rpartition(":")[0]
     return dataclasses.replace(
         settings,
         control=relay,
         listen=f"{host}:{port}",
+        http_listen=f"{http_host}:{http_port}" if settings.http_listen else "",
         name=f"{name}.w{index}",
         cache_dir=cache,
         log_dir=cache / "worker-logs" / f"w{index}",

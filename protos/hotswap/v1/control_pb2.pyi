@@ -1026,6 +1026,7 @@ class PipelineStatus(_message.Message):
     SWAP_IN_PROGRESS_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
+    RATES_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     status: _builtins.str
@@ -1054,6 +1055,12 @@ class PipelineStatus(_message.Message):
     def rollout(self) -> Global___Rollout:
         """The rollout running now, if any."""
 
+    @_builtins.property
+    def rates(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionRate]:
+        """Live traffic per pipeline version, summed over the engines that report it (about one
+        heartbeat old; lost engines left out). Newest version first.
+        """
+
     def __init__(
         self,
         *,
@@ -1067,14 +1074,54 @@ class PipelineStatus(_message.Message):
         swap_in_progress: Global___SwapInProgress | None = ...,
         rollout: Global___Rollout | None = ...,
         status_code: Global___ServingStatus.ValueType = ...,
+        rates: _abc.Iterable[Global___VersionRate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "rollout", b"rollout", "swap_in_progress", b"swap_in_progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "details", b"details", "engines", b"engines", "pipeline", b"pipeline", "replicas", b"replicas", "rollout", b"rollout", "status", b"status", "status_code", b"status_code", "swap_in_progress", b"swap_in_progress", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployed", b"deployed", "details", b"details", "engines", b"engines", "pipeline", b"pipeline", "rates", b"rates", "replicas", b"replicas", "rollout", b"rollout", "status", b"status", "status_code", b"status_code", "swap_in_progress", b"swap_in_progress", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PipelineStatus: _TypeAlias = PipelineStatus  # noqa: Y015
+
+@_typing.final
+class VersionRate(_message.Message):
+    """What one pipeline version serves now, from the difference between the engines' last two
+    heartbeats (Heartbeat.versions).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ERRORS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    MEAN_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """The pipeline version number."""
+    requests_per_second: _builtins.float
+    errors_per_second: _builtins.float
+    """Of which failed."""
+    mean_latency_ms: _builtins.float
+    """Mean time a successful request took inside the engines, milliseconds (0 without any)."""
+    engines: _builtins.int
+    """How many engines reported it."""
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        requests_per_second: _builtins.float = ...,
+        errors_per_second: _builtins.float = ...,
+        mean_latency_ms: _builtins.float = ...,
+        engines: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engines", b"engines", "errors_per_second", b"errors_per_second", "mean_latency_ms", b"mean_latency_ms", "number", b"number", "requests_per_second", b"requests_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionRate: _TypeAlias = VersionRate  # noqa: Y015
 
 @_typing.final
 class SwapInProgress(_message.Message):

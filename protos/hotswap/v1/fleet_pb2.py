@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hotswap.v1 import types_pb2 as hotswap_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hotswap/v1/fleet.proto\x12\nhotswap.v1\x1a\x16hotswap/v1/types.proto\"\xd4\x01\n\x0fServingPipeline\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0e\n\x06number\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\'\n\x06models\x18\x07 \x03(\x0b\x32\x17.hotswap.v1.ServedModel\x12\x31\n\x0epipeline_state\x18\x08 \x01(\x0e\x32\x19.hotswap.v1.PipelineState\"\xbb\x02\n\rEngineMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.hotswap.v1.HelloH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.hotswap.v1.HeartbeatH\x00\x12-\n\x08prepared\x18\x03 \x01(\x0b\x32\x19.hotswap.v1.PrepareResultH\x00\x12-\n\tcommitted\x18\x04 \x01(\x0b\x32\x18.hotswap.v1.CommitResultH\x00\x12(\n\x05state\x18\x05 \x01(\x0b\x32\x17.hotswap.v1.StateReportH\x00\x12&\n\x04logs\x18\x06 \x01(\x0b\x32\x16.hotswap.v1.LogsResultH\x00\x12\"\n\x05\x64rain\x18\x07 \x01(\x0b\x32\x11.hotswap.v1.DrainH\x00\x42\x06\n\x04kind\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xef\x01\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12,\n\x07serving\x18\x03 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12-\n\x06labels\x18\x05 \x03(\x0b\x32\x1d.hotswap.v1.Hello.LabelsEntry\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x14\n\x0chttp_address\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\tHeartbeat\x12\x0f\n\x07sent_ms\x18\x01 \x01(\x03\x12)\n\x07traffic\x18\x02 \x03(\x0b\x32\x18.hotswap.v1.ModelTraffic\"\xaa\x01\n\rPrepareResult\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\x12\x0f\n\x07load_ms\x18\x05 \x01(\x01\x12\x11\n\twarmup_ms\x18\x06 \x01(\x01\x12\x0e\n\x06reused\x18\x07 \x01(\x08\x12\'\n\x05\x63\x61use\x18\x08 \x01(\x0e\x32\x18.hotswap.v1.FailureCause\"\xa6\x01\n\x0c\x43ommitResult\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tswitch_us\x18\x04 \x01(\x01\x12\'\n\x05\x63\x61use\x18\x05 \x01(\x0e\x32\x18.hotswap.v1.FailureCause\x12\x16\n\x0eswitched_at_us\x18\x06 \x01(\x03\x12\x16\n\x0ereceived_at_us\x18\x07 \x01(\x03\"M\n\x0bStateReport\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x07serving\x18\x02 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline\"\xdf\x02\n\x0e\x43ontrolMessage\x12+\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.hotswap.v1.DesiredStateH\x00\x12&\n\x07prepare\x18\x02 \x01(\x0b\x32\x13.hotswap.v1.PrepareH\x00\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x12.hotswap.v1.CommitH\x00\x12\"\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x11.hotswap.v1.AbortH\x00\x12*\n\theartbeat\x18\x05 \x01(\x0b\x32\x15.hotswap.v1.HeartbeatH\x00\x12)\n\x06\x61\x63\x63\x65ss\x18\x06 \x01(\x0b\x32\x17.hotswap.v1.AccessRulesH\x00\x12%\n\x04logs\x18\x07 \x01(\x0b\x32\x15.hotswap.v1.LogsQueryH\x00\x12(\n\x07\x64rained\x18\x08 \x01(\x0b\x32\x15.hotswap.v1.DrainDoneH\x00\x42\x06\n\x04kind\"\x19\n\tDrainDone\x12\x0c\n\x04kept\x18\x01 \x03(\t\"J\n\tLogsQuery\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.hotswap.v1.GetLogsRequest\"U\n\nLogsResult\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12&\n\x04logs\x18\x02 \x01(\x0b\x32\x18.hotswap.v1.LogsResponse\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"G\n\x0b\x41\x63\x63\x65ssRules\x12\x10\n\x08required\x18\x01 \x01(\x08\x12&\n\x06grants\x18\x02 \x03(\x0b\x32\x16.hotswap.v1.TokenGrant\"D\n\nTokenGrant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\x0c\x12\x12\n\nworkspaces\x18\x03 \x03(\t\"P\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\tpipelines\x18\x02 \x03(\x0b\x32\x1b.hotswap.v1.PipelineVersion\"\\\n\x07Prepare\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12,\n\x07version\x18\x02 \x01(\x0b\x32\x1b.hotswap.v1.PipelineVersion\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x06\x43ommit\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x0cswitch_at_us\x18\x03 \x01(\x03\"<\n\x05\x41\x62ort\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"W\n\x10\x46\x65tchBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"=\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03*\x81\x01\n\rPipelineState\x12\x1e\n\x1aPIPELINE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PIPELINE_STATE_RUNNING\x10\x01\x12\x1a\n\x16PIPELINE_STATE_LOADING\x10\x02\x12\x18\n\x14PIPELINE_STATE_ERROR\x10\x03*\xb7\x01\n\x0c\x46\x61ilureCause\x12\x1d\n\x19\x46\x41ILURE_CAUSE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x41ILURE_CAUSE_FETCH\x10\x01\x12\x17\n\x13\x46\x41ILURE_CAUSE_BUILD\x10\x02\x12\x18\n\x14\x46\x41ILURE_CAUSE_WARMUP\x10\x03\x12\x1e\n\x1a\x46\x41ILURE_CAUSE_NOT_PREPARED\x10\x04\x12\x1c\n\x18\x46\x41ILURE_CAUSE_UNEXPECTED\x10\x05\x32\x91\x01\n\x05\x46leet\x12\x44\n\x07\x43onnect\x12\x19.hotswap.v1.EngineMessage\x1a\x1a.hotswap.v1.ControlMessage(\x01\x30\x01\x12\x42\n\tFetchBlob\x12\x1c.hotswap.v1.FetchBlobRequest\x1a\x15.hotswap.v1.BlobChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hotswap/v1/fleet.proto\x12\nhotswap.v1\x1a\x16hotswap/v1/types.proto\"\xd4\x01\n\x0fServingPipeline\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0e\n\x06number\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\'\n\x06models\x18\x07 \x03(\x0b\x32\x17.hotswap.v1.ServedModel\x12\x31\n\x0epipeline_state\x18\x08 \x01(\x0e\x32\x19.hotswap.v1.PipelineState\"\xbb\x02\n\rEngineMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.hotswap.v1.HelloH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.hotswap.v1.HeartbeatH\x00\x12-\n\x08prepared\x18\x03 \x01(\x0b\x32\x19.hotswap.v1.PrepareResultH\x00\x12-\n\tcommitted\x18\x04 \x01(\x0b\x32\x18.hotswap.v1.CommitResultH\x00\x12(\n\x05state\x18\x05 \x01(\x0b\x32\x17.hotswap.v1.StateReportH\x00\x12&\n\x04logs\x18\x06 \x01(\x0b\x32\x16.hotswap.v1.LogsResultH\x00\x12\"\n\x05\x64rain\x18\x07 \x01(\x0b\x32\x11.hotswap.v1.DrainH\x00\x42\x06\n\x04kind\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xef\x01\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12,\n\x07serving\x18\x03 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12-\n\x06labels\x18\x05 \x03(\x0b\x32\x1d.hotswap.v1.Hello.LabelsEntry\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x14\n\x0chttp_address\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\tHeartbeat\x12\x0f\n\x07sent_ms\x18\x01 \x01(\x03\x12)\n\x07traffic\x18\x02 \x03(\x0b\x32\x18.hotswap.v1.ModelTraffic\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.hotswap.v1.VersionTraffic\"\x8c\x01\n\x0eVersionTraffic\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0e\n\x06number\x18\x04 \x01(\x03\x12\x10\n\x08requests\x18\x05 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x03\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"\xaa\x01\n\rPrepareResult\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\x12\x0f\n\x07load_ms\x18\x05 \x01(\x01\x12\x11\n\twarmup_ms\x18\x06 \x01(\x01\x12\x0e\n\x06reused\x18\x07 \x01(\x08\x12\'\n\x05\x63\x61use\x18\x08 \x01(\x0e\x32\x18.hotswap.v1.FailureCause\"\xa6\x01\n\x0c\x43ommitResult\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tswitch_us\x18\x04 \x01(\x01\x12\'\n\x05\x63\x61use\x18\x05 \x01(\x0e\x32\x18.hotswap.v1.FailureCause\x12\x16\n\x0eswitched_at_us\x18\x06 \x01(\x03\x12\x16\n\x0ereceived_at_us\x18\x07 \x01(\x03\"M\n\x0bStateReport\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x07serving\x18\x02 \x03(\x0b\x32\x1b.hotswap.v1.ServingPipeline\"\xdf\x02\n\x0e\x43ontrolMessage\x12+\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x18.hotswap.v1.DesiredStateH\x00\x12&\n\x07prepare\x18\x02 \x01(\x0b\x32\x13.hotswap.v1.PrepareH\x00\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x12.hotswap.v1.CommitH\x00\x12\"\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x11.hotswap.v1.AbortH\x00\x12*\n\theartbeat\x18\x05 \x01(\x0b\x32\x15.hotswap.v1.HeartbeatH\x00\x12)\n\x06\x61\x63\x63\x65ss\x18\x06 \x01(\x0b\x32\x17.hotswap.v1.AccessRulesH\x00\x12%\n\x04logs\x18\x07 \x01(\x0b\x32\x15.hotswap.v1.LogsQueryH\x00\x12(\n\x07\x64rained\x18\x08 \x01(\x0b\x32\x15.hotswap.v1.DrainDoneH\x00\x42\x06\n\x04kind\"\x19\n\tDrainDone\x12\x0c\n\x04kept\x18\x01 \x03(\t\"J\n\tLogsQuery\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.hotswap.v1.GetLogsRequest\"U\n\nLogsResult\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12&\n\x04logs\x18\x02 \x01(\x0b\x32\x18.hotswap.v1.LogsResponse\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"G\n\x0b\x41\x63\x63\x65ssRules\x12\x10\n\x08required\x18\x01 \x01(\x08\x12&\n\x06grants\x18\x02 \x03(\x0b\x32\x16.hotswap.v1.TokenGrant\"D\n\nTokenGrant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\x0c\x12\x12\n\nworkspaces\x18\x03 \x03(\t\"P\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12.\n\tpipelines\x18\x02 \x03(\x0b\x32\x1b.hotswap.v1.PipelineVersion\"\\\n\x07Prepare\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12,\n\x07version\x18\x02 \x01(\x0b\x32\x1b.hotswap.v1.PipelineVersion\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x06\x43ommit\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x0cswitch_at_us\x18\x03 \x01(\x03\"<\n\x05\x41\x62ort\x12\x0f\n\x07swap_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"W\n\x10\x46\x65tchBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"=\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03*\x81\x01\n\rPipelineState\x12\x1e\n\x1aPIPELINE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PIPELINE_STATE_RUNNING\x10\x01\x12\x1a\n\x16PIPELINE_STATE_LOADING\x10\x02\x12\x18\n\x14PIPELINE_STATE_ERROR\x10\x03*\xb7\x01\n\x0c\x46\x61ilureCause\x12\x1d\n\x19\x46\x41ILURE_CAUSE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x41ILURE_CAUSE_FETCH\x10\x01\x12\x17\n\x13\x46\x41ILURE_CAUSE_BUILD\x10\x02\x12\x18\n\x14\x46\x41ILURE_CAUSE_WARMUP\x10\x03\x12\x1e\n\x1a\x46\x41ILURE_CAUSE_NOT_PREPARED\x10\x04\x12\x1c\n\x18\x46\x41ILURE_CAUSE_UNEXPECTED\x10\x05\x32\x91\x01\n\x05\x46leet\x12\x44\n\x07\x43onnect\x12\x19.hotswap.v1.EngineMessage\x1a\x1a.hotswap.v1.ControlMessage(\x01\x30\x01\x12\x42\n\tFetchBlob\x12\x1c.hotswap.v1.FetchBlobRequest\x1a\x15.hotswap.v1.BlobChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_PIPELINESTATE']._serialized_start=2503
-  _globals['_PIPELINESTATE']._serialized_end=2632
-  _globals['_FAILURECAUSE']._serialized_start=2635
-  _globals['_FAILURECAUSE']._serialized_end=2818
+  _globals['_PIPELINESTATE']._serialized_start=2692
+  _globals['_PIPELINESTATE']._serialized_end=2821
+  _globals['_FAILURECAUSE']._serialized_start=2824
+  _globals['_FAILURECAUSE']._serialized_end=3007
   _globals['_SERVINGPIPELINE']._serialized_start=63
   _globals['_SERVINGPIPELINE']._serialized_end=275
   _globals['_ENGINEMESSAGE']._serialized_start=278
@@ -49,37 +49,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO_LABELSENTRY']._serialized_start=815
   _globals['_HELLO_LABELSENTRY']._serialized_end=860
   _globals['_HEARTBEAT']._serialized_start=862
-  _globals['_HEARTBEAT']._serialized_end=933
-  _globals['_PREPARERESULT']._serialized_start=936
-  _globals['_PREPARERESULT']._serialized_end=1106
-  _globals['_COMMITRESULT']._serialized_start=1109
-  _globals['_COMMITRESULT']._serialized_end=1275
-  _globals['_STATEREPORT']._serialized_start=1277
-  _globals['_STATEREPORT']._serialized_end=1354
-  _globals['_CONTROLMESSAGE']._serialized_start=1357
-  _globals['_CONTROLMESSAGE']._serialized_end=1708
-  _globals['_DRAINDONE']._serialized_start=1710
-  _globals['_DRAINDONE']._serialized_end=1735
-  _globals['_LOGSQUERY']._serialized_start=1737
-  _globals['_LOGSQUERY']._serialized_end=1811
-  _globals['_LOGSRESULT']._serialized_start=1813
-  _globals['_LOGSRESULT']._serialized_end=1898
-  _globals['_ACCESSRULES']._serialized_start=1900
-  _globals['_ACCESSRULES']._serialized_end=1971
-  _globals['_TOKENGRANT']._serialized_start=1973
-  _globals['_TOKENGRANT']._serialized_end=2041
-  _globals['_DESIREDSTATE']._serialized_start=2043
-  _globals['_DESIREDSTATE']._serialized_end=2123
-  _globals['_PREPARE']._serialized_start=2125
-  _globals['_PREPARE']._serialized_end=2217
-  _globals['_COMMIT']._serialized_start=2219
-  _globals['_COMMIT']._serialized_end=2286
-  _globals['_ABORT']._serialized_start=2288
-  _globals['_ABORT']._serialized_end=2348
-  _globals['_FETCHBLOBREQUEST']._serialized_start=2350
-  _globals['_FETCHBLOBREQUEST']._serialized_end=2437
-  _globals['_BLOBCHUNK']._serialized_start=2439
-  _globals['_BLOBCHUNK']._serialized_end=2500
-  _globals['_FLEET']._serialized_start=2821
-  _globals['_FLEET']._serialized_end=2966
+  _globals['_HEARTBEAT']._serialized_end=979
+  _globals['_VERSIONTRAFFIC']._serialized_start=982
+  _globals['_VERSIONTRAFFIC']._serialized_end=1122
+  _globals['_PREPARERESULT']._serialized_start=1125
+  _globals['_PREPARERESULT']._serialized_end=1295
+  _globals['_COMMITRESULT']._serialized_start=1298
+  _globals['_COMMITRESULT']._serialized_end=1464
+  _globals['_STATEREPORT']._serialized_start=1466
+  _globals['_STATEREPORT']._serialized_end=1543
+  _globals['_CONTROLMESSAGE']._serialized_start=1546
+  _globals['_CONTROLMESSAGE']._serialized_end=1897
+  _globals['_DRAINDONE']._serialized_start=1899
+  _globals['_DRAINDONE']._serialized_end=1924
+  _globals['_LOGSQUERY']._serialized_start=1926
+  _globals['_LOGSQUERY']._serialized_end=2000
+  _globals['_LOGSRESULT']._serialized_start=2002
+  _globals['_LOGSRESULT']._serialized_end=2087
+  _globals['_ACCESSRULES']._serialized_start=2089
+  _globals['_ACCESSRULES']._serialized_end=2160
+  _globals['_TOKENGRANT']._serialized_start=2162
+  _globals['_TOKENGRANT']._serialized_end=2230
+  _globals['_DESIREDSTATE']._serialized_start=2232
+  _globals['_DESIREDSTATE']._serialized_end=2312
+  _globals['_PREPARE']._serialized_start=2314
+  _globals['_PREPARE']._serialized_end=2406
+  _globals['_COMMIT']._serialized_start=2408
+  _globals['_COMMIT']._serialized_end=2475
+  _globals['_ABORT']._serialized_start=2477
+  _globals['_ABORT']._serialized_end=2537
+  _globals['_FETCHBLOBREQUEST']._serialized_start=2539
+  _globals['_FETCHBLOBREQUEST']._serialized_end=2626
+  _globals['_BLOBCHUNK']._serialized_start=2628
+  _globals['_BLOBCHUNK']._serialized_end=2689
+  _globals['_FLEET']._serialized_start=3010
+  _globals['_FLEET']._serialized_end=3155
 # @@protoc_insertion_point(module_scope)

@@ -293,6 +293,7 @@ class Heartbeat(_message.Message):
 
     SENT_MS_FIELD_NUMBER: _builtins.int
     TRAFFIC_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
     sent_ms: _builtins.int
     @_builtins.property
     def traffic(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelTraffic]:
@@ -300,19 +301,70 @@ class Heartbeat(_message.Message):
         served, since it was loaded (what a rollout decides on). Empty when no version has one.
         """
 
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionTraffic]:
+        """Engine -> control plane: what each pipeline version loaded now served, since it was
+        loaded, in every process of the engine (one entry per process; the control plane sums
+        them). Requests/s and latency are the difference between two heartbeats.
+        """
+
     def __init__(
         self,
         *,
         sent_ms: _builtins.int = ...,
         traffic: _abc.Iterable[_types_pb2.ModelTraffic] | None = ...,
+        versions: _abc.Iterable[Global___VersionTraffic] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sent_ms", b"sent_ms", "traffic", b"traffic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sent_ms", b"sent_ms", "traffic", b"traffic", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class VersionTraffic(_message.Message):
+    """The request counts of one loaded pipeline version in one engine process, cumulative since
+    it was loaded (they start again from zero when it is loaded again).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    pipeline: _builtins.str
+    version_id: _builtins.str
+    number: _builtins.int
+    requests: _builtins.int
+    """Requests the version answered, failed ones included, and the failed ones."""
+    errors: _builtins.int
+    seconds: _builtins.float
+    """Time the successful requests took inside the engine, summed, seconds."""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        number: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "number", b"number", "pipeline", b"pipeline", "requests", b"requests", "seconds", b"seconds", "version_id", b"version_id", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionTraffic: _TypeAlias = VersionTraffic  # noqa: Y015
 
 @_typing.final
 class PrepareResult(_message.Message):

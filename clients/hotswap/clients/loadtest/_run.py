@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from hotswap.clients.loadtest._report import summarise
 from hotswap.clients.loadtest._runner import Load, LoadSpec
 from hotswap.clients.loadtest._swap import Swapper, SwapPlan
@@ -15,18 +17,29 @@ from hotswap.clients.loadtest._swap import Swapper, SwapPlan
 def _progress(
     load: Load, stopped: threading.Event, stream: TextIO, swapper: Swapper | None
 ) -> None:
+    """A tqdm bar over the load's bound (its requests, or else its seconds), with the
+    answers, errors, rate and swaps so far; twice a second until the load stops."""
+    spec = load.spec
+    by_requests = spec.requests is not None
+    total = spec.requests if by_requests else spec.duration
+    bar = tqdm(total=total, file=stream, unit="req" if by_requests else "s", desc="load")
     last, last_t = 0, time.monotonic()
-    while not stopped.wait(0.5):
+
+    def show() -> None:
+        nonlocal last, last_t
         done, errors = load.shared.done()
         now = time.monotonic()
-        rate = (done - last) / (now - last_t)
+        rate = (done - last) / max(now - last_t, 1e-9)
         last, last_t = done, now
-        swaps = f"  swaps {len(swapper.records)}" if swapper else ""
-        stream.write(
-            f"\r{now - load.t0:6.1f}s  {done} ok  {errors} errors  {rate:8.0f} req/s{swaps}   "
-        )
-        stream.flush()
-    stream.write("\n")
+        position = done if by_requests else now - load.t0
+        bar.update(min(position, total or position) - bar.n)
+        swaps = f" swaps={len(swapper.records)}" if swapper else ""
+        bar.set_postfix_str(f"ok={done} errors={errors} now={rate:,.0f} req/s{swaps}")
+
+    with bar:
+        while not stopped.wait(0.5):
+            show()
+        show()  # where it ended
 
 
 def run_load(
