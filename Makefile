@@ -10,7 +10,7 @@ MODELS := examples/housing/models/.stamp
 # Debian's prometheus, chromium and chromedriver: the tests' real Prometheus and browser.
 SYSTEM_TOOLS := prometheus chromium chromium-driver
 
-.PHONY: system-tools install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic bench-http clean
+.PHONY: system-tools test-slow install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic bench-http clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ system-tools:
 
 test: $(STAMP) system-tools
 	$(VENV)/bin/pytest -m "not slow and not gpu"
+
+# The tests marked slow alone (network-namespace hosts, restarts, model training); CI runs them
+# after `make test`.
+test-slow: $(STAMP) system-tools
+	$(VENV)/bin/pytest -m "slow and not gpu"
 
 test-all: $(STAMP) system-tools
 	$(VENV)/bin/pytest

@@ -32,6 +32,9 @@ ALL_FILES = (*(file for file, _ in MODELS.values()), *DATA_FILES, "manifest.json
 
 F32 = npt.NDArray[np.float32]
 
+# Slow (each trains the three demo models): `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 
 def _need_training_deps() -> None:
     for module in ("sklearn", "skl2onnx", "onnxmltools", "xgboost", "onnx"):

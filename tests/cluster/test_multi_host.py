@@ -19,7 +19,8 @@ import hotswap
 from tests.cluster.conftest import ENGINE_PORT, LOST_AFTER, Cluster, Operator, until
 from tests.cluster.netns import Network, namespaces_left, skip_unless_possible
 
-pytestmark = pytest.mark.timeout(180)
+# Slow (about a minute: hosts in network namespaces): `make test-slow`, which CI runs too.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def _report(what: str, **numbers: object) -> None:

@@ -5,10 +5,8 @@ answers."""
 from __future__ import annotations
 
 import grpc
-import pytest
 
 from hotswap.control._auth_interceptor import DENIALS
-from hotswap.control.console.app import _local_name
 from hotswap.control.console.gateway import HTTP_STATUS, METHODS, SERVICE
 from hotswap.control.servicers import STATUS
 
@@ -25,21 +23,3 @@ def test_the_allowlist_is_unary_and_writes_only_by_deploy() -> None:
         method = SERVICE.methods_by_name[name]
         assert not (method.client_streaming or method.server_streaming), name
     assert [m for m in METHODS if not m.startswith(("List", "Get"))] == ["Deploy"]
-
-
-@pytest.mark.parametrize(
-    ("host", "local"),
-    [
-        ("127.0.0.1:8080", True),
-        ("127.0.0.1", True),
-        ("[::1]:8080", True),
-        ("localhost:8080", True),
-        ("LOCALHOST", True),
-        ("10.1.2.3:80", True),
-        ("evil.example:8080", False),
-        ("127.0.0.1.evil.example", False),
-        ("", False),
-    ],
-)
-def test_an_open_console_answers_only_addresses_and_localhost(host: str, local: bool) -> None:
-    assert _local_name(host) is local

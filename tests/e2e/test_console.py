@@ -5,7 +5,6 @@ requests, and its rollback button swaps back to v1 for real. Screenshots are kep
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import threading
@@ -25,21 +24,13 @@ from hotswap.v1 import control_pb2 as c
 from hotswap.v1 import control_pb2_grpc as cg
 from hotswap.v1 import engine_pb2 as e
 from hotswap.v1 import engine_pb2_grpc as eg
-from tests.conftest import REPO
+from tests._artifacts import artifacts_dir
 from tests.e2e import _api
 from tests.e2e._console import ADMIN, ALICE, WS, secured_stack
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 DEADLINE = 30.0
-
-
-def artifacts_dir() -> Path:
-    """Where browser tests keep screenshots: $HOTSWAP_TEST_ARTIFACTS or tests/artifacts/."""
-    root = Path(os.environ.get("HOTSWAP_TEST_ARTIFACTS") or REPO / "tests" / "artifacts")
-    folder = root / "console"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @pytest.fixture
@@ -105,7 +96,7 @@ def _wait(driver: Any, what: str, check: Callable[[Any], Any], deadline: float =
     try:
         return WebDriverWait(driver, deadline, poll_frequency=0.05).until(safe)
     except Exception:
-        shot = artifacts_dir() / "failed.png"
+        shot = artifacts_dir("console") / "failed.png"
         driver.save_screenshot(str(shot))
         raise AssertionError(f"the console never showed {what} (screenshot {shot})") from None
 
@@ -143,7 +134,7 @@ def _rate(driver: Any, version: int) -> float:
 
 
 def _shot(driver: Any, name: str, shots: list[Path]) -> None:
-    path = artifacts_dir() / name
+    path = artifacts_dir("console") / name
     driver.save_screenshot(str(path))
     shots.append(path)
 

@@ -342,6 +342,7 @@ def test_a_rollout_to_a_good_model_completes_step_by_step(
     assert notes[2].startswith(f"rollout {rollout.to_dict()['id'][:8]}: step 3 of 3, gbr alone")
 
 
+@pytest.mark.slow  # restarts: `make test-slow`, which CI runs too
 def test_a_rollout_resumes_after_the_control_plane_is_killed(
     wl: hotswap.Client, models: dict[str, hotswap.Model], stack: LocalStack, x: np.ndarray
 ) -> None:
@@ -399,6 +400,7 @@ def test_an_engine_restarting_during_a_step_rolls_the_rollout_back(
     assert pipeline.deployed_version().number() == baseline  # type: ignore[union-attr]
 
 
+@pytest.mark.slow  # restarts: `make test-slow`, which CI runs too
 def test_an_abort_decided_while_no_engine_can_take_it_lands_after_a_restart(
     wl: hotswap.Client, models: dict[str, hotswap.Model], stack: LocalStack
 ) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from hotswap.clients._stack import LocalStack
+from tests._artifacts import artifacts_dir
 from tests.e2e import _api
 from tests.e2e.conftest import seed_models
 
@@ -187,13 +188,16 @@ def test_prometheus_counts_what_clients_were_served_and_the_dashboard_has_data(
         assert prometheus.scalar(deploys) == len(versions)
 
         # Every query of the dashboard returns data, with its variables set as Grafana would.
-        empty = []
+        empty, answers = [], {query: by_version(), errors: 3.0, deploys: len(versions)}
         for title, expr in _dashboard_queries():
             promql = expr.replace("$workspace", _api.WS).replace("$pipeline", PIPELINE)
             result = prometheus.query(promql)
             values = [float(r["value"][1]) for r in result]
+            answers[promql] = [{**r["metric"], "value": r["value"][1]} for r in result]
             if not values or not any(math.isfinite(v) for v in values):
                 empty.append(f"{title}: {promql} -> {result}")
-        assert empty == []
+        out = artifacts_dir("prometheus") / "queries.json"
+        out.write_text(json.dumps({"served": served, "answers": answers}, indent=1, default=str))
+        assert empty == [], f"queries without data (all answers in {out})"
     finally:
         prometheus.close()

@@ -12,7 +12,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from hotswap.service.edge import StartupError
-from hotswap.service.http_edge import HttpServer, bind_socket
+from hotswap.service.http_edge import HttpServer, bind_socket, host_is_address
 
 
 def test_a_taken_port_is_a_startup_error_that_says_what_to_do() -> None:
@@ -59,3 +59,24 @@ async def test_serves_and_stops_inside_the_services_loop() -> None:
     writer.close()
     with pytest.raises(OSError):
         await asyncio.open_connection(host, int(port))
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("127.0.0.1:8080", True),
+        ("127.0.0.1", True),
+        ("[::1]:8080", True),
+        ("[::1]", True),
+        ("localhost:8080", True),
+        ("LOCALHOST", True),
+        ("10.1.2.3:80", True),
+        ("evil.example:8080", False),
+        ("127.0.0.1.evil.example", False),
+        ("localhost.evil.example", False),
+        ("[::1].evil.example:80", False),
+        ("", False),
+    ],
+)
+def test_host_is_address_refuses_dns_names(host: str, address: bool) -> None:
+    assert host_is_address(host) is address

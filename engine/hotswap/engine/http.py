@@ -40,8 +40,7 @@ from hotswap.engine.health import readiness
 from hotswap.engine.host import EngineHost
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec
 from hotswap.oip import grpc_service_pb2 as pb
-from hotswap.service.edge import is_loopback
-from hotswap.service.http_edge import MAX_BODY_BYTES
+from hotswap.service.http_edge import MAX_BODY_BYTES, host_is_address
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +117,6 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(chunks)
 
 
-def loopback_host(host_header: str) -> bool:
-    """Whether a Host header names this machine's loopback (an address or localhost)."""
-    if host_header.startswith("["):  # [v6] or [v6]:port
-        host, _, rest = host_header[1:].partition("]")
-        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
-            return False
-    else:
-        host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
-    return is_loopback(f"{host}:0") if host else False
-
-
 class EngineHttp:
     def __init__(
         self,
@@ -143,7 +131,7 @@ class EngineHttp:
         self._plane = plane
         self._rules = rules
         self._partition = partition  # the engine's name, in Wallaroo's metadata
-        # Bound to loopback: only Host values that name loopback, so that a web page whose
+        # Bound to loopback: only Host values that are addresses, so that a web page whose
         # name is rebound to 127.0.0.1 (DNS rebinding) cannot call an engine on a laptop.
         self._loopback_only = loopback_only
 
@@ -166,7 +154,7 @@ class EngineHttp:
         return Starlette(routes=routes)
 
     def _caller(self, request: Request) -> access.Caller:
-        if self._loopback_only and not loopback_host(request.headers.get("host", "")):
+        if self._loopback_only and not host_is_address(request.headers.get("host", "")):
             raise access.PermissionDenied(
                 f"this engine serves HTTP on loopback only; call it as 127.0.0.1 or localhost, "
                 f"not {request.headers.get('host', '')[:100]!r}"

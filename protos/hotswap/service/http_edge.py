@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -43,6 +44,25 @@ class _QuietServer(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         # The service handles SIGTERM/SIGINT (drain, then stop); uvicorn must not take them.
         yield
+
+
+def host_is_address(host: str) -> bool:
+    """Whether a Host header names this machine by address (or as localhost), not by a DNS
+    name: a web page whose own name an attacker rebinds to this machine's address (DNS
+    rebinding) still sends that name, so a server that needs no token can refuse it."""
+    if host.startswith("["):  # [v6] or [v6]:port
+        name, _, rest = host[1:].partition("]")
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return False
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def bind_socket(listen: str, reuse_port: bool = False) -> socket.socket:

@@ -3,7 +3,6 @@ the data gateway, and the headers every answer carries."""
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import grpc
@@ -14,6 +13,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotswap.control.console.gateway import Gateway, error
+from hotswap.service.http_edge import host_is_address
 
 STATIC = Path(__file__).parent / "static"
 # The page's files, by the path they are served at.
@@ -64,18 +64,6 @@ def _same_origin(request: Request) -> bool:
     return origin is None or origin == f"{request.url.scheme}://{request.headers.get('host')}"
 
 
-def _local_name(host: str) -> bool:
-    """Whether a Host header names this machine by address, or as localhost."""
-    name = host[1 : host.find("]")] if host.startswith("[") else host.split(":", 1)[0]
-    if name.lower() == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
 class _Guard:
     """Adds `HEADERS` to every answer; refuses other host names when asked to."""
 
@@ -95,7 +83,7 @@ class _Guard:
 
         if self._check_host:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if not _local_name(host):
+            if not host_is_address(host):
                 refused = error(421, "open control planes answer the console only by address")
                 await refused(scope, receive, with_headers)
                 return
