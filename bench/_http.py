@@ -53,9 +53,11 @@ def http_requests(x: np.ndarray, address: str, input_name: str) -> dict[str, byt
     """Every HTTP kind for rows `x`, as the bytes a client sends."""
     oip = f"/v2/models/{PIPELINE}/infer"
     tensor = {"name": input_name, "shape": list(x.shape), "datatype": "FP32"}
-    as_json = json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode()
+    # An id: KServe's REST answer fails its own validation without one.
+    as_json = json.dumps({"id": "b", "inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode()
     header = json.dumps(
         {
+            "id": "b",
             "inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
             "outputs": [{"name": "variable", "parameters": {"binary_data": True}}],
         }
