@@ -136,10 +136,12 @@ async def test_an_engines_requests_reach_the_status_as_rates(tmp_path: Path, ass
         assert counts.seconds > 0
         second.sent_ms = 3_000  # two seconds after the first
         fleet.handle(connection, f.EngineMessage(heartbeat=second))
-    [rate] = fleet.rates("ws", "p")
+    [rate] = fleet.rates("ws", "p", ["e1"])
     assert (rate.requests, rate.errors) == (15.5, 0.5)
     assert rate.mean_latency_ms > 0
-    assert fleet.rates("ws", "other") == []
+    assert fleet.rates("ws", "other", ["e1"]) == []
+    # Only the engines assigned count: another engine's word on this pipeline is not taken.
+    assert fleet.rates("ws", "p", ["e2"]) == []
     message = _convert.version_rate(rate)
     assert (message.number, message.requests_per_second, message.engines) == (1, 15.5, 1)
     host.close()

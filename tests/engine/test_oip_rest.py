@@ -53,6 +53,11 @@ def test_json_and_binary_inputs_make_the_same_tensors() -> None:
     assert [o.name for o in from_binary.message.outputs] == ["variable"]
 
 
+def test_null_parameters_are_none() -> None:
+    parsed = oip_rest.parse_infer(_json_body(parameters=None), None)
+    assert dict(parsed.message.parameters) == {}
+
+
 def test_request_parameters_keep_their_kinds() -> None:
     parsed = oip_rest.parse_infer(
         _json_body(parameters={"workspace": "ws", "n": 3, "f": 0.5, "b": True}), None
@@ -109,6 +114,11 @@ def _one(**tensor: object) -> bytes:
         (b'{"inputs": []}', "99", "Inference-Header-Content-Length is '99'"),
         (b'{"inputs": []}xxxx', "14", "4 bytes of binary data no input declares"),
         (_one(shape=[1], parameters={"binary_data_size": 8}), None, "past the body's binary"),
+        (_one(shape=[1], data=[1], parameters=[1]), None, '"parameters" of input'),
+        (_one(shape=[2**40, 2**40], data=[1]), None, "more than one request may carry"),
+        (_json_body(parameters=[1]), None, '"parameters" of the request'),
+        (_json_body(parameters={"n": 2**63}), None, "past int64"),
+        (_json_body(outputs=[{"name": "y", "parameters": [1]}]), None, "of output 'y'"),
     ],
 )
 def test_malformed_bodies_say_what_to_fix(body: bytes, length: str | None, message: str) -> None:

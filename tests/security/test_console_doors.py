@@ -186,7 +186,10 @@ def test_an_open_console_names_the_browser_and_answers_only_by_address(
         rf = wl.upload_model("rf", assets / "models" / "rf_model.onnx")
         gbr = wl.upload_model("gbr", assets / "models" / "gbr_model.onnx")
         wl.build_pipeline("p").add_model_step(rf).deploy().replace_with_model_step(0, gbr).deploy()
-    status, _, answer = post(url, "Deploy", {**DEPLOY, "expected_current_version": 2})
+    # A forwarded-for header names no one: the address is the connection's own.
+    forged = {"X-Forwarded-For": "10.9.8.7", "X-Forwarded-Proto": "https"}
+    deploy = {**DEPLOY, "expected_current_version": 2}
+    status, _, answer = post(url, "Deploy", deploy, headers=forged)
     assert status == 200, answer
     _, _, swaps = post(url, "ListSwaps", {"workspace": WS, "pipeline": "p"})
     who = swaps["swaps"][0]["requested_by"]

@@ -8,11 +8,18 @@ import socket
 
 import pytest
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from hotswap.service.edge import StartupError
-from hotswap.service.http_edge import HttpServer, bind_socket, host_is_address
+from hotswap.service.http_edge import (
+    BodyRefused,
+    HttpServer,
+    bind_socket,
+    host_is_address,
+    read_body,
+)
 
 
 def test_a_taken_port_is_a_startup_error_that_says_what_to_do() -> None:
@@ -80,3 +87,77 @@ async def test_serves_and_stops_inside_the_services_loop() -> None:
 )
 def test_host_is_address_refuses_dns_names(host: str, address: bool) -> None:
     assert host_is_address(host) is address
+
+
+async def _echo_server(**bounds: float) -> tuple[HttpServer, str, int]:
+    async def echo(request: Request) -> Response:
+        try:
+            body = await read_body(request, 1024, seconds=0.5)
+        except BodyRefused as exc:
+            return PlainTextResponse(str(exc), exc.status)
+        return PlainTextResponse(body.decode())
+
+    server = HttpServer(
+        Starlette(routes=[Route("/", echo, methods=["POST"])]), "127.0.0.1:0", **bounds
+    )  # type: ignore[arg-type]
+    host, port = (await server.start()).rsplit(":", 1)
+    return server, host, int(port)
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Whether the server closes the connection (EOF) within `seconds`."""
+    try:
+        return await asyncio.wait_for(reader.read(), seconds) == b""
+    except TimeoutError:
+        return False
+
+
+async def test_a_request_must_send_its_headers_in_time() -> None:
+    """Slowloris: a client sending half a request line and then nothing is cut off, so such
+    clients cannot hold every connection slot; a whole request on a new connection is served."""
+    server, host, port = await _echo_server(header_seconds=0.3)
+    writers = []
+    try:
+        idle_reader, idle = await asyncio.open_connection(host, port)  # sends nothing at all
+        reader, slow = await asyncio.open_connection(host, port)
+        writers += [idle, slow]
+        slow.write(b"POST / HT")
+        assert await _closed_within(reader, 5)
+        assert await _closed_within(idle_reader, 5)
+        # A keep-alive connection whose second request stalls mid-headers is cut off too.
+        reader, writer = await asyncio.open_connection(host, port)
+        writers.append(writer)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await reader.readexactly(2) == b"ok"
+        writer.write(b"POST / HTTP/1.1\r\nHo")
+        assert await _closed_within(reader, 5)
+    finally:
+        for writer in writers:
+            writer.close()
+        await server.stop(grace=0.5)
+
+
+async def test_a_body_must_arrive_in_time() -> None:
+    server, host, port = await _echo_server()
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 408")
+        writer.close()
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_one_client_address_cannot_take_every_connection() -> None:
+    server, host, port = await _echo_server(max_per_client=3)
+    try:
+        held = [await asyncio.open_connection(host, port) for _ in range(4)]
+        assert await _closed_within(held[3][0], 5)  # the fourth from this address
+        assert not await _closed_within(held[0][0], 0.2)  # the first three stay
+        for _, writer in held:
+            writer.close()
+    finally:
+        await server.stop(grace=0.5)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hotswap.control import _convert
@@ -46,6 +47,9 @@ MAX_SESSIONS = 4096
 _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,255}")
 # Placement labels an engine may announce (Hello.labels); keys and values are names.
 MAX_LABELS = 16
+# Entries of one heartbeat's counts taken (versions loaded, times processes, times models of
+# split steps): far more than an engine holds, far less than a 64 MiB message could list.
+MAX_HEARTBEAT_ENTRIES = 4096
 
 # What the access rules are made from: whether tokens are required, and the user tokens.
 AccessSource = Callable[[], tuple[bool, Sequence[Grant]]]
@@ -101,7 +105,10 @@ def _sample_rates(connection: EngineConnection, beat: fleet_pb2.Heartbeat) -> No
             VersionCount(
                 v.workspace, v.pipeline, v.version_id, v.number, v.requests, v.errors, v.seconds
             )
-            for v in beat.versions
+            # A prefix: a heartbeat of millions of entries would hold the loop for a minute.
+            for v in beat.versions[:MAX_HEARTBEAT_ENTRIES]
+            # Counts only go up from zero, and errors are some of the requests.
+            if 0 <= v.errors <= v.requests and 0 <= v.seconds < math.inf
         ),
     )
 
@@ -342,7 +349,7 @@ class Fleet:
         kind = message.WhichOneof("kind")
         if kind == "heartbeat":
             # Bounded as every message is (its size); the counts are only read, summed.
-            connection.traffic = list(message.heartbeat.traffic)
+            connection.traffic = list(message.heartbeat.traffic[:MAX_HEARTBEAT_ENTRIES])
             if connection.traffic:
                 self.on_traffic()
             _sample_rates(connection, message.heartbeat)
@@ -422,13 +429,14 @@ class Fleet:
             if t.version_id == version_id
         ]
 
-    def rates(self, workspace: str, pipeline: str) -> list[Rate]:
-        """A pipeline's requests/s and latency per version, summed over the engines whose
+    def rates(self, workspace: str, pipeline: str, engines: Collection[str]) -> list[Rate]:
+        """A pipeline's requests/s and latency per version, summed over `engines` (the ones
+        assigned to it: an engine's word counts only for what it was given to serve) whose
         heartbeats are current (a lost engine's last rate says nothing about now)."""
         return combined(
             rate
-            for c in self.connections.values()
-            if not c.lost(self.lost_after)
+            for name in engines
+            if (c := self.connections.get(name)) is not None and not c.lost(self.lost_after)
             for rate in c.rates.rates.values()
             if rate.workspace == workspace and rate.pipeline == pipeline
         )

@@ -84,7 +84,8 @@ class StatusBoard:
 
     def status(self, workspace: str, pipeline: str) -> PipelineStatus:
         deployment = self._store.get_pipeline(workspace, pipeline).deployment
-        rates = tuple(self._fleet.rates(workspace, pipeline))
+        assigned = deployment.engines if deployment is not None else ()
+        rates = tuple(self._fleet.rates(workspace, pipeline, assigned))
         if deployment is None:
             running = self._running.get(pipeline_key(workspace, pipeline))
             return PipelineStatus(

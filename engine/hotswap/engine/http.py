@@ -40,7 +40,7 @@ from hotswap.engine.health import readiness
 from hotswap.engine.host import EngineHost
 from hotswap.engine.runtime import LoadedPipeline, PipelineSpec
 from hotswap.oip import grpc_service_pb2 as pb
-from hotswap.service.http_edge import MAX_BODY_BYTES, host_is_address
+from hotswap.service.http_edge import MAX_BODY_BYTES, BodyRefused, host_is_address, read_body
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def _answers_errors(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
+        except BodyRefused as exc:
+            return JSONResponse({"error": str(exc)}, exc.status)
         except EngineError as exc:
             status = http_status(exc)
             if status is None:
@@ -101,20 +103,6 @@ def served_headers(spec: PipelineSpec) -> dict[str, str]:
         "x-hotswap-pipeline-version-id": spec.version_id,
         "x-hotswap-models": json.dumps(models, separators=(",", ":")),
     }
-
-
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, refused (413) past `limit` before more of it is read."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"the body is {declared} bytes; at most {limit} per request")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"the body is over {limit} bytes; at most that per request")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class EngineHttp:
@@ -195,7 +183,7 @@ class EngineHttp:
 
     async def oip_infer(self, request: Request) -> Response:
         caller = self._caller(request)
-        body = await read_body(request)
+        body = await read_body(request, MAX_BODY_BYTES)
         header_length = request.headers.get(INFERENCE_HEADER)
         max_rows = self._plane.max_rows
         parsed: list[oip_rest.RestRequest] = []
@@ -225,9 +213,9 @@ class EngineHttp:
     async def wallaroo_infer(self, request: Request) -> Response:
         caller = self._caller(request)
         kind = wallaroo_formats.format_of(request.headers.get("content-type", ""))
-        body = await read_body(request)
         workspace, pipeline = request.path_params["workspace"], request.path_params["pipeline"]
-        caller.check(workspace)
+        caller.check(workspace)  # before the body is read: an outsider's body is never held
+        body = await read_body(request, MAX_BODY_BYTES)
         max_rows, partition = self._plane.max_rows, self._partition
         served = await self._plane.serve(
             lambda: self._host.lookup(workspace, pipeline, caller.may_use),

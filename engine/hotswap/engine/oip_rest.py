@@ -58,7 +58,8 @@ def parse_infer(body: bytes, header_length: str | None) -> RestRequest:
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
         raise InvalidInput('the request must be a JSON object with a list "inputs"')
     message = pb.ModelInferRequest(id=str(document.get("id", "")))
-    _set_parameters(message.parameters, document.get("parameters"), "the request")
+    parameters = document.get("parameters") or {}
+    _set_parameters(message.parameters, parameters, "the request")
     offset = 0
     for index, tensor in enumerate(document["inputs"]):
         raw, used = _input(message, tensor, index, binary, offset)
@@ -70,13 +71,16 @@ def parse_infer(body: bytes, header_length: str | None) -> RestRequest:
             f"({BINARY_SIZE})"
         )
     binary_outputs = set()
-    if document.get("parameters", {}).get("binary_data_output") is True:
+    if parameters.get("binary_data_output") is True:
         binary_outputs.add("*")
     for tensor in document.get("outputs") or []:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise InvalidInput('each of "outputs" must be an object with a "name"')
         message.outputs.add(name=tensor["name"])
-        if (tensor.get("parameters") or {}).get("binary_data") is True:
+        wanted = tensor.get("parameters") or {}
+        if not isinstance(wanted, dict):
+            raise InvalidInput(f'"parameters" of output {tensor["name"]!r} must be an object')
+        if wanted.get("binary_data") is True:
             binary_outputs.add(tensor["name"])
     return RestRequest(message, frozenset(binary_outputs))
 
@@ -93,15 +97,15 @@ def _input(
         raise InvalidInput(f'inputs[{index}] needs a string "name" and "datatype"')
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 1 for d in shape):
         raise InvalidInput(f'{what} needs "shape": a list of dims, each at least 1')
-    declared = message.inputs.add(name=name, datatype=datatype, shape=shape)
-    parameters = tensor.get("parameters") or {}
-    _set_parameters(declared.parameters, parameters, what)
     dtype = oip.DTYPES.get(datatype)
     if dtype is None:
         raise InvalidInput(f"{what} has datatype {datatype!r}; send one of {', '.join(oip.DTYPES)}")
     count = math.prod(shape)
     if count > oip.MAX_ELEMENTS:
         raise InvalidInput(f"{what} has {count} elements: more than one request may carry")
+    declared = message.inputs.add(name=name, datatype=datatype, shape=shape)
+    parameters = tensor.get("parameters") or {}
+    _set_parameters(declared.parameters, parameters, what)  # raises unless an object
     if BINARY_SIZE in parameters:
         size = parameters[BINARY_SIZE]
         if not isinstance(size, int) or not 0 <= size <= len(binary) - offset:
@@ -129,6 +133,8 @@ def _set_parameters(target: Any, parameters: Any, what: str) -> None:
         if isinstance(value, bool):
             target[key].bool_param = value
         elif isinstance(value, int):
+            if not -(2**63) <= value < 2**63:
+                raise InvalidInput(f"parameter {key!r} of {what} is past int64")
             target[key].int64_param = value
         elif isinstance(value, float):
             target[key].double_param = value

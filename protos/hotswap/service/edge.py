@@ -267,8 +267,8 @@ async def serve_until_signalled(make: Callable[[], Service], name: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    signalled = asyncio.ensure_future(stop.wait())
-    crashed = service.supervisor.crashed
+    signalled: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    crashed: asyncio.Future[Any] = service.supervisor.crashed
     await asyncio.wait([signalled, crashed], return_when=asyncio.FIRST_COMPLETED)
     signalled.cancel()
     logging.getLogger(name).info("shutting down")

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from starlette.requests import Request
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from hotswap.service.edge import StartupError
 
@@ -30,6 +32,90 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Connections served at once; past it uvicorn answers 503 at once.
 MAX_CONNECTIONS = 1024
+# Connections one client address may hold: one address cannot take every slot.
+MAX_PER_CLIENT = 256
+# A request's headers must arrive within this of its first byte (or of the connection
+# opening), and its body within BODY_SECONDS: a client sending a byte at a time (slowloris)
+# cannot hold connections without end. uvicorn times idle keep-alive connections out itself.
+HEADER_SECONDS = 10.0
+BODY_SECONDS = 60.0
+
+
+class BodyRefused(Exception):
+    """A body too big (413) or too slow (408); `status` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(request: Request, limit: int, seconds: float = BODY_SECONDS) -> bytes:
+    """The body, refused past `limit` bytes (from its declared length before it is read, or
+    as it streams) or when it takes longer than `seconds` to arrive.
+
+    Raises:
+        BodyRefused: 413 or 408, with what to do.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyRefused(413, f"the body is {declared} bytes; at most {limit} per request")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise BodyRefused(413, f"the body is over {limit} bytes; at most that")
+    except TimeoutError:
+        raise BodyRefused(408, f"the body did not arrive within {seconds:g} s") from None
+    return bytes(body)
+
+
+class _BoundedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the two bounds it lacks: a header deadline, and a
+    cap on the connections of one client address."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+    # Set per server (`HttpServer`) on a subclass of its own.
+    header_seconds = HEADER_SECONDS
+    max_per_client = MAX_PER_CLIENT
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        client = self.client[0] if self.client else None
+        if client is not None:
+            peers: list[Any] = [getattr(c, "client", None) for c in self.connections]
+            held = sum(1 for peer in peers if peer is not None and peer[0] == client)
+            if held > self.max_per_client:
+                transport.close()
+                return
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_seconds, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +137,13 @@ def host_is_address(host: str) -> bool:
     name: a web page whose own name an attacker rebinds to this machine's address (DNS
     rebinding) still sends that name, so a server that needs no token can refuse it."""
     if host.startswith("["):  # [v6] or [v6]:port
-        name, _, rest = host[1:].partition("]")
-        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
-            return False
+        name, _, port = host[1:].partition("]")
+        port = port.removeprefix(":") if port.startswith(":") else port or "0"
     else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        name, _, port = host.partition(":")
+        port = port or "0"
+    if not port.isdigit() or "%" in name:  # a port is digits; no IPv6 zone ids
+        return False
     if name.lower() == "localhost":
         return True
     try:
@@ -110,12 +198,19 @@ class HttpServer:
         tls: HttpTls | None = None,
         reuse_port: bool = False,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_client: int = MAX_PER_CLIENT,
+        header_seconds: float = HEADER_SECONDS,
     ) -> None:
         self._app = app
         self._listen = listen
         self._tls = tls
         self._reuse_port = reuse_port
         self._max_connections = max_connections
+        self._protocol = type(
+            "BoundedProtocol",
+            (_BoundedProtocol,),
+            {"header_seconds": header_seconds, "max_per_client": max_per_client},
+        )
         self._server: _QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
         self.address = ""
@@ -129,7 +224,9 @@ class HttpServer:
         tls = self._tls
         config = uvicorn.Config(
             self._app,
-            http="httptools",
+            http=self._protocol,
+            # No X-Forwarded-* from anyone: the peer address is the socket's.
+            proxy_headers=False,
             lifespan="off",
             log_config=None,
             access_log=False,

@@ -52,7 +52,7 @@ class _OpenStreams:
         self.active += 1
 
 
-class _CappedHealth(health.aio.HealthServicer):  # type: ignore[misc]
+class _CappedHealth(health.aio.HealthServicer):
     def __init__(self, streams: _OpenStreams) -> None:
         super().__init__()
         self._streams = streams
@@ -65,15 +65,18 @@ class _CappedHealth(health.aio.HealthServicer):  # type: ignore[misc]
             self._streams.active -= 1
 
 
-class _CappedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc,name-defined]
+class _CappedReflection(reflection.aio.ReflectionServicer):
     def __init__(self, names: Sequence[str], streams: _OpenStreams) -> None:
         super().__init__(names)
         self._streams = streams
 
-    async def ServerReflectionInfo(self, requests: Any, context: Any) -> AsyncIterator[Any]:
+    async def ServerReflectionInfo(  # type: ignore[override]  # the stub says coroutine
+        self, requests: Any, context: Any
+    ) -> AsyncIterator[Any]:
         await self._streams.enter(context)
         try:
-            async for response in super().ServerReflectionInfo(requests, context):
+            parent: Any = super().ServerReflectionInfo(requests, context)
+            async for response in parent:
                 yield response
         finally:
             self._streams.active -= 1
@@ -128,7 +131,7 @@ async def add_probes(server: grpc.aio.Server, services: Sequence[str]) -> Health
     servicer = _CappedHealth(streams)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     names = [*services, HEALTH_SERVICE, REFLECTION_SERVICE]
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
         _CappedReflection(names, streams), server
     )
     probes = Health(servicer)

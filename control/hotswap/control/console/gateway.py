@@ -10,18 +10,19 @@ rollbacks), a bound on the body, and one table from gRPC status to HTTP status.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import orjson
 from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from hotswap.service.http_edge import BodyRefused, read_body
 from hotswap.service.log_config import REQUEST_ID_HEADER, new_request_id
 from hotswap.v1 import control_pb2
 
@@ -129,17 +130,13 @@ async def _json_body(request: Request) -> dict[str, Any]:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise _Refused(415, "send the request as Content-Type: application/json")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _Refused(413, f"the request body is over {MAX_BODY_BYTES} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise _Refused(413, f"the request body is over {MAX_BODY_BYTES} bytes")
     try:
-        doc = json.loads(body or b"{}")
-    except ValueError:
+        body = await read_body(request, MAX_BODY_BYTES)
+    except BodyRefused as exc:
+        raise _Refused(exc.status, str(exc)) from None
+    try:
+        doc = orjson.loads(body or b"{}")  # its nesting is bounded, unlike json's recursion
+    except orjson.JSONDecodeError:
         raise _Refused(400, "the request body is not JSON") from None
     if not isinstance(doc, dict):
         raise _Refused(400, "the request body must be a JSON object")
