@@ -89,7 +89,9 @@ def test_host_is_address_refuses_dns_names(host: str, address: bool) -> None:
     assert host_is_address(host) is address
 
 
-async def _echo_server(**bounds: float) -> tuple[HttpServer, str, int]:
+async def _echo_server(
+    header_seconds: float = 10.0, max_per_client: int = 256
+) -> tuple[HttpServer, str, int]:
     async def echo(request: Request) -> Response:
         try:
             body = await read_body(request, 1024, seconds=0.5)
@@ -97,9 +99,10 @@ async def _echo_server(**bounds: float) -> tuple[HttpServer, str, int]:
             return PlainTextResponse(str(exc), exc.status)
         return PlainTextResponse(body.decode())
 
+    app = Starlette(routes=[Route("/", echo, methods=["POST"])])
     server = HttpServer(
-        Starlette(routes=[Route("/", echo, methods=["POST"])]), "127.0.0.1:0", **bounds
-    )  # type: ignore[arg-type]
+        app, "127.0.0.1:0", header_seconds=header_seconds, max_per_client=max_per_client
+    )
     host, port = (await server.start()).rsplit(":", 1)
     return server, host, int(port)
 
