@@ -29,7 +29,6 @@ from starlette.routing import Route
 from hotswap.engine import access, oip, oip_rest, wallaroo_formats
 from hotswap.engine.dataplane import DataPlane, Ran
 from hotswap.engine.errors import (
-    EngineError,
     InvalidInput,
     Overloaded,
     PipelineLoading,
@@ -76,15 +75,13 @@ def _answers_errors(handler: Handler) -> Handler:
             return await handler(request)
         except BodyRefused as exc:
             return JSONResponse({"error": str(exc)}, exc.status)
-        except EngineError as exc:
+        except Exception as exc:
             status = http_status(exc)
-            if status is None:
-                raise
+            if status is None:  # a bug, not the caller's doing: the log has it, not the answer
+                log.exception("HTTP %s %s failed", request.method, request.url.path)
+                return JSONResponse({"error": "internal error: see the engine's log"}, 500)
             headers = {"www-authenticate": "Bearer"} if status == 401 else None
             return JSONResponse({"error": str(exc)}, status, headers=headers)
-        except Exception:
-            log.exception("HTTP %s %s failed", request.method, request.url.path)
-            return JSONResponse({"error": "internal error: see the engine's log"}, 500)
 
     return wrapped
 

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from hotswap.engine.errors import PrepareError
 from hotswap.engine.runtime import LoadedPipeline
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,12 @@ class Bound:
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
-SWAP_FAILURE_CAUSES = ("fetch", "build", "warmup", "not_prepared", "unexpected")
+# A PrepareError's causes, and what link.py counts for anything else.
+SWAP_FAILURE_CAUSES = (
+    PrepareError.cause,
+    *(kind.cause for kind in PrepareError.__subclasses__()),
+    "unexpected",
+)
 
 
 class EngineMetrics:
