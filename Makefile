@@ -46,8 +46,8 @@ system-tools:
 test: $(STAMP) system-tools
 	$(VENV)/bin/pytest -m "not slow and not gpu"
 
-# The tests marked slow alone (network-namespace hosts, restarts, model training); CI runs them
-# after `make test`.
+# The tests marked slow alone (network-namespace hosts, kills and restarts, drains, model
+# training); CI runs them after `make test`.
 test-slow: $(STAMP) system-tools
 	$(VENV)/bin/pytest -m "slow and not gpu"
 

@@ -18,6 +18,9 @@ from hotswap.clients._stack import LocalStack
 from hotswap.v1 import control_pb2 as c
 from tests.e2e import _api
 
+# Slow (engines drained and stopped by signals): `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 CLIENTS = 4
 
 

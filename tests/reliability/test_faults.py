@@ -21,6 +21,9 @@ from hotswap.v1 import engine_pb2 as e
 from tests.e2e import _api
 from tests.e2e.conftest import seed_models
 
+# Slow (processes killed and restarted): `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 
 def _deployed(stub: Any) -> int:
     pipeline = stub.GetPipeline(c.GetPipelineRequest(workspace=_api.WS, name="housing"))
