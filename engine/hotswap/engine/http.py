@@ -17,7 +17,6 @@ gRPC's message limit. Answers say what served them in ``x-hotswap-*`` headers.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -37,7 +36,7 @@ from hotswap.engine.errors import (
 )
 from hotswap.engine.health import readiness
 from hotswap.engine.host import EngineHost
-from hotswap.engine.runtime import LoadedPipeline, PipelineSpec
+from hotswap.engine.runtime import LoadedPipeline
 from hotswap.oip import grpc_service_pb2 as pb
 from hotswap.service.http_edge import MAX_BODY_BYTES, BodyRefused, host_is_address, read_body
 
@@ -86,20 +85,11 @@ def _answers_errors(handler: Handler) -> Handler:
     return wrapped
 
 
-@functools.lru_cache(maxsize=64)
-def served_headers(spec: PipelineSpec) -> dict[str, str]:
-    """What served a request, as response headers (built once per version)."""
-    models = [
-        {"name": s.model_name, "version": s.model_version, "sha256": s.sha256}
-        for s in spec.models()
-    ]
-    return {
-        "x-hotswap-workspace": spec.workspace,
-        "x-hotswap-pipeline": spec.pipeline,
-        "x-hotswap-pipeline-version": str(spec.number),
-        "x-hotswap-pipeline-version-id": spec.version_id,
-        "x-hotswap-models": json.dumps(models, separators=(",", ":")),
-    }
+def served_headers(loaded: LoadedPipeline) -> dict[str, str]:
+    """What served a request, as response headers: the version's identity, which the native
+    answer carries as Arrow schema metadata (hotswap.pipeline_version ->
+    x-hotswap-pipeline-version)."""
+    return {f"x-{k.replace('.', '-').replace('_', '-')}": v for k, v in loaded.identity.items()}
 
 
 class EngineHttp:
@@ -201,7 +191,7 @@ class EngineHttp:
             lambda: self._lookup(request, caller), run, nbytes=len(body)
         )
         content, json_length = oip_rest.render_infer(served.answer, parsed[0].binary_outputs)
-        headers = served_headers(served.loaded.spec)
+        headers = served_headers(served.loaded)
         if json_length is None:
             return Response(content, media_type="application/json", headers=headers)
         headers = {**headers, INFERENCE_HEADER: str(json_length)}
@@ -220,4 +210,4 @@ class EngineHttp:
             nbytes=len(body),
         )
         media = "application/json" if kind == wallaroo_formats.RECORDS else kind
-        return Response(served.answer, media_type=media, headers=served_headers(served.loaded.spec))
+        return Response(served.answer, media_type=media, headers=served_headers(served.loaded))

@@ -377,6 +377,7 @@ class LoadedPipeline:
         "_schema_cache",
         "_steps",
         "_templates",
+        "identity",
         "load_ms",
         "row_ms",
         "spec",
@@ -440,14 +441,17 @@ class LoadedPipeline:
             {"name": s.model_name, "version": s.model_version, "sha256": s.sha256}
             for s in spec.steps
         ]
+        # What served an answer, as every answer names it: the result's Arrow schema metadata
+        # here, the HTTP answers' x-hotswap-* headers (engine/http.py).
+        self.identity = {
+            "hotswap.workspace": spec.workspace,
+            "hotswap.pipeline": spec.pipeline,
+            "hotswap.pipeline_version": str(spec.number),
+            "hotswap.pipeline_version_id": spec.version_id,
+            "hotswap.models": json.dumps(models),
+        }
         self._metadata = pa.KeyValueMetadata(
-            {
-                b"hotswap.workspace": spec.workspace.encode(),
-                b"hotswap.pipeline": spec.pipeline.encode(),
-                b"hotswap.pipeline_version": str(spec.number).encode(),
-                b"hotswap.pipeline_version_id": spec.version_id.encode(),
-                b"hotswap.models": json.dumps(models).encode(),
-            }
+            {key.encode(): value.encode() for key, value in self.identity.items()}
         )
 
     @classmethod
