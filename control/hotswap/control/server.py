@@ -100,9 +100,7 @@ class ControlPlaneServer:
         self.console = (
             Console(
                 settings.http_listen,
-                tls=HttpTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-                if settings.tls_cert and settings.tls_key
-                else None,
+                tls=HttpTls.of(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
                 # Open, the console's own checks are all that stand before the API.
                 check_host=self.tokens is None,
             )

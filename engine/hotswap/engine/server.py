@@ -168,11 +168,6 @@ class EngineServer:
         """Serves HTTP on the data plane gRPC uses; returns the bound port."""
         settings = self.settings
         assert self.host is not None and self._plane is not None
-        tls = (
-            HttpTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-            if (settings.tls_cert and settings.tls_key)
-            else None
-        )
         routes = EngineHttp(
             self.host,
             self._plane,
@@ -183,7 +178,7 @@ class EngineServer:
         self._http = HttpServer(
             routes.app(),
             settings.http_listen,
-            tls=tls,
+            tls=HttpTls.of(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
             reuse_port=settings.reuse_port or settings.processes > 1,
             max_connections=settings.max_concurrent_rpcs,
         )

@@ -124,6 +124,12 @@ class HttpTls:
     key: Path
     client_ca: Path | None = None  # mutual TLS: callers need a certificate of this CA
 
+    @classmethod
+    def of(cls, cert: Path | None, key: Path | None, client_ca: Path | None) -> HttpTls | None:
+        """The HTTP side of a server's TLS flags (as `edge.server_credentials` is the gRPC
+        side): None without a certificate and key, so that both doors speak the same."""
+        return cls(cert, key, client_ca) if cert and key else None
+
 
 class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
