@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from hotswap.clients._stack import LocalStack
+from tests.security._certs import make_pki
 from tests.security.test_engine_doors import ADMIN, ALICE, BOB, _deploy, secured
 
 __all__ = ["secured"]  # the fixture, shared with the gRPC doors' tests
@@ -173,3 +175,24 @@ def test_a_loopback_engine_answers_only_loopback_host_names(
         assert status == 403
     for host in (address, f"localhost:{port}"):
         assert _call(address, "GET", "/v2", headers={"Host": host})[0] == 200, host
+
+
+def test_an_engine_with_tls_serves_http_over_tls_only(tmp_path: Path) -> None:
+    """The HTTP port speaks TLS with the gRPC server's files: an engine that serves TLS never
+    answers plaintext HTTP."""
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    with LocalStack(tmp_path / "stack", engine_args=tls) as stack:
+        address = stack.http_address("engine-1")
+        trusted = ssl.create_default_context(cafile=str(pki.ca))
+        connection = http.client.HTTPSConnection(address, timeout=10, context=trusted)
+        connection.request("GET", "/v2/health/live")
+        answer = connection.getresponse()
+        assert (answer.status, json.loads(answer.read())) == (200, {"live": True})
+        connection.close()
+        plain = http.client.HTTPConnection(address, timeout=10)
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            plain.request("GET", "/v2/health/live")
+            plain.getresponse()
+        plain.close()
