@@ -10,7 +10,7 @@ MODELS := examples/housing/models/.stamp
 # Debian's prometheus, chromium and chromedriver: the tests' real Prometheus and browser.
 SYSTEM_TOOLS := prometheus chromium chromium-driver
 
-.PHONY: system-tools test-slow install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic bench-http clean
+.PHONY: system-tools test-slow install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic bench-http bench-pause clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ bench-auth: $(STAMP)
 # Shadow deploys' cost to the champion alone (make bench includes it): <date>-<host>-traffic.md.
 bench-traffic: $(STAMP)
 	$(PY) -m bench._shadow
+
+# The serving pause by model size alone, in process vs a process of its own (make bench
+# includes it): bench/results/<date>-<host>-pause.md.
+bench-pause: $(STAMP)
+	$(PY) bench/run.py --pause-only $(if $(QUICK),--quick)
 
 # HTTP's cost next to gRPC's alone (make bench includes it): <date>-<host>-http.md.
 bench-http: $(STAMP)

@@ -122,17 +122,7 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
             commit <= 1,
         )
     )
-    cost = r["cost"]
-    small, big = cost[0], cost[-1]
-    ratio = big["pause_ms"] / small["pause_ms"]
-    out.append(
-        (
-            f"serving pause {big['megabytes']} MB vs {small['megabytes']} MB",
-            f"{big['pause_ms']:.2f} vs {small['pause_ms']:.2f} ms = {ratio:.2f}x",
-            "not growing (<= 1.5x)",
-            ratio <= 1.5,
-        )
-    )
+    out.append(pause_target(r["cost"]))
     soak = r["soak"]
     out.append(
         (
@@ -315,21 +305,44 @@ def markdown(r: dict[str, Any]) -> str:
         f"engine RSS: start {soak['rss_start_mb']:.0f} MB, after 10% "
         f"{soak['rss_after_10pct_mb']:.0f} MB, end {soak['rss_end_mb']:.0f} MB "
         f"({soak['rss_ratio']:.3f}x); deploy() p50 {soak['deploy_ms_p50']:.1f} ms.",
-        "",
-        "## Cost growth (random tree ensembles; open loop 200 req/s)",
-        "",
-        "| model MB | deploy ms (cached p50) | prepare ms | load ms | commit ms "
-        "| pause ms (max in window) | window p99 ms | steady p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in r["cost"]:
+    lines += pause_table(r["cost"])
+    return "\n".join(lines) + "\n"
+
+
+def pause_target(cost: list[dict[str, Any]]) -> tuple[str, str, str, bool]:
+    """The worst window of the biggest model against the smallest's, as engines run by
+    default (big models in a process of their own)."""
+    mine = [c for c in cost if c["mode"] == "own process"]
+    small, big = mine[0], mine[-1]
+    ratio = big["pause_ms"] / small["pause_ms"]
+    return (
+        f"serving pause {big['megabytes']} MB vs {small['megabytes']} MB (built, then freed)",
+        f"{big['pause_ms']:.2f} vs {small['pause_ms']:.2f} ms = {ratio:.2f}x",
+        "not growing (<= 1.5x)",
+        ratio <= 1.5,
+    )
+
+
+def pause_table(cost: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Serving pause by model size (random tree ensembles; open loop 200 req/s, 1 row)",
+        "",
+        "Each swap builds the new version from cached blobs and frees the old one "
+        "(`--retain-versions 0`); a window is the deploy and 1 s either side. In process: "
+        "`--isolate-above-mb off`; own process: the default (models of 8 MiB or more).",
+        "",
+        "| model MB | engine holds it | deploy ms p50 | prepare ms p50 | pause ms (worst window) "
+        "| window p99 ms (worst) | steady p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cost:
         s = c["swaps"]
         lines.append(
-            f"| {c['megabytes']} | {c['deploy_ms_cached']:.1f} "
-            f"| {statistics.median(x['prepare_ms'] for x in s):.1f} "
-            f"| {statistics.median(x['load_ms'] for x in s):.1f} "
-            f"| {statistics.median(x['commit_ms'] for x in s):.2f} | {c['pause_ms']:.2f} "
+            f"| {c['megabytes']} | {c['mode']} | {c['deploy_ms_p50']:.1f} "
+            f"| {statistics.median(x['prepare_ms'] for x in s):.1f} | {c['pause_ms']:.2f} "
             f"| {max(x['window_p99_ms'] for x in s):.2f} | {c['steady_p99_ms'] or 0:.2f} "
-            f"| {c['errors'] or 0} |"
+            f"| {sum((c['errors'] or {}).values())} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines

@@ -190,49 +190,69 @@ def soak_phase(results: dict[str, Any], stack: Any, engine: str, swaps: int) -> 
     }
 
 
+# The two ways an engine can hold a big model, measured in one run (docs/adr/0010).
+COST_MODES = {"in process": ("--isolate-above-mb", "off"), "own process": ()}
+
+
 def cost_phase(
-    results: dict[str, Any], stack: Any, engine: str, sizes: list[int], tmp: Path
+    results: dict[str, Any], models: dict[str, Path], sizes: list[int], tmp: Path
 ) -> None:
-    stub = _cells.control(stack)
+    """The serving pause while a model of each size is built and after it is retired.
+
+    The engine keeps no retired version (`--retain-versions 0`), so every measured swap builds
+    the new version from cached blobs and frees the one it replaces: the window (1 s either
+    side of the deploy) covers the build, the switch and the free. Each size runs on an engine
+    that loads every model in process and on one with the default (big models in a process of
+    their own)."""
     out: list[dict[str, Any]] = []
-    for mb in sizes:
-        log(f"cost growth: {mb} MB models")
-        names = []
-        for variant in (0, 1):
-            name = f"trees{mb}mb{variant}"
-            _cells.upload(stub, name, _models.write_sized(tmp, mb, variant))
-            names.append(name)
-        _cells.deploy(stub, names[0])  # fetch and first build outside the measured window
-        plan = SwapPlan("", "", "", models=[names[1], names[0], names[1]], every=1.0, count=3)
-        report = _cells.swap_run(engine, stack.control_address, rows_table(1), 200.0, plan, 0.25)
-        size = _models.write_sized(tmp, mb, 0).stat().st_size
-        cached = report["swaps"][1:]  # the first swap also fetched the second model's blob
-        out.append(
-            {
-                "megabytes": round(size / 1e6, 1),
-                "errors": report["errors"],
-                "steady_p99_ms": (report["steady_latency_ms"] or {}).get("p99"),
-                "swaps": [
-                    {
-                        k: s[k]
-                        for k in (
-                            "deploy_ms",
-                            "prepare_ms",
-                            "fetch_ms",
-                            "load_ms",
-                            "commit_ms",
-                            "switch_us",
-                            "error",
-                        )
-                    }
+    first = {name: path for name, path in models.items() if name == "rf"}
+    for mode, flags in COST_MODES.items():
+        engine_args = ("--retain-versions", "0", *flags)
+        with _cells.service(tmp / f"cost-{len(out)}", 1, first, engine_args) as (stack, engine):
+            stub = _cells.control(stack)
+            for mb in sizes:
+                log(f"cost growth: {mb} MB models, {mode}")
+                names = []
+                for variant in (0, 1):
+                    name = f"trees{mb}mb{variant}"
+                    _cells.upload(stub, name, _models.write_sized(tmp, mb, variant))
+                    names.append(name)
+                for name in (names[0], names[1], names[0]):  # both blobs fetched, unmeasured
+                    _cells.deploy(stub, name)
+                plan = SwapPlan("", "", "", models=[names[1], names[0]] * 2, every=3.0, count=4)
+                report = _cells.swap_run(
+                    engine, stack.control_address, rows_table(1), 200.0, plan, window_s=1.0
+                )
+                size = _models.write_sized(tmp, mb, 0).stat().st_size
+                swaps = [
+                    {k: s[k] for k in ("deploy_ms", "prepare_ms", "load_ms", "commit_ms", "error")}
                     | {"pause_ms": s["window"]["max_ms"], "window_p99_ms": s["window"]["p99_ms"]}
                     for s in report["swaps"]
-                ],
-                "deploy_ms_cached": statistics.median(s["deploy_ms"] for s in cached),
-                "pause_ms": max(s["window"]["max_ms"] for s in report["swaps"]),
-            }
-        )
+                ]
+                out.append(
+                    {
+                        "mode": mode,
+                        "megabytes": round(size / 1e6, 1),
+                        "errors": report["errors"],
+                        "steady_p99_ms": (report["steady_latency_ms"] or {}).get("p99"),
+                        "swaps": swaps,
+                        "deploy_ms_p50": statistics.median(s["deploy_ms"] for s in swaps),
+                        "pause_ms": max(s["pause_ms"] for s in swaps),
+                    }
+                )
     results["cost"] = out
+
+
+def pause_main(quick: bool) -> int:
+    with tempfile.TemporaryDirectory(prefix="hotswap-bench-pause-") as scratch:
+        tmp = Path(scratch)
+        result: dict[str, Any] = {"machine": _summary.machine()}
+        cost_phase(result, tutorial_models(tmp), [1, 10] if quick else [1, 10, 100], tmp)
+    target = "| {} | {} | {} | {} |".format(*_summary.pause_target(result["cost"]))
+    lines = [*_summary.pause_table(result["cost"]), "", "| target | measured | goal | pass |"]
+    lines += ["|---|---|---|---|", target]
+    write_phase("pause", "serving pause by model size", result, lines)
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -244,7 +264,14 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="also measure KServe's ModelServer (installed into bench/.peers on first use)",
     )
+    p.add_argument(
+        "--pause-only",
+        action="store_true",
+        help="only the serving pause by model size (make bench-pause): <date>-<host>-pause.md",
+    )
     args = p.parse_args(argv)
+    if args.pause_only:
+        return pause_main(args.quick)
     seconds = 1.5 if args.quick else 4.0
     began = time.monotonic()
     results: dict[str, Any] = {"machine": _summary.machine(), "quick": args.quick}
@@ -264,7 +291,7 @@ def main(argv: list[str]) -> int:
         with _cells.service(tmp / "swaps", 1, models) as (stack, engine):
             swap_phase(results, stack, engine, 50)
             soak_phase(results, stack, engine, 200 if args.quick else 1000)
-            cost_phase(results, stack, engine, [1, 10] if args.quick else [1, 10, 100], tmp)
+        cost_phase(results, models, [1, 10] if args.quick else [1, 10, 100], tmp)
         results["fleet"] = _fleet.phase(models, tmp, log, swaps=10 if args.quick else 20)
     results["elapsed_s"] = time.monotonic() - began
     args.out.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,9 @@ class DataPlane:
         try:
             loaded = lookup()
             bound = metrics.bind(loaded)
-            if nbytes <= self._inline_bytes and loaded.row_ms < INLINE_MAX_MS:
+            # A model in a process of its own is waited for on a thread: the loop serves on.
+            inline = not loaded.isolated and loaded.row_ms < INLINE_MAX_MS
+            if nbytes <= self._inline_bytes and inline:
                 ran = run(loaded)
             else:
                 ran = await self._queue.run(run, loaded, nbytes=nbytes)

@@ -7,6 +7,7 @@ them to gRPC status codes once, at the edge (``hotswap.engine._convert``).
     ├── PipelineLoading       assigned, first version still loading       (UNAVAILABLE)
     ├── RequestTooLarge       more rows than --max-rows                    (RESOURCE_EXHAUSTED)
     ├── Overloaded            the inference queue is full                  (RESOURCE_EXHAUSTED)
+    ├── ModelUnavailable      a model's own process died; it is restarting (UNAVAILABLE)
     ├── access.Unauthenticated / access.PermissionDenied   token checks   (UNAUTHENTICATED, ...)
     └── PrepareError          a version could not be fetched, built or warmed up (`cause`)
         ├── BlobError         a blob could not be fetched or failed its sha256 check
@@ -37,6 +38,10 @@ class RequestTooLarge(EngineError):
 
 class Overloaded(EngineError):
     """More requests wait for an inference thread than the engine queues (--max-queued)."""
+
+
+class ModelUnavailable(EngineError):
+    """The process serving a big model (`model_process`) ended; a new one is loading it."""
 
 
 class PrepareError(EngineError):

@@ -29,6 +29,7 @@ from hotswap.engine import access, oip, oip_rest, wallaroo_formats
 from hotswap.engine.dataplane import DataPlane, Ran
 from hotswap.engine.errors import (
     InvalidInput,
+    ModelUnavailable,
     Overloaded,
     PipelineLoading,
     PipelineNotServed,
@@ -48,6 +49,7 @@ HTTP_STATUS: dict[type[Exception], int] = {
     InvalidInput: 400,
     PipelineNotServed: 404,
     PipelineLoading: 503,
+    ModelUnavailable: 503,
     RequestTooLarge: 413,
     Overloaded: 429,
     access.Unauthenticated: 401,

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeAlias, cast
 
 import numpy as np
@@ -43,6 +44,7 @@ from hotswap.engine.arrow_io import (
 )
 from hotswap.engine.errors import EngineError, InvalidInput, PrepareError, WarmupFailed
 from hotswap.engine.fast_ipc import AnswerTemplate, RequestLayout
+from hotswap.engine.model_process import ProcessSession
 from hotswap.engine.splits import ArmModel, ModelStats, Router, SplitSpec, model_label
 
 __all__ = [
@@ -89,6 +91,11 @@ _TEMPLATES_KEPT = 64
 # Requests of more rows are answered without a template (a template holds ~16 bytes a row).
 _TEMPLATE_ROWS = 4096
 
+# The default size from which a model is served by a process of its own: the tutorial's
+# models (~0.2 MB) stay in the engine; a 9 MB ensemble already stalled serving 15 ms when
+# built or freed in it (docs/adr/0010).
+ISOLATE_BYTES = 8 * 1024**2
+
 # Timed 1-row inferences after the first (allocating) one, to learn a request's real cost.
 WARM_RUNS = 3
 
@@ -124,10 +131,15 @@ class RuntimeOptions:
 
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    # Models whose file is at least this many bytes are served from a process of their own
+    # (`model_process`), so that building and freeing them never stalls serving; None: none.
+    isolate_bytes: int | None = ISOLATE_BYTES
 
     def __post_init__(self) -> None:
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError("thread counts must be >= 0 (0 = ONNX Runtime's default)")
+        if self.isolate_bytes is not None and self.isolate_bytes < 0:
+            raise ValueError("isolate_bytes must be >= 0 (or None: no model process)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +390,7 @@ class LoadedPipeline:
         "_steps",
         "_templates",
         "identity",
+        "isolated",
         "load_ms",
         "row_ms",
         "spec",
@@ -388,6 +401,7 @@ class LoadedPipeline:
     load_ms: float
     warmup_ms: float
     row_ms: float  # steady-state time of a 1-row inference, measured at warm-up
+    isolated: bool  # some model runs in a process of its own (a call waits on a socket)
 
     def __init__(
         self,
@@ -402,6 +416,8 @@ class LoadedPipeline:
         self.load_ms = load_ms
         self.warmup_ms = 0.0
         self.row_ms = math.inf
+        every = [*sessions, *(s for others in split_sessions for s in others)]
+        self.isolated = any(isinstance(s, ProcessSession) for s in every)
         labels = [f"step {i} (model {s.model_name!r})" for i, s in enumerate(spec.steps)]
         self._inputs = _plan_inputs(spec.steps[0].model_name, labels[0], sessions[0])
         steps: list[_Step | _SplitStep] = list(_plan_steps(labels, sessions))
@@ -1026,6 +1042,19 @@ def _arrow_type(arg: Any) -> pa.DataType | None:
 
 
 def _open_session(index: int, step: StepSpec, options: RuntimeOptions) -> Any:
+    if options.isolate_bytes is not None and _size(step.path) >= options.isolate_bytes:
+        try:
+            return ProcessSession(
+                step.path,
+                f"model {step.model_name!r} version {step.model_version}",
+                options.intra_op_threads,
+                options.inter_op_threads,
+            )
+        except (OSError, RuntimeError) as exc:
+            raise PrepareError(
+                f"step {index} (model {step.model_name!r} version {step.model_version}) cannot "
+                f"be loaded by ONNX Runtime in a process of its own: {_ort_message(exc)}"
+            ) from exc
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = options.intra_op_threads
     session_options.inter_op_num_threads = options.inter_op_threads
@@ -1041,6 +1070,13 @@ def _open_session(index: int, step: StepSpec, options: RuntimeOptions) -> Any:
             f"step {index} (model {step.model_name!r} version {step.model_version}) cannot be "
             f"loaded by ONNX Runtime: {_ort_message(exc)}"
         ) from exc
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # ONNX Runtime's own load then says what is wrong with the path
 
 
 def _plan_inputs(model_name: str, label: str, session: Any) -> tuple[InputReader, ...]:

@@ -242,7 +242,10 @@ class EngineServer:
         cache = BlobCache(cache_dir / "blobs", fetcher.fetch)
         self.host = EngineHost(
             cache,
-            RuntimeOptions(intra_op_threads=self.settings.threads),
+            RuntimeOptions(
+                intra_op_threads=self.settings.threads,
+                isolate_bytes=_isolate_bytes(self.settings.isolate_above_mb),
+            ),
             self.settings.retain_seconds,
             self.settings.retain_versions,
         )
@@ -375,3 +378,7 @@ def _dir_bytes(directory: Path) -> float:
     if not directory.is_dir():
         return 0.0
     return float(sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()))
+
+
+def _isolate_bytes(megabytes: float | None) -> int | None:
+    return None if megabytes is None else int(megabytes * 1024**2)

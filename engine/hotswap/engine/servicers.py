@@ -14,6 +14,7 @@ from hotswap.engine import _convert, access
 from hotswap.engine.dataplane import DataPlane, Ran
 from hotswap.engine.errors import (
     InvalidInput,
+    ModelUnavailable,
     Overloaded,
     PipelineLoading,
     PipelineNotServed,
@@ -30,6 +31,7 @@ STATUS: StatusTable = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     PipelineNotServed: grpc.StatusCode.NOT_FOUND,
     PipelineLoading: grpc.StatusCode.UNAVAILABLE,
+    ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     access.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

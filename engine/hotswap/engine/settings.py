@@ -21,6 +21,8 @@ class Settings:
     name: str = ""
     cache_dir: Path | None = None  # default ~/.hotswap/engines/<name>
     threads: int = 1  # ONNX Runtime intra-op threads per session (0 = ORT default)
+    # Models of at least this many MiB are served by a process of their own (None: never).
+    isolate_above_mb: float | None = 8.0
     workers: int = 4  # threads running inference
     max_rows: int = 1_000_000  # rows accepted in one Infer call
     # Requests up to this many bytes run on the event loop (fast models only); 0 = never.
@@ -106,6 +108,15 @@ class Settings:
             type=int,
             default=int(env("HOTSWAP_THREADS", str(d.threads))),
             help="ONNX Runtime intra-op threads per session; 0 = ORT default (%(default)s)",
+        )
+        parser.add_argument(
+            "--isolate-above-mb",
+            type=_megabytes_or_off,
+            default=_megabytes_or_off(env("HOTSWAP_ISOLATE_ABOVE_MB", str(d.isolate_above_mb))),
+            metavar="MB|off",
+            help="serve models whose ONNX file is at least this many MiB from a process of "
+            "their own, so that loading and freeing them never pauses serving; 0 = every "
+            "model, off = none (%(default)s)",
         )
         parser.add_argument(
             "--workers",
@@ -254,6 +265,7 @@ class Settings:
             name=args.name,
             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             threads=args.threads,
+            isolate_above_mb=args.isolate_above_mb,
             workers=args.workers,
             max_rows=args.max_rows,
             inline_bytes=args.inline_bytes,
@@ -313,3 +325,15 @@ def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
 
 
 _DEFAULTS = Settings()
+
+
+def _megabytes_or_off(value: str) -> float | None:
+    if value.strip().lower() in ("off", "none"):
+        return None
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a size in MiB nor 'off'") from None
+    if not megabytes >= 0 or megabytes == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r}: give a size of 0 MiB or more, or 'off'")
+    return megabytes

@@ -1,0 +1,223 @@
+"""Models served by a process of their own (engine/model_process.py), with real ONNX Runtime
+in real child processes: answers, refusals, the child's death and its end when retired."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pytest
+from onnx import TensorProto, helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from hotswap.engine import model_process
+from hotswap.engine.errors import ModelUnavailable, PrepareError
+from hotswap.engine.model_process import ProcessSession
+from hotswap.engine.runtime import LoadedPipeline, RuntimeOptions
+from hotswap.engine.settings import Settings
+from tests.engine.test_runtime import affine, out_values, spec, write_model
+
+EVERY_MODEL = RuntimeOptions(isolate_bytes=0)
+
+
+def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
+    """In-process ONNX Runtime with the engine's threading (one thread: the same sum order)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    result: np.ndarray = session.run(None, {session.get_inputs()[0].name: x})[0]
+    return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _until(condition: Callable[[], bool], what: str, deadline_s: float = 20.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"not within {deadline_s} s: {what}")
+        time.sleep(0.02)
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    return {
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and _alive(int(entry.name))
+        and (entry / "stat").read_text().rsplit(")", 1)[-1].split()[1] == str(me)
+    }
+
+
+def test_answers_equal_in_process_onnx_runtime(assets: Path, tmp_path: Path) -> None:
+    path = assets / "models" / "rf_model.onnx"
+    session = ProcessSession(path, "model 'rf' version 1")
+    assert session.pid in _children()
+    assert [(a.name, a.type, a.shape) for a in session.get_inputs()] == [
+        ("float_input", "tensor(float)", [None, 18])
+    ]
+    rng = np.random.default_rng(3)
+    for rows in (1, 7, 1000):
+        x = rng.random((rows, 18), np.float32) * 10
+        got = session.run(None, {"float_input": x})
+        assert np.array_equal(got[0], ort_run(path, x))
+    # A non-contiguous view is sent as its values, not as its buffer.
+    x = (rng.random((20, 36), np.float32) * 10)[:, ::2]
+    assert np.array_equal(session.run(None, {"float_input": x})[0], ort_run(path, x))
+    # ONNX Runtime's refusal crosses the socket as its own type (the runtime maps it to
+    # InvalidInput naming the step), and the connection stays usable.
+    with pytest.raises(ort_state.InvalidArgument, match="Got: 3 Expected: 18"):
+        session.run(None, {"float_input": np.ones((1, 3), np.float32)})
+    assert np.array_equal(session.run(None, {"float_input": x})[0], ort_run(path, x))
+
+
+def test_a_pipeline_of_isolated_steps_serves_as_in_process(assets: Path, tmp_path: Path) -> None:
+    path = assets / "models" / "gbr_model.onnx"
+    scale = affine(tmp_path / "scale.onnx", ("N", 1))
+    pipeline = LoadedPipeline.build(spec(("gbr", path), ("scale", scale)), EVERY_MODEL)
+    assert pipeline.isolated
+    in_process = LoadedPipeline.build(spec(("gbr", path), ("scale", scale)), RuntimeOptions())
+    assert not in_process.isolated
+    x = np.random.default_rng(5).random((50, 18), np.float32) * 10
+    batch = pa.RecordBatch.from_pydict({"tensor": pa.array(list(x), pa.list_(pa.float32(), 18))})
+    assert np.array_equal(
+        out_values(pipeline.infer(batch), "out.y"), out_values(in_process.infer(batch), "out.y")
+    )
+
+
+def test_a_model_it_cannot_load_is_a_prepare_error_naming_the_step(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07not a model at all" * 100)
+    before = _children()
+    with pytest.raises(PrepareError, match=r"step 0 \(model 'bad' .*in a process of its own"):
+        LoadedPipeline.build(spec(("bad", bad)), EVERY_MODEL)
+    assert _children() <= before  # the child that failed to load is gone, not a zombie
+
+
+def test_freeing_the_last_version_ends_its_process(assets: Path) -> None:
+    path = assets / "models" / "xgb_model.onnx"
+    first = LoadedPipeline.build(spec(("xgb", path)), EVERY_MODEL)
+    pid = first.sessions_by_sha()["sha0"].pid
+    # A second version reusing the session keeps the one process alive.
+    second = LoadedPipeline.build(
+        spec(("xgb", path), number=8), EVERY_MODEL, first.sessions_by_sha()
+    )
+    assert second.sessions_by_sha()["sha0"].pid == pid
+    del first
+    gc.collect()
+    assert _alive(pid)
+    del second
+    gc.collect()
+    _until(lambda: not _alive(pid), "the model process ended once no version held it")
+
+
+def test_a_killed_model_process_is_unavailable_then_restarted(assets: Path) -> None:
+    path = assets / "models" / "rf_model.onnx"
+    session = ProcessSession(path, "model 'rf' version 1")
+    x = np.ones((1, 18), np.float32)
+    expected = ort_run(path, x)
+    first = session.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    _until(lambda: not _alive(first), "the killed child is reaped or gone")
+    with pytest.raises(ModelUnavailable, match=r"serving model 'rf' version 1 ended .*SIGKILL"):
+        session.run(None, {"float_input": x})
+    served: list[np.ndarray] = []
+
+    def serves_again() -> bool:
+        try:
+            served.append(session.run(None, {"float_input": x})[0])
+        except ModelUnavailable:
+            return False
+        return True
+
+    _until(serves_again, "a new process serves the model")
+    assert session.pid not in (None, first)
+    assert np.array_equal(served[-1], expected)
+
+
+def test_string_tensors_and_shapes_cross_the_wire() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        values: list[np.ndarray] = [
+            np.array([["a", "ü"], ["", "long" * 100]], dtype=object),
+            np.zeros((0, 3), np.int64),
+            np.array([True, False]),
+            np.array([1.5], np.float16),
+        ]
+        model_process._send(a, {"k": 1}, values)
+        header, got = model_process._receive(b)
+    assert header == {"k": 1}
+    for sent, received in zip(values, got, strict=True):
+        assert received.shape == sent.shape and received.dtype == sent.dtype
+        assert received.tolist() == sent.tolist()
+
+
+def _raw(header: bytes, payload: bytes = b"", payload_size: int | None = None) -> bytes:
+    size = len(payload) if payload_size is None else payload_size
+    return struct.pack("<IQ", len(header), size) + header + payload
+
+
+@pytest.mark.parametrize(
+    ("message", "refusal"),
+    [
+        (_raw(b'{"tensors": [{"dtype": "|O", "shape": [1]}]}', b"x" * 8), "dtype"),
+        (_raw(b'{"tensors": [{"dtype": "<f4", "shape": [4]}]}', b"x" * 8), "larger"),
+        (_raw(b'{"tensors": [{"dtype": "<f4", "shape": [1]}]}', b"x" * 8), "no tensor holds"),
+        (_raw(b'{"tensors": [{"dtype": "<f4", "shape": [-1]}]}'), "shaped"),
+        (_raw(b"{}", payload_size=1 << 40), "over the bound"),
+    ],
+    ids=["object-dtype", "short-payload", "extra-bytes", "negative-dim", "huge-size"],
+)
+def test_a_malformed_answer_is_refused_not_trusted(message: bytes, refusal: str) -> None:
+    """What a child taken over by a hostile model could send: refused before any array is
+    made of it (and nothing is ever unpickled)."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(message)
+        with pytest.raises(ValueError, match=refusal):
+            model_process._receive(b)
+
+
+def test_big_models_only_are_isolated_by_default(assets: Path, tmp_path: Path) -> None:
+    small = assets / "models" / "rf_model.onnx"
+    assert not LoadedPipeline.build(spec(("rf", small)), RuntimeOptions()).isolated
+    # A model padded past the threshold with an unused initializer is isolated.
+    big = write_model(
+        tmp_path / "big.onnx",
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        {"pad": np.zeros(1_100_000, np.float32)},
+    )
+    threshold = 4 * 1024**2
+    options = RuntimeOptions(isolate_bytes=threshold)
+    assert big.stat().st_size >= threshold
+    assert LoadedPipeline.build(spec(("big", big)), options).isolated
+    assert not LoadedPipeline.build(spec(("big", big)), RuntimeOptions(isolate_bytes=None)).isolated
+
+
+def test_the_engine_flag_takes_sizes_and_off_and_refuses_the_rest() -> None:
+    assert Settings().isolate_above_mb == 8.0
+    assert Settings.from_args(["--isolate-above-mb", "off"], {}).isolate_above_mb is None
+    assert Settings.from_args(["--isolate-above-mb", "0"], {}).isolate_above_mb == 0.0
+    assert Settings.from_args([], {"HOTSWAP_ISOLATE_ABOVE_MB": "64"}).isolate_above_mb == 64.0
+    for bad in ("big", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            Settings.from_args(["--isolate-above-mb", bad], {})
