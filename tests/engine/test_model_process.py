@@ -221,3 +221,42 @@ def test_the_engine_flag_takes_sizes_and_off_and_refuses_the_rest() -> None:
     for bad in ("big", "-1", "nan", "inf"):
         with pytest.raises(SystemExit):
             Settings.from_args(["--isolate-above-mb", bad], {})
+
+
+def test_a_hung_model_process_is_timed_out_killed_and_replaced(
+    assets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that stops answering (here: SIGSTOPped) holds an inference thread for at most
+    the call timeout; then it is killed and a new one serves."""
+    monkeypatch.setattr(model_process, "CALL_TIMEOUT_S", 1.0)
+    path = assets / "models" / "rf_model.onnx"
+    session = ProcessSession(path, "model 'rf' version 1")
+    x = np.ones((1, 18), np.float32)
+    session.run(None, {"float_input": x})
+    hung = session.pid
+    assert hung is not None
+    os.kill(hung, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailable, match=r"did not answer within 1 s; it is restarting"):
+        session.run(None, {"float_input": x})
+    assert 0.9 < time.monotonic() - started < 10
+    _until(lambda: not _alive(hung), "the hung child was killed")
+
+    def serves() -> bool:
+        try:
+            return bool(np.array_equal(session.run(None, {"float_input": x})[0], ort_run(path, x)))
+        except ModelUnavailable:
+            return False
+
+    _until(serves, "a new process serves the model")
+    assert session.pid != hung
+
+
+def test_a_model_that_does_not_load_in_time_is_a_prepare_error(
+    assets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_process, "LOAD_TIMEOUT_S", 0.01)
+    before = _children()
+    with pytest.raises(PrepareError, match=r"did not load it within 0.01 s"):
+        LoadedPipeline.build(spec(("rf", assets / "models" / "rf_model.onnx")), EVERY_MODEL)
+    assert _children() <= before

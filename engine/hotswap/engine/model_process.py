@@ -61,6 +61,11 @@ _STRING = "str"
 # A child that dies this soon after it was started is restarted only after a growing pause.
 _STEADY_S = 10.0
 _MAX_BACKOFF_S = 30.0
+# A child that takes longer to load its model, or to answer one call, is taken for hung:
+# killed (and, once it served, restarted). Both bound what a stuck child can hold: the
+# engine's one build thread, or one of its inference threads.
+LOAD_TIMEOUT_S = 600.0
+CALL_TIMEOUT_S = 300.0
 _BUILD_NICENESS = 10
 
 
@@ -179,12 +184,18 @@ class _Child:
         Raises:
             RuntimeError: the child could not load the model (ONNX Runtime's message), or died.
         """
+        self.control.settimeout(LOAD_TIMEOUT_S)
         try:
             header, _ = _receive(self.control)
+        except TimeoutError as exc:
+            self.stop()
+            limit = f"{LOAD_TIMEOUT_S:g} s"
+            raise RuntimeError(f"its process did not load it within {limit}") from exc
         except (_Closed, OSError, ValueError) as exc:
             self.stop()
             status = self.exit_status()
             raise RuntimeError(f"its process ended while loading it ({status})") from exc
+        self.control.settimeout(None)
         if "error" in header:
             self.stop()
             raise RuntimeError(str(header["error"]))
@@ -199,6 +210,7 @@ class _Child:
             if self.idle:
                 return self.idle.pop()
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            mine.settimeout(CALL_TIMEOUT_S)
             try:
                 socket.send_fds(self.control, [b"c"], [theirs.fileno()])
             except OSError:
@@ -286,12 +298,13 @@ class ProcessSession:
             _send(sock, {"outputs": names, "inputs": list(feed)}, list(feed.values()))
             header, outputs = _receive(sock)
         except (_Closed, OSError, ValueError) as exc:
+            # The connection may be half read: it is never used again, nor is the child.
             if sock is not None:
                 sock.close()
+            why = _why(child, exc)
             self._lost(child, exc)
             raise ModelUnavailable(
-                f"the process serving {self._label} ended ({child.exit_status()}); it is "
-                "restarting, retry"
+                f"the process serving {self._label} {why}; it is restarting, retry"
             ) from exc
         child.give_back(sock)
         if "error" in header:
@@ -332,6 +345,17 @@ class ProcessSession:
                 return
         finally:
             self._restarting.release()
+
+
+def _why(child: _Child, exc: BaseException) -> str:
+    """What went wrong with a call to `child`, for the caller's message."""
+    if isinstance(exc, TimeoutError):
+        return f"did not answer within {CALL_TIMEOUT_S:g} s"
+    if isinstance(exc, ValueError):
+        return f"sent a malformed answer ({exc})"
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.process.wait(1.0)  # its sockets closed as it exited: its status is a moment away
+    return f"ended ({child.exit_status()})"
 
 
 def _stop(holder: list[_Child | None]) -> None:
