@@ -26,12 +26,16 @@ BODY = _api.ipc_stream(_api.tensor_table(X))
 
 
 def _model_processes(stack: LocalStack) -> list[psutil.Process]:
-    engine = psutil.Process(stack.processes["engine-1"].pid)
-    return [
-        p
-        for p in engine.children()
-        if p.status() != psutil.STATUS_ZOMBIE and "hotswap.engine.model_process" in p.cmdline()
-    ]
+    found = []
+    for child in psutil.Process(stack.processes["engine-1"].pid).children():
+        try:  # a child may end between the listing and these reads
+            if child.status() != psutil.STATUS_ZOMBIE and any(
+                "hotswap.engine.model_process" in part for part in child.cmdline()
+            ):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 @pytest.fixture
@@ -93,3 +97,21 @@ def test_a_killed_model_process_is_retried_and_replaced(
     assert np.array_equal(served.outputs(), _api.reference(assets / "models/rf_model.onnx", X))
     (replacement,) = _model_processes(isolating)
     assert replacement.pid != child.pid
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_model_processes_end_with_the_engine_however_it_ends(
+    isolating: LocalStack, assets: Path, how: signal.Signals
+) -> None:
+    """SIGKILL leaves no time for any clean-up: the children see their control sockets close
+    and exit. SIGTERM (a drain, then a stop) ends them too."""
+    _serve(isolating, assets)
+    children = _model_processes(isolating)
+    assert len(children) == 1
+    isolating.processes["engine-1"].send_signal(how)
+    isolating.processes["engine-1"].wait(timeout=60)
+
+    def gone() -> bool:
+        return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in children)
+
+    _api.until(gone, f"the model process ended after the engine's {how.name}", timeout=30)

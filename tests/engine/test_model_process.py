@@ -3,11 +3,13 @@ in real child processes: answers, refusals, the child's death and its end when r
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ from onnx import TensorProto, helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from hotswap.engine import model_process
-from hotswap.engine.errors import ModelUnavailable, PrepareError
+from hotswap.engine.errors import InvalidInput, ModelUnavailable, PrepareError
 from hotswap.engine.model_process import ProcessSession
 from hotswap.engine.runtime import LoadedPipeline, RuntimeOptions
 from hotswap.engine.settings import Settings
@@ -54,15 +56,20 @@ def _until(condition: Callable[[], bool], what: str, deadline_s: float = 20.0) -
         time.sleep(0.02)
 
 
-def _children() -> set[int]:
+def _children(zombies: bool = False) -> set[int]:
+    """This process's children: running ones, or with `zombies` also the unreaped."""
     me = os.getpid()
-    return {
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit()
-        and _alive(int(entry.name))
-        and (entry / "stat").read_text().rsplit(")", 1)[-1].split()[1] == str(me)
-    }
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        if fields[1] == str(me) and (zombies or fields[0] != "Z"):
+            found.add(int(entry.name))
+    return found
 
 
 def test_answers_equal_in_process_onnx_runtime(assets: Path, tmp_path: Path) -> None:
@@ -104,10 +111,10 @@ def test_a_pipeline_of_isolated_steps_serves_as_in_process(assets: Path, tmp_pat
 def test_a_model_it_cannot_load_is_a_prepare_error_naming_the_step(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07not a model at all" * 100)
-    before = _children()
+    before = _children(zombies=True)
     with pytest.raises(PrepareError, match=r"step 0 \(model 'bad' .*in a process of its own"):
         LoadedPipeline.build(spec(("bad", bad)), EVERY_MODEL)
-    assert _children() <= before  # the child that failed to load is gone, not a zombie
+    assert _children(zombies=True) <= before  # the child that failed is reaped, not a zombie
 
 
 def test_freeing_the_last_version_ends_its_process(assets: Path) -> None:
@@ -256,7 +263,143 @@ def test_a_model_that_does_not_load_in_time_is_a_prepare_error(
     assets: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(model_process, "LOAD_TIMEOUT_S", 0.01)
-    before = _children()
+    before = _children(zombies=True)
     with pytest.raises(PrepareError, match=r"did not load it within 0.01 s"):
         LoadedPipeline.build(spec(("rf", assets / "models" / "rf_model.onnx")), EVERY_MODEL)
-    assert _children() <= before
+    assert _children(zombies=True) <= before
+
+
+X1 = np.ones((1, 18), np.float32)
+
+
+def test_a_request_over_the_wire_bounds_is_refused_without_touching_the_process(
+    assets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too big to send is the caller's problem (INVALID_ARGUMENT), not a dead child: the
+    process is not restarted and serves the next call."""
+    session = ProcessSession(assets / "models" / "rf_model.onnx", "model 'rf' version 1")
+    pid = session.pid
+    monkeypatch.setattr(model_process, "_MAX_PAYLOAD", 1000)
+    with pytest.raises(InvalidInput, match=r"model 'rf' version 1 cannot take this request"):
+        session.run(None, {"float_input": np.ones((100, 18), np.float32)})
+    assert session.pid == pid and session.healthy
+    assert session.run(None, {"float_input": X1})[0].shape == (1, 1)
+
+
+def _scripted(answer: Callable[[socket.socket], None]) -> Callable[[object], socket.socket]:
+    """A `_Child.connection` whose peer is `answer`, run in a thread, instead of the child."""
+
+    def connection(child: object) -> socket.socket:
+        mine, theirs = socket.socketpair()
+        mine.settimeout(model_process.CALL_TIMEOUT_S)
+
+        def serve() -> None:
+            with theirs, contextlib.suppress(OSError):  # the engine hangs up when it gives up
+                model_process._receive(theirs)
+                answer(theirs)
+                end = time.monotonic() + 5  # held open until the engine gives up on it
+                while not model_process._closed(theirs) and time.monotonic() < end:
+                    time.sleep(0.05)
+
+        threading.Thread(target=serve, daemon=True).start()
+        return mine
+
+    return connection
+
+
+def _trickle(sock: socket.socket) -> None:
+    for byte in _raw(b"{}" + b" " * 30):
+        sock.sendall(bytes([byte]))
+        time.sleep(0.1)  # the point of the case: a slow peer
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (lambda s: s.sendall(_raw(b"[]")), "malformed answer"),
+        (lambda s: s.sendall(_raw(b"{}")), "malformed answer"),
+        (lambda s: s.sendall(_raw(b'{"tensors": [{"dtype": "<f4", "shape": 5}]}')), "malformed"),
+        (lambda s: s.sendall(_raw(b'{"tensors": [{"dtype": "str", "shape": [2]}]}')), "malformed"),
+        (lambda s: s.sendall(_raw(b"[" * 100_000)), "malformed answer"),
+        # Announces 512 MiB and sends none of it: nothing is allocated up front, and the
+        # call ends at its deadline.
+        (lambda s: s.sendall(struct.pack("<IQ", 2, 512 * 1024**2) + b"{}"), "did not answer"),
+        # One byte at a time: the deadline is the whole answer's, not each read's.
+        (_trickle,
+         "did not answer"),
+    ],
+    ids=["list", "no-tensors", "int-shape", "no-values", "deep", "announced-512MiB", "trickle"],
+)  # fmt: skip
+def test_a_bad_answer_from_the_process_is_unavailable_and_replaces_it(
+    assets: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: Callable[[socket.socket], None],
+    why: str,
+) -> None:
+    """What a child taken over by a hostile model could answer: every case is
+    ModelUnavailable (never a crash, a hang or memory taken), and the child is replaced."""
+    session = ProcessSession(assets / "models" / "rf_model.onnx", "model 'rf' version 1")
+    first = session.pid
+    monkeypatch.setattr(model_process, "CALL_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(model_process._Child, "connection", _scripted(answer))
+    before = _rss_mb()
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailable, match=why):
+        session.run(None, {"float_input": X1})
+    assert time.monotonic() - started < 5
+    assert _rss_mb() - before < 100
+    monkeypatch.undo()
+    _until(lambda: session.healthy and session.pid != first, "a new process replaced it")
+    assert session.run(None, {"float_input": X1})[0].shape == (1, 1)
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_the_process_gets_no_engine_credential_and_not_the_working_directory(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOTSWAP_ENGINE_TOKEN", "engine-secret-0123456789")
+    marker = tmp_path / "planted-ran"
+    (tmp_path / "argparse.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    session = ProcessSession(assets / "models" / "rf_model.onnx", "model 'rf' version 1")
+    environment = Path(f"/proc/{session.pid}/environ").read_bytes()
+    assert b"engine-secret" not in environment and b"HOTSWAP_" not in environment
+    assert not marker.exists()  # the planted module in the engine's directory never ran
+    assert session.run(None, {"float_input": X1})[0].shape == (1, 1)
+
+
+def test_the_process_outlives_a_group_sigterm_and_serves_through_it(assets: Path) -> None:
+    """A service manager's SIGTERM to the whole group reaches the child: the engine may be
+    draining, so the child keeps serving until the engine closes its socket."""
+    session = ProcessSession(assets / "models" / "rf_model.onnx", "model 'rf' version 1")
+    assert session.pid is not None
+    session.run(None, {"float_input": X1})
+    os.kill(session.pid, signal.SIGTERM)
+    for _ in range(20):
+        assert session.run(None, {"float_input": X1})[0].shape == (1, 1)
+    assert _alive(session.pid)
+
+
+def test_a_model_that_can_no_longer_load_gives_up_and_is_not_reused(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_process, "RESTART_ATTEMPTS", 2)
+    path = tmp_path / "rf.onnx"
+    path.write_bytes((assets / "models" / "rf_model.onnx").read_bytes())
+    pipeline = LoadedPipeline.build(spec(("rf", path)), EVERY_MODEL)
+    session = pipeline.sessions_by_sha()["sha0"]
+    path.write_bytes(b"no longer a model")
+    assert session.pid is not None
+    os.kill(session.pid, signal.SIGKILL)
+    with pytest.raises(ModelUnavailable):
+        session.run(None, {"float_input": X1})
+    _until(lambda: bool(session.failed) and not session._restarting.locked(), "gave up")
+    assert not session.healthy and not pipeline.healthy
+    with pytest.raises(ModelUnavailable, match="cannot be restarted"):
+        session.run(None, {"float_input": X1})

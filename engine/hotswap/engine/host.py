@@ -28,6 +28,7 @@ from hotswap.engine.runtime import (
     RuntimeOptions,
     SplitSpec,
     StepSpec,
+    usable,
 )
 from hotswap.engine.settings import NAME
 
@@ -268,7 +269,7 @@ class EngineHost:
         steps and splits (the weights may differ: a rollout's steps), if there is one."""
         shape = _models_shape(spec)
         held = [*self._active.values(), *(p for p, _ in self._retained.values())]
-        return next((p for p in held if _models_shape(p.spec) == shape), None)
+        return next((p for p in held if _models_shape(p.spec) == shape and p.healthy), None)
 
     def traffic(self) -> list[tuple[PipelineSpec, list[Any]]]:
         """What the models of each held version's split and shadow steps served
@@ -279,7 +280,12 @@ class EngineHost:
         """Sessions held by the active and retained versions, by model sha: a new version
         with a model one of them already runs shares its session instead of building it."""
         held = [*self._active.values(), *(p for p, _ in self._retained.values())]
-        return {sha: session for p in held for sha, session in p.sessions_by_sha().items()}
+        return {
+            sha: session
+            for p in held
+            for sha, session in p.sessions_by_sha().items()
+            if usable(session)
+        }
 
     async def prepare(self, swap_id: str, ref: VersionRef) -> Prepared:
         """Phase 1. Raises PrepareError (with a message for a person) when it cannot."""

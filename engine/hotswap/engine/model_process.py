@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from hotswap.engine.errors import ModelUnavailable
+from hotswap.engine.errors import InvalidInput, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ _DTYPES = frozenset(
     )
 )  # fmt: skip
 _STRING = "str"
+_CHUNK = 1 << 20
 # A child that dies this soon after it was started is restarted only after a growing pause.
 _STEADY_S = 10.0
 _MAX_BACKOFF_S = 30.0
@@ -65,7 +66,7 @@ _MAX_BACKOFF_S = 30.0
 # killed (and, once it served, restarted). Both bound what a stuck child can hold: the
 # engine's one build thread, or one of its inference threads.
 LOAD_TIMEOUT_S = 600.0
-CALL_TIMEOUT_S = 300.0
+CALL_TIMEOUT_S = 60.0
 _BUILD_NICENESS = 10
 
 
@@ -85,7 +86,14 @@ class ArgInfo:
 # -- the wire ---------------------------------------------------------------------------------
 
 
+class MessageTooLarge(Exception):
+    """What was to be sent is over the wire's bounds (nothing was sent)."""
+
+
 def _send(sock: socket.socket, header: dict[str, Any], arrays: Sequence[Any] = ()) -> None:
+    """Raises:
+    MessageTooLarge: over the bounds the receiver enforces; checked before anything is sent.
+    """
     specs: list[dict[str, Any]] = []
     buffers: list[memoryview] = []
     for value in arrays:
@@ -98,9 +106,14 @@ def _send(sock: socket.socket, header: dict[str, Any], arrays: Sequence[Any] = (
         array = np.ascontiguousarray(array)
         specs.append({"dtype": array.dtype.str, "shape": list(array.shape)})
         buffers.append(array.reshape(-1).view(np.uint8).data)
-    encoded = json.dumps({**header, "tensors": specs}).encode()
-    prefix = _PREFIX.pack(len(encoded), sum(b.nbytes for b in buffers))
-    parts = [memoryview(prefix), memoryview(encoded), *buffers]
+    encoded = json.dumps({**header, "tensors": specs}, ensure_ascii=False).encode()
+    payload = sum(b.nbytes for b in buffers)
+    if len(encoded) > _MAX_HEADER or payload > _MAX_PAYLOAD:
+        raise MessageTooLarge(
+            f"{len(encoded):,} bytes of names and strings and {payload:,} bytes of tensors, over "
+            f"the {_MAX_HEADER:,} and {_MAX_PAYLOAD:,} a model process exchanges in one call"
+        )
+    parts = [memoryview(_PREFIX.pack(len(encoded), payload)), memoryview(encoded), *buffers]
     sent = sock.sendmsg(parts)
     for part in parts:  # what a partial sendmsg left, in order
         size = part.nbytes
@@ -111,52 +124,92 @@ def _send(sock: socket.socket, header: dict[str, Any], arrays: Sequence[Any] = (
         sent = 0
 
 
-def _receive_exactly(sock: socket.socket, size: int) -> bytearray:
-    data = bytearray(size)
-    view = memoryview(data)
-    while view:
-        got = sock.recv_into(view)
+def _receive_exactly(
+    sock: socket.socket, size: int, deadline: float | None, grow: bool
+) -> bytearray:
+    """`size` bytes, by `deadline` (monotonic; None: no limit). With `grow`, memory is taken as
+    the bytes arrive, not when the peer announces them: a peer must send what it makes us hold."""
+    data = bytearray() if grow else bytearray(size)
+    view = None if grow else memoryview(data)  # a bytearray with a view cannot grow
+    received = 0
+    while received < size:
+        if deadline is not None:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        if grow:
+            chunk = sock.recv(min(_CHUNK, size - received))
+            got = len(chunk)
+            data += chunk
+        else:
+            assert view is not None
+            got = sock.recv_into(view[received:])
         if not got:
             raise _Closed
-        view = view[got:]
+        received += got
+        if deadline is not None and time.monotonic() > deadline and received < size:
+            raise TimeoutError
     return data
 
 
-def _receive(sock: socket.socket) -> tuple[dict[str, Any], list[Any]]:
+def _receive(
+    sock: socket.socket, deadline: float | None = None, *, grow: bool = False
+) -> tuple[dict[str, Any], list[Any]]:
     """One message: its header and its tensors (numpy arrays over the received bytes).
 
     Raises:
         _Closed: the peer closed the socket.
+        TimeoutError: the whole message had not arrived by `deadline`.
         ValueError: the message is malformed (sizes, dtypes or shapes that do not add up).
     """
-    header_size, payload_size = _PREFIX.unpack(_receive_exactly(sock, _PREFIX.size))
+    header_size, payload_size = _PREFIX.unpack(
+        _receive_exactly(sock, _PREFIX.size, deadline, False)
+    )
     if header_size > _MAX_HEADER or payload_size > _MAX_PAYLOAD:
         raise ValueError(f"a message of {header_size} + {payload_size} bytes is over the bound")
-    header = json.loads(_receive_exactly(sock, header_size))
-    payload = _receive_exactly(sock, payload_size) if payload_size else bytearray()
+    raw = _receive_exactly(sock, header_size, deadline, grow)
+    payload = _receive_exactly(sock, payload_size, deadline, grow) if payload_size else bytearray()
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("a header that is not an object")
+        arrays = _tensors(header.pop("tensors"), payload)
+    except (KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"a malformed header ({type(exc).__name__}: {exc})") from exc
+    return header, arrays
+
+
+def _tensors(specs: list[dict[str, Any]], payload: bytearray) -> list[Any]:
     arrays: list[Any] = []
     offset = 0
-    for spec in header.pop("tensors"):
+    for spec in specs:
         shape = tuple(int(d) for d in spec["shape"])
         if any(d < 0 for d in shape):
             raise ValueError(f"a tensor shaped {shape}")
         if spec["dtype"] == _STRING:
-            arrays.append(np.array(spec["values"], dtype=object).reshape(shape))
+            values = spec["values"]
+            if not isinstance(values, list) or len(values) != math.prod(shape):
+                raise ValueError(f"string values that do not fill shape {shape}")
+            arrays.append(np.array([str(v) for v in values], dtype=object).reshape(shape))
             continue
         if spec["dtype"] not in _DTYPES:
             raise ValueError(f"a tensor of dtype {spec['dtype']!r}")
         dtype = np.dtype(spec["dtype"])
         size = math.prod(shape) * dtype.itemsize
-        if offset + size > payload_size:
+        if offset + size > len(payload):
             raise ValueError("tensors larger than the message")
         arrays.append(np.frombuffer(payload, dtype, math.prod(shape), offset).reshape(shape))
         offset += size
-    if offset != payload_size:
+    if offset != len(payload):
         raise ValueError("a message with bytes no tensor holds")
-    return header, arrays
+    return arrays
 
 
 # -- the engine's side ------------------------------------------------------------------------
+
+
+def _child_environment() -> dict[str, str]:
+    """The engine's environment without hotswap's own settings: the engine's credential
+    (HOTSWAP_ENGINE_TOKEN) and the rest stay with the engine."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HOTSWAP_")}
 
 
 class _Child:
@@ -165,44 +218,47 @@ class _Child:
     def __init__(self, path: Path, intra_op_threads: int, inter_op_threads: int) -> None:
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # -P: the engine's working directory is not on the child's import path.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", __name__, "--control-fd", str(theirs.fileno()),
+                [sys.executable, "-P", "-m", __name__, "--control-fd", str(theirs.fileno()),
                  "--intra-op-threads", str(intra_op_threads),
-                 "--inter-op-threads", str(inter_op_threads), str(path)],
+                 "--inter-op-threads", str(inter_op_threads), str(path.resolve())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                cwd="/",
+                env=_child_environment(),
             )  # fmt: skip
         finally:
             theirs.close()
         self.started = time.monotonic()
         self.idle: list[socket.socket] = []
-        self.lock = threading.Lock()  # the control socket and `idle`
+        self.stopped = False
+        self.lock = threading.Lock()  # the control socket, `idle` and `stopped`
 
     def ready(self) -> tuple[list[ArgInfo], list[ArgInfo]]:
         """Waits for the child to load its model: its inputs and outputs.
 
         Raises:
-            RuntimeError: the child could not load the model (ONNX Runtime's message), or died.
+            RuntimeError: the child could not load the model (ONNX Runtime's message), died,
+                answered nonsense or took over LOAD_TIMEOUT_S.
         """
-        self.control.settimeout(LOAD_TIMEOUT_S)
         try:
-            header, _ = _receive(self.control)
+            header, _ = _receive(self.control, time.monotonic() + LOAD_TIMEOUT_S, grow=True)
+            if "error" in header:
+                raise RuntimeError(str(header["error"]))
+            return _args(header["inputs"]), _args(header["outputs"])
         except TimeoutError as exc:
             self.stop()
             limit = f"{LOAD_TIMEOUT_S:g} s"
             raise RuntimeError(f"its process did not load it within {limit}") from exc
-        except (_Closed, OSError, ValueError) as exc:
+        except (_Closed, OSError, ValueError, KeyError, TypeError) as exc:
             self.stop()
-            status = self.exit_status()
-            raise RuntimeError(f"its process ended while loading it ({status})") from exc
-        self.control.settimeout(None)
-        if "error" in header:
+            raise RuntimeError(
+                f"its process failed while loading it ({self.exit_status()})"
+            ) from exc
+        except RuntimeError:
             self.stop()
-            raise RuntimeError(str(header["error"]))
-        return (
-            [ArgInfo(a["name"], a["type"], a["shape"]) for a in header["inputs"]],
-            [ArgInfo(a["name"], a["type"], a["shape"]) for a in header["outputs"]],
-        )
+            raise
 
     def connection(self) -> socket.socket:
         """An idle connection, or a new one passed to the child."""
@@ -210,7 +266,6 @@ class _Child:
             if self.idle:
                 return self.idle.pop()
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            mine.settimeout(CALL_TIMEOUT_S)
             try:
                 socket.send_fds(self.control, [b"c"], [theirs.fileno()])
             except OSError:
@@ -222,7 +277,10 @@ class _Child:
 
     def give_back(self, sock: socket.socket) -> None:
         with self.lock:
-            self.idle.append(sock)
+            if self.stopped:
+                sock.close()
+            else:
+                self.idle.append(sock)
 
     def exit_status(self) -> str:
         code = self.process.poll()
@@ -236,21 +294,27 @@ class _Child:
         """Kills the child and reaps it. Killing, not asking: there is nothing it must save,
         and its memory is freed by the kernel, not by a thread of ours under the GIL."""
         with self.lock:
+            self.stopped = True
             for sock in self.idle:
                 sock.close()
             self.idle.clear()
-        self.control.close()
+            self.control.close()
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+
+def _args(described: list[dict[str, Any]]) -> list[ArgInfo]:
+    return [ArgInfo(str(a["name"]), str(a["type"]), list(a["shape"])) for a in described]
 
 
 class ProcessSession:
     """An ONNX Runtime session of one model file, run by a child process.
 
     Thread-safe as an `InferenceSession` is: each concurrent `run` uses a connection of its
-    own. If the child dies, calls answer `ModelUnavailable` while a new child loads the same
-    file (after a growing pause if it keeps dying young).
+    own. If the child dies or hangs, calls answer `ModelUnavailable` while a new child loads
+    the same file; after RESTART_ATTEMPTS failed loads in a row the session stays unhealthy
+    (and is never reused by a new version).
     """
 
     def __init__(
@@ -272,12 +336,18 @@ class ProcessSession:
         self._child: list[_Child | None] = [child]
         self._restarting = threading.Lock()
         self._failures = 0
+        self.failed = ""  # why the session can no longer be restarted, once that is so
         weakref.finalize(self, _stop, self._child)
 
     @property
     def pid(self) -> int | None:
         child = self._child[0]
         return None if child is None else child.process.pid
+
+    @property
+    def healthy(self) -> bool:
+        """A child serves the model now (a new version may share this session)."""
+        return self._child[0] is not None
 
     def get_inputs(self) -> list[ArgInfo]:
         return self._inputs
@@ -287,74 +357,105 @@ class ProcessSession:
 
     def run(self, output_names: Sequence[str] | None, feed: dict[str, Any]) -> list[Any]:
         """As `InferenceSession.run`: raises ONNX Runtime's own exception types for what the
-        model refuses, and `ModelUnavailable` while the child is down."""
+        model refuses, `InvalidInput` for what cannot be sent to a model process, and
+        `ModelUnavailable` while the child is down."""
         child = self._child[0]
         if child is None:
-            raise ModelUnavailable(f"the process serving {self._label} is restarting; retry")
+            state = f"cannot be restarted: {self.failed}" if self.failed else "is restarting"
+            raise ModelUnavailable(f"the process serving {self._label} {state}; retry")
         names = list(output_names) if output_names else [o.name for o in self._outputs]
         sock = None
         try:
             sock = child.connection()
             _send(sock, {"outputs": names, "inputs": list(feed)}, list(feed.values()))
-            header, outputs = _receive(sock)
-        except (_Closed, OSError, ValueError) as exc:
+            header, outputs = _receive(sock, time.monotonic() + CALL_TIMEOUT_S, grow=True)
+        except MessageTooLarge as exc:  # nothing was sent: the connection is still in step
+            assert sock is not None
+            child.give_back(sock)
+            raise InvalidInput(f"{self._label} cannot take this request: {exc}") from exc
+        except (_Closed, OSError, ValueError, MemoryError) as exc:
             # The connection may be half read: it is never used again, nor is the child.
             if sock is not None:
                 sock.close()
             why = _why(child, exc)
-            self._lost(child, exc)
+            self._lost(child, why)
             raise ModelUnavailable(
                 f"the process serving {self._label} {why}; it is restarting, retry"
             ) from exc
         child.give_back(sock)
         if "error" in header:
-            raise _ort_error(header["error"], header["message"])
+            raise _ort_error(str(header["error"]), str(header.get("message", "")))
         return outputs
 
-    def _lost(self, child: _Child, exc: BaseException) -> None:
+    def _lost(self, child: _Child, why: str) -> None:
         """Starts a replacement for `child`, once, in the background."""
-        if self._child[0] is not child or not self._restarting.acquire(blocking=False):
+        if not self._restarting.acquire(blocking=False):
+            return
+        if self._child[0] is not child:  # already replaced, or retired
+            self._restarting.release()
             return
         self._child[0] = None
-        log.error("the process serving %s ended: %s", self._label, exc)
+        log.error("the process serving %s %s", self._label, why)
         young = time.monotonic() - child.started < _STEADY_S
         self._failures = self._failures + 1 if young else 1
         threading.Thread(
-            target=self._restart, args=(child,), name="model-process-restart", daemon=True
+            target=_restart, args=(weakref.ref(self), child), name="model-restart", daemon=True
         ).start()
 
-    def _restart(self, dead: _Child) -> None:
-        try:
-            dead.stop()
-            delay = min(_MAX_BACKOFF_S, 0.5 * 2 ** (self._failures - 1))
-            while True:
-                time.sleep(delay)  # a pause between restarts, not synchronisation
-                try:
-                    child = _Child(*self._args)
-                    inputs, outputs = child.ready()
-                except (OSError, RuntimeError) as exc:
-                    log.error("cannot restart the process serving %s: %s", self._label, exc)
-                    delay = min(_MAX_BACKOFF_S, delay * 2)
-                    continue
-                if (inputs, outputs) != (self._inputs, self._outputs):
-                    child.stop()
-                    log.error("%s changed on disk; its process is not restarted", self._label)
-                    return
-                self._child[0] = child
-                log.info("process %d serves %s again", child.process.pid, self._label)
+
+RESTART_ATTEMPTS = 5
+
+
+def _restart(ref: weakref.ref[ProcessSession], dead: _Child) -> None:
+    """Replaces `dead` for the session `ref` names, until a child loads or the session is
+    gone (retired meanwhile) or RESTART_ATTEMPTS loads failed. Holds the session only while
+    it works on it, so a retired session is freed as usual."""
+    dead.stop()
+    session = ref()
+    if session is None:
+        return
+    try:
+        delay = min(_MAX_BACKOFF_S, 0.5 * 2 ** (session._failures - 1))
+        path, label = session._args[0], session._label
+        for _ in range(RESTART_ATTEMPTS):
+            del session  # not held while waiting
+            time.sleep(delay)  # a pause between restarts, not synchronisation
+            session = ref()
+            if session is None:
                 return
-        finally:
-            self._restarting.release()
+            try:
+                child = _Child(*session._args)
+                described = child.ready()
+            except (OSError, RuntimeError) as exc:
+                log.error("cannot restart the process serving %s: %s", label, exc)
+                session.failed = str(exc)
+                delay = min(_MAX_BACKOFF_S, delay * 2)
+                continue
+            if described != (session._inputs, session._outputs):
+                child.stop()
+                session.failed = f"{path} changed on disk"
+                log.error("%s: %s; its process is not restarted", label, session.failed)
+                return
+            session.failed = ""
+            session._child[0] = child
+            log.info("process %d serves %s again", child.process.pid, label)
+            return
+    finally:
+        session = ref()
+        if session is not None:
+            session._restarting.release()
 
 
 def _why(child: _Child, exc: BaseException) -> str:
     """What went wrong with a call to `child`, for the caller's message."""
     if isinstance(exc, TimeoutError):
         return f"did not answer within {CALL_TIMEOUT_S:g} s"
-    if isinstance(exc, ValueError):
+    if isinstance(exc, ValueError | MemoryError):
         return f"sent a malformed answer ({exc})"
     with contextlib.suppress(subprocess.TimeoutExpired):
         child.process.wait(1.0)  # its sockets closed as it exited: its status is a moment away
+    if child.process.poll() is None:
+        return "stopped answering"
     return f"ended ({child.exit_status()})"
 
 
@@ -379,12 +480,24 @@ def _describe(args: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"name": a.name, "type": a.type, "shape": list(a.shape)} for a in args]
 
 
+def _closed(sock: socket.socket) -> bool:
+    """Whether the peer closed `sock` (without taking anything from it)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _serve(sock: socket.socket, session: Any, invalid: type[Exception]) -> None:
     """Answers one connection's calls, one at a time, until the engine closes it."""
     with sock, contextlib.suppress(_Closed, OSError):
         while True:
-            header, arrays = _receive(sock)
             try:
+                # Whole messages (the engine checks the bounds before it sends), so a refused
+                # one leaves the connection in step.
+                header, arrays = _receive(sock)
                 feed = dict(zip(header["inputs"], arrays, strict=True))
                 outputs = session.run(header["outputs"], feed)
             except invalid as exc:
@@ -392,7 +505,10 @@ def _serve(sock: socket.socket, session: Any, invalid: type[Exception]) -> None:
             except Exception as exc:  # each failure is that call's answer
                 _send(sock, {"error": "failed", "message": str(exc)})
             else:
-                _send(sock, {}, outputs)
+                try:
+                    _send(sock, {}, outputs)
+                except MessageTooLarge as exc:
+                    _send(sock, {"error": "failed", "message": f"its outputs are {exc}"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,7 +521,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A terminal's Ctrl-C is the engine's to handle. The child ends when the control socket
     # does: when the engine closes it, and when the engine dies, however it dies (its file
     # descriptors close with it; PR_SET_PDEATHSIG would follow the thread that started us).
+    # SIGTERM to the engine's process group (a service manager's stop) is ignored too: the
+    # engine may be draining, and serving through it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     control = socket.socket(fileno=args.control_fd)
 
     import onnxruntime as ort
@@ -433,9 +552,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # whatever ORT raises, the engine reports it as the load error
             loaded.append(exc)
 
-    loader = threading.Thread(target=load, name="load")
+    loader = threading.Thread(target=load, name="load", daemon=True)
     loader.start()
-    loader.join()
+    while loader.is_alive():  # an engine that died while we load gets no orphan
+        loader.join(0.5)
+        if _closed(control):
+            os._exit(0)
     if isinstance(loaded[0], Exception):
         _send(control, {"error": str(loaded[0])})
         return 1

@@ -520,6 +520,11 @@ class LoadedPipeline:
                 found[model.sha256] = step.session
         return found
 
+    @property
+    def healthy(self) -> bool:
+        """Every model can serve: none is in a process of its own that is down."""
+        return all(usable(session) for session in self.sessions_by_sha().values())
+
     def traffic(self) -> list[tuple[int, int, StepSpec, tuple[int, int, int, int]]]:
         """What each model of a split or shadow step served since this version was loaded:
         (step, model index, model, (requests, rows, errors, elapsed ns))."""
@@ -1070,6 +1075,12 @@ def _open_session(index: int, step: StepSpec, options: RuntimeOptions) -> Any:
             f"step {index} (model {step.model_name!r} version {step.model_version}) cannot be "
             f"loaded by ONNX Runtime: {_ort_message(exc)}"
         ) from exc
+
+
+def usable(session: Any) -> bool:
+    """Whether a session can serve a new version: a model process that is down (restarting,
+    or given up) cannot."""
+    return not isinstance(session, ProcessSession) or session.healthy
 
 
 def _size(path: Path) -> int:
