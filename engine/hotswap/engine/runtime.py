@@ -1047,18 +1047,16 @@ def _arrow_type(arg: Any) -> pa.DataType | None:
 
 
 def _open_session(index: int, step: StepSpec, options: RuntimeOptions) -> Any:
+    model = f"model {step.model_name!r} version {step.model_version}"
     if options.isolate_bytes is not None and _size(step.path) >= options.isolate_bytes:
         try:
             return ProcessSession(
-                step.path,
-                f"model {step.model_name!r} version {step.model_version}",
-                options.intra_op_threads,
-                options.inter_op_threads,
+                step.path, model, options.intra_op_threads, options.inter_op_threads
             )
         except (OSError, RuntimeError) as exc:
             raise PrepareError(
-                f"step {index} (model {step.model_name!r} version {step.model_version}) cannot "
-                f"be loaded by ONNX Runtime in a process of its own: {_ort_message(exc)}"
+                f"step {index} ({model}) cannot be loaded by ONNX Runtime in a process of its "
+                f"own: {_ort_message(exc)}"
             ) from exc
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = options.intra_op_threads
@@ -1072,8 +1070,7 @@ def _open_session(index: int, step: StepSpec, options: RuntimeOptions) -> Any:
         )
     except _LOAD_ERRORS as exc:
         raise PrepareError(
-            f"step {index} (model {step.model_name!r} version {step.model_version}) cannot be "
-            f"loaded by ONNX Runtime: {_ort_message(exc)}"
+            f"step {index} ({model}) cannot be loaded by ONNX Runtime: {_ort_message(exc)}"
         ) from exc
 
 
