@@ -99,6 +99,7 @@ def test_a_killed_model_process_is_retried_and_replaced(
     assert replacement.pid != child.pid
 
 
+@pytest.mark.slow  # kills and stops whole engines (make test-slow; CI runs it)
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_model_processes_end_with_the_engine_however_it_ends(
     isolating: LocalStack, assets: Path, how: signal.Signals
