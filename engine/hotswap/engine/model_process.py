@@ -244,21 +244,15 @@ class _Child:
         """
         try:
             header, _ = _receive(self.control, time.monotonic() + LOAD_TIMEOUT_S, grow=True)
-            if "error" in header:
-                raise RuntimeError(str(header["error"]))
-            return _args(header["inputs"]), _args(header["outputs"])
-        except TimeoutError as exc:
-            self.stop()
-            limit = f"{LOAD_TIMEOUT_S:g} s"
-            raise RuntimeError(f"its process did not load it within {limit}") from exc
-        except (_Closed, OSError, ValueError, KeyError, TypeError) as exc:
-            self.stop()
-            raise RuntimeError(
-                f"its process failed while loading it ({self.exit_status()})"
-            ) from exc
-        except RuntimeError:
-            self.stop()
-            raise
+            if "error" not in header:
+                return _args(header["inputs"]), _args(header["outputs"])
+            problem = str(header["error"])  # ONNX Runtime's own message
+        except TimeoutError:
+            problem = f"its process did not load it within {LOAD_TIMEOUT_S:g} s"
+        except (_Closed, OSError, ValueError, KeyError, TypeError):
+            problem = ""  # its exit status says why, once it is reaped
+        self.stop()
+        raise RuntimeError(problem or f"its process failed while loading it ({self.exit_status()})")
 
     def connection(self) -> socket.socket:
         """An idle connection, or a new one passed to the child."""
