@@ -40,12 +40,16 @@ def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
     return result
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (R, S, T, Z...), "" once it is gone."""
     try:
-        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:  # gone, also while being read (ProcessLookupError)
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in ("", "Z")
 
 
 def _until(condition: Callable[[], bool], what: str, deadline_s: float = 20.0) -> None:
@@ -243,6 +247,7 @@ def test_a_hung_model_process_is_timed_out_killed_and_replaced(
     hung = session.pid
     assert hung is not None
     os.kill(hung, signal.SIGSTOP)
+    _until(lambda: _state(hung) == "T", "the child is stopped")  # a signal lands in its time
     started = time.monotonic()
     with pytest.raises(ModelUnavailable, match=r"did not answer within 1 s; it is restarting"):
         session.run(None, {"float_input": x})
