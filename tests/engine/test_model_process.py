@@ -227,6 +227,8 @@ def test_big_models_only_are_isolated_by_default(assets: Path, tmp_path: Path) -
 def test_the_engine_flag_takes_sizes_and_off_and_refuses_the_rest() -> None:
     assert Settings().isolate_above_mb == 8.0
     assert Settings.from_args(["--isolate-above-mb", "off"], {}).isolate_above_mb is None
+    assert Settings.from_args(["--isolate-above-mb", "off"], {}).isolate_bytes is None
+    assert Settings.from_args(["--isolate-above-mb", "2.5"], {}).isolate_bytes == 2_621_440
     assert Settings.from_args(["--isolate-above-mb", "0"], {}).isolate_above_mb == 0.0
     assert Settings.from_args([], {"HOTSWAP_ISOLATE_ABOVE_MB": "64"}).isolate_above_mb == 64.0
     for bad in ("big", "-1", "nan", "inf"):

@@ -244,7 +244,7 @@ class EngineServer:
             cache,
             RuntimeOptions(
                 intra_op_threads=self.settings.threads,
-                isolate_bytes=_isolate_bytes(self.settings.isolate_above_mb),
+                isolate_bytes=self.settings.isolate_bytes,
             ),
             self.settings.retain_seconds,
             self.settings.retain_versions,
@@ -378,7 +378,3 @@ def _dir_bytes(directory: Path) -> float:
     if not directory.is_dir():
         return 0.0
     return float(sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()))
-
-
-def _isolate_bytes(megabytes: float | None) -> int | None:
-    return None if megabytes is None else int(megabytes * 1024**2)

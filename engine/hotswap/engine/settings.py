@@ -75,6 +75,11 @@ class Settings:
     http_listen: str = ""
 
     @property
+    def isolate_bytes(self) -> int | None:
+        """`isolate_above_mb` in bytes, as the runtime takes it."""
+        return None if self.isolate_above_mb is None else int(self.isolate_above_mb * 1024**2)
+
+    @property
     def secured(self) -> bool:
         """Whether calls need a token: the engine belongs to a secured stack."""
         return bool(self.control_token) or self.require_access
