@@ -22,7 +22,7 @@ from hotswap.engine.health import EngineHealth, pipeline_service
 from hotswap.engine.host import EngineHost, ModelRef, VersionRef
 from hotswap.engine.inference_log import InferenceLog, LogSettings
 from hotswap.engine.metrics import EngineMetrics
-from hotswap.engine.oip import InferenceServicer
+from hotswap.engine.oip import InferenceServicer, _Answers
 from hotswap.engine.runtime import RuntimeOptions
 from hotswap.engine.servicers import code_name
 from hotswap.oip import grpc_service_pb2 as oip
@@ -32,6 +32,7 @@ from tests.e2e import _api
 from tests.engine.test_runtime import two_outputs
 
 Tensor = oip.ModelInferRequest.InferInputTensor
+Requested = oip.ModelInferRequest.InferRequestedOutputTensor
 MAX_ROWS = 100
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -248,6 +249,59 @@ async def test_typed_and_raw_contents_and_every_parameter_kind(
     np.testing.assert_array_equal(sent[::-1], x.astype(np.float32))
     served = np.asarray(newest.column("out.variable").to_pylist(), dtype=np.float32)
     np.testing.assert_array_equal(served[::-1], expected)
+
+
+async def test_the_plain_request_path_answers_as_the_general_one(
+    engine: Engine, assets: Path
+) -> None:
+    """One raw tensor of the model's own type and row shape skips the general path's search,
+    checks and casts (`_Answers.plain_tensor`); its answers must be the same, byte for byte
+    but for the time it took."""
+    await engine.load("rf")
+    x = (np.random.default_rng(1).random((3, 18)) * 10).astype(np.float32)
+    expected = _api.reference(assets / "models" / "rf_model.onnx", x)
+    loaded = engine.host.lookup("ws", "rf")
+    plain = _rf_request(x, id="same")
+    assert loaded.kept(_Answers).plain_tensor(plain, MAX_ROWS) is not None
+    general = [
+        # Asks for its output by name.
+        _rf_request(x, id="same", outputs=[Requested(name="variable")]),
+        # Typed contents instead of raw bytes.
+        oip.ModelInferRequest(
+            model_name="rf",
+            id="same",
+            inputs=[
+                Tensor(
+                    name="float_input",
+                    datatype="FP32",
+                    shape=[3, 18],
+                    contents=oip.InferTensorContents(fp32_contents=x.ravel()),
+                )
+            ],
+        ),
+        # FP64, which the model's float input takes cast.
+        oip.ModelInferRequest(
+            model_name="rf",
+            id="same",
+            inputs=[Tensor(name="float_input", datatype="FP64", shape=[3, 18])],
+            raw_input_contents=[x.astype(np.float64).tobytes()],
+        ),
+    ]
+    for request in general:
+        assert loaded.kept(_Answers).plain_tensor(request, MAX_ROWS) is None
+
+    def timeless(response: oip.ModelInferResponse) -> bytes:
+        assert response.parameters["elapsed_ns"].int64_param > 0
+        del response.parameters["elapsed_ns"]
+        return response.SerializeToString(deterministic=True)
+
+    answer = await engine.stub.ModelInfer(plain)
+    got = np.frombuffer(answer.raw_output_contents[0], dtype="<f4").reshape(3, 1)
+    np.testing.assert_array_equal(got, expected)
+    assert answer.parameters["models"].string_param == loaded.identity["hotswap.models"]
+    plain_answer = timeless(answer)
+    for request in general:
+        assert timeless(await engine.stub.ModelInfer(request)) == plain_answer
 
 
 async def test_multi_input_pipeline_takes_tensors_by_name(engine: Engine) -> None:

@@ -14,13 +14,11 @@ Tensors arrive as typed `contents` or `raw_input_contents` and leave as `raw_out
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import time
 from collections.abc import Sequence
 from importlib import metadata
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -31,7 +29,7 @@ from hotswap.engine.dataplane import DataPlane, Ran, check_rows
 from hotswap.engine.errors import InvalidInput, PipelineLoading, PipelineNotServed
 from hotswap.engine.health import readiness
 from hotswap.engine.host import EngineHost
-from hotswap.engine.runtime import LoadedPipeline, PipelineSpec, TensorInfo
+from hotswap.engine.runtime import Inferred, LoadedPipeline, TensorInfo
 from hotswap.engine.servicers import STATUS
 from hotswap.oip import grpc_service_pb2 as oip
 from hotswap.oip import grpc_service_pb2_grpc as oip_grpc
@@ -212,10 +210,14 @@ def input_columns(loaded: LoadedPipeline, tensors: Sequence[tuple[str, Array]]) 
     return named
 
 
-def output_tensors(
-    outputs: Sequence[Array], loaded: LoadedPipeline, wanted: Sequence[str]
-) -> tuple[list[oip.ModelInferResponse.InferOutputTensor], list[bytes]]:
-    """The last step's outputs as output tensors and their raw bytes.
+def add_outputs(
+    response: oip.ModelInferResponse,
+    outputs: Sequence[Array],
+    loaded: LoadedPipeline,
+    wanted: Sequence[str],
+) -> int:
+    """Appends the last step's outputs (those `wanted`, or all) to `response` as output
+    tensors and their raw bytes; returns their size in bytes.
 
     Raises:
         InvalidInput: a requested output the model does not have.
@@ -225,21 +227,19 @@ def output_tensors(
         if name not in names:
             raise InvalidInput(f"model {loaded.spec.pipeline!r} has no output {name!r} ({names})")
     by_name = dict(zip(names, outputs, strict=True))
-    tensors, raws = [], []
-    for name in wanted or names:
-        values = by_name[name]
-        if values.dtype.kind in "OUS":
-            datatype, raw = "BYTES", _bytes_raw(values)
-        else:
-            datatype = _BY_KIND[(values.dtype.kind, values.dtype.itemsize)]
-            raw = values.astype(DTYPES[datatype], copy=False).tobytes()
-        tensors.append(
-            oip.ModelInferResponse.InferOutputTensor(
-                name=name, datatype=datatype, shape=list(values.shape)
-            )
-        )
-        raws.append(raw)
-    return tensors, raws
+    return sum(_add_output(response, name, by_name[name]) for name in wanted or names)
+
+
+def _add_output(response: oip.ModelInferResponse, name: str, values: Array) -> int:
+    """Appends one output; returns its size in bytes."""
+    if values.dtype.kind in "OUS":
+        datatype, raw = "BYTES", _bytes_raw(values)
+    else:
+        datatype = _BY_KIND[(values.dtype.kind, values.dtype.itemsize)]
+        raw = values.astype(DTYPES[datatype], copy=False).tobytes()
+    response.outputs.add(name=name, datatype=datatype, shape=values.shape)
+    response.raw_output_contents.append(raw)
+    return len(raw)
 
 
 SPLIT_OUTPUT = "_model_split"
@@ -271,49 +271,95 @@ def infer(
     """Decode, infer, encode one request, wholly on `loaded` (gRPC's and REST's: the REST
     routes translate their JSON to and from these messages)."""
     started = time.perf_counter_ns()
+    answers = loaded.kept(_Answers)
+    values = answers.plain_tensor(request, max_rows)
+    if values is not None:  # the common request: nothing to look for, check or convert
+        inferred = loaded.infer_tensor(values)
+        response = answers.response(request)
+        size = values.nbytes
+        for name, output in zip(answers.output_names, inferred.outputs, strict=True):
+            size += _add_output(response, name, output)
+        return _ran(response, inferred, started, size)
     columns = input_columns(loaded, input_tensors(request))
     check_rows(next(iter(columns.values())).shape[0], max_rows)
     inferred = loaded.infer_arrays(columns)
     wanted = [o.name for o in request.outputs]
     split = inferred.split_labels()
     named = [w for w in wanted if w != SPLIT_OUTPUT] if split is not None else wanted
-    outputs, raws = (
-        ([], []) if wanted and not named else output_tensors(inferred.outputs, loaded, named)
-    )
+    response = answers.response(request)
+    size = sum(v.nbytes for v in columns.values())
+    if named or not wanted:
+        size += add_outputs(response, inferred.outputs, loaded, named)
     if split is not None and (not wanted or SPLIT_OUTPUT in wanted):
         # Which model served each row: BYTES [rows, split steps] of Wallaroo's JSON.
-        outputs.append(
-            oip.ModelInferResponse.InferOutputTensor(
-                name=SPLIT_OUTPUT, datatype="BYTES", shape=list(split.shape)
-            )
-        )
-        raws.append(_bytes_raw(split))
-    spec = loaded.spec
-    response = oip.ModelInferResponse(
-        model_name=spec.pipeline,
-        model_version=str(spec.number),
-        id=request.id,
-        parameters=_served_by(spec),
-        outputs=outputs,
-        raw_output_contents=raws,
-    )
+        size += _add_output(response, SPLIT_OUTPUT, split)
+    return _ran(response, inferred, started, size)
+
+
+def _ran(
+    response: oip.ModelInferResponse, inferred: Inferred, started: int, size: int
+) -> Ran[oip.ModelInferResponse]:
+    """`size`: the request's and the answer's tensor bytes (what the log's bound counts)."""
     elapsed_ns = time.perf_counter_ns() - started
     response.parameters["elapsed_ns"].int64_param = elapsed_ns
-    size = sum(map(len, raws)) + sum(v.nbytes for v in columns.values())
     return Ran(response, inferred, elapsed_ns, size, inferred.shadows)
 
 
-@functools.lru_cache(maxsize=64)
-def _served_by(spec: PipelineSpec) -> dict[str, oip.InferParameter]:
-    """The response parameters naming what served a request (built once per version)."""
-    models = [
-        {"name": s.model_name, "version": s.model_version, "sha256": s.sha256} for s in spec.steps
-    ]
-    return {
-        "workspace": oip.InferParameter(string_param=spec.workspace),
-        "pipeline_version_id": oip.InferParameter(string_param=spec.version_id),
-        "models": oip.InferParameter(string_param=json.dumps(models)),
-    }
+class _Answers:
+    """What every answer of one loaded version shares, built on its first request: the
+    response naming what served it, and the input a plain request feeds as is."""
+
+    __slots__ = ("_datatype", "_dtype", "_row", "_row_bytes", "_template", "output_names")
+
+    def __init__(self, loaded: LoadedPipeline) -> None:
+        spec = loaded.spec
+        self._template = oip.ModelInferResponse(
+            model_name=spec.pipeline,
+            model_version=str(spec.number),
+            parameters={
+                "workspace": oip.InferParameter(string_param=spec.workspace),
+                "pipeline_version_id": oip.InferParameter(string_param=spec.version_id),
+                "models": oip.InferParameter(string_param=loaded.identity["hotswap.models"]),
+            },
+        )
+        self.output_names = loaded.output_names
+        reader = loaded.plain_input
+        datatype = (
+            None if reader is None else _BY_KIND.get((reader.dtype.kind, reader.dtype.itemsize))
+        )
+        # The protocol's raw bytes are little-endian: fed as is only where the model's are.
+        if reader is None or datatype is None or DTYPES[datatype] != reader.dtype:
+            self._datatype = None
+            return
+        self._datatype = datatype
+        self._dtype = reader.dtype
+        self._row = cast(tuple[int, ...], reader.static_row)
+        self._row_bytes = math.prod(self._row) * reader.dtype.itemsize
+
+    def response(self, request: oip.ModelInferRequest) -> oip.ModelInferResponse:
+        response = oip.ModelInferResponse()
+        response.CopyFrom(self._template)
+        response.id = request.id
+        return response
+
+    def plain_tensor(self, request: oip.ModelInferRequest, max_rows: int) -> Array | None:
+        """The model's input tensor, when `request` is one raw tensor of the model's own
+        datatype and row shape asking for every output; None for any other request, which the
+        general path serves (and refuses, with its messages)."""
+        if self._datatype is None or request.outputs or len(request.inputs) != 1:
+            return None
+        raw = request.raw_input_contents
+        tensor = request.inputs[0]
+        if len(raw) != 1 or tensor.datatype != self._datatype or tensor.HasField("contents"):
+            return None
+        shape = tuple(tensor.shape)
+        rows = shape[0] if shape else 0
+        if shape[1:] != self._row or not 0 < rows <= max_rows:
+            return None
+        data = raw[0]
+        if len(data) != rows * self._row_bytes:
+            return None
+        return np.frombuffer(data, dtype=self._dtype).reshape(shape)
 
 
 def lookup(
@@ -400,7 +446,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         served = await self._plane.serve(
             lambda: self._lookup(request.model_name, request.model_version, workspace),
             lambda loaded: infer(loaded, request, max_rows),
-            nbytes=sum(len(raw) for raw in request.raw_input_contents),
+            nbytes=sum(map(len, request.raw_input_contents)),
         )
         return served.answer
 

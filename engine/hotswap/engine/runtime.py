@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -99,6 +99,7 @@ ISOLATE_BYTES = 8 * 1024**2
 # Timed 1-row inferences after the first (allocating) one, to learn a request's real cost.
 WARM_RUNS = 3
 
+_Kept = TypeVar("_Kept")
 
 StepSpec = ArmModel
 """One step of a pipeline version: a model version and its local, sha-verified ONNX file."""
@@ -380,6 +381,7 @@ class LoadedPipeline:
         "_answer_schemas",
         "_first",
         "_inputs",
+        "_kept",
         "_last_label",
         "_later",
         "_metadata",
@@ -466,6 +468,8 @@ class LoadedPipeline:
             "hotswap.pipeline_version_id": spec.version_id,
             "hotswap.models": json.dumps(models),
         }
+        # What protocols build once per version (`kept`), by the function that builds it.
+        self._kept: dict[Callable[[LoadedPipeline], Any], Any] = {}
         self._metadata = pa.KeyValueMetadata(
             {key.encode(): value.encode() for key, value in self.identity.items()}
         )
@@ -586,10 +590,17 @@ class LoadedPipeline:
         Raises:
             InvalidInput: as `infer` (`takes(columns)` says whether the columns are there).
         """
+        # Plain loops, not generators: this runs for every request, and a generator's frame
+        # costs more than the look-ups themselves.
         feed = {}
         for plan in self._inputs:
-            column = next(c for c in plan.columns if c in columns)
-            feed[plan.input_name] = plan.array(columns[column], column)
+            for column in plan.columns:
+                values = columns.get(column)
+                if values is not None:
+                    feed[plan.input_name] = plan.array(values, column)
+                    break
+            else:
+                raise InvalidInput(f"no column {plan.columns[0]!r} ({plan.what} reads it)")
         n = next(iter(feed.values())).shape[0]
         epoch_ms = time.time_ns() // 1_000_000
         if self._routed is None:
@@ -597,9 +608,41 @@ class LoadedPipeline:
         outputs, split, shadows = self._run_routed(feed, n, columns.get)
         return Inferred(self, epoch_ms, columns, outputs, schema, split, shadows)
 
+    def kept(self, make: Callable[[LoadedPipeline], _Kept]) -> _Kept:
+        """`make(self)`, built on first use and kept as long as this version: what a protocol
+        prepares once per version, such as the parts every answer shares."""
+        found = self._kept.get(make)
+        if found is None:  # threads racing here each build one; the last is kept
+            found = self._kept[make] = make(self)
+        return cast(_Kept, found)
+
+    @property
+    def plain_input(self) -> InputReader | None:
+        """The one input of a version that a protocol may feed as is (`infer_tensor`): one
+        input with a static row shape and no fixed batch, no split or shadow steps; else None."""
+        if self._routed is not None or len(self._inputs) != 1:
+            return None
+        reader = self._inputs[0]
+        return reader if reader.static_row is not None and reader.batch is None else None
+
+    def infer_tensor(self, values: Array) -> Inferred:
+        """`infer_arrays` for a version with a `plain_input`, given its tensor already of the
+        model's dtype and shaped `[rows, *plain_input.static_row]` (rows > 0): nothing to
+        find, check or cast."""
+        reader = self._inputs[0]
+        epoch_ms = time.time_ns() // 1_000_000
+        outputs = self._run({reader.input_name: values}, values.shape[0])
+        return Inferred(self, epoch_ms, {reader.columns[0]: values}, outputs)
+
     def takes(self, columns: Mapping[str, Array]) -> bool:
         """Whether `columns` has a column for every input."""
-        return all(any(c in columns for c in plan.columns) for plan in self._inputs)
+        for plan in self._inputs:
+            for column in plan.columns:
+                if column in columns:
+                    break
+            else:
+                return False
+        return True
 
     def answer(self, inferred: Inferred, layout: RequestLayout, exclude: frozenset[str]) -> bytes:
         """The answer to a request `fast_ipc` read: the template of this version, request

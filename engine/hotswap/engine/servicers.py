@@ -63,6 +63,18 @@ def _run(loaded: LoadedPipeline, data: bytes, max_rows: int, exclude: frozenset[
     return Ran(out, result, time.perf_counter_ns() - start, len(out) + len(data), shadows)
 
 
+def _answered_by(loaded: LoadedPipeline) -> engine_pb2.InferResponse:
+    """The part of every answer of `loaded` that names it (built once per version)."""
+    spec = loaded.spec
+    return engine_pb2.InferResponse(
+        workspace=spec.workspace,
+        pipeline=spec.pipeline,
+        pipeline_version=spec.number,
+        pipeline_version_id=spec.version_id,
+        models=_convert.served_models(loaded),
+    )
+
+
 def code_name(exc: Exception) -> str:
     """The status code name `exc` is answered with (the metrics' `code` label)."""
     code = status_for(STATUS, exc)
@@ -87,23 +99,19 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         caller = access.current.get()
         max_rows = self._plane.max_rows
         exclude = answer_parts(request.dataset_exclude)
+        data = request.arrow  # read once: each read of a bytes field copies it
         served = await self._plane.serve(
             lambda: self._host.lookup(request.workspace, request.pipeline, caller.may_use),
-            lambda loaded: _run(loaded, request.arrow, max_rows, exclude),
-            nbytes=len(request.arrow),
+            lambda loaded: _run(loaded, data, max_rows, exclude),
+            nbytes=len(data),
             source=request.source,
         )
-        spec = served.loaded.spec
-        return engine_pb2.InferResponse(
-            arrow=served.answer,
-            workspace=spec.workspace,
-            pipeline=spec.pipeline,
-            pipeline_version=spec.number,
-            pipeline_version_id=spec.version_id,
-            models=_convert.served_models(served.loaded),
-            elapsed_ns=served.elapsed_ns,
-            request_id=request.request_id,
-        )
+        response = engine_pb2.InferResponse()
+        response.CopyFrom(served.loaded.kept(_answered_by))
+        response.arrow = served.answer
+        response.elapsed_ns = served.elapsed_ns
+        response.request_id = request.request_id
+        return response
 
     @unary
     async def Infer(
