@@ -72,6 +72,36 @@ def test_query_newest_first_across_memory_and_files(assets: Path, tmp_path: Path
     assert log.query("", "p", limit=1).num_rows == 1  # type: ignore[union-attr]
 
 
+def test_repeated_metadata_is_stored_once_and_read_back_as_strings(
+    assets: Path, tmp_path: Path
+) -> None:
+    """The metadata strings every row of a request shares (the models' JSON, ids, the engine)
+    are written once per batch, not once per row; queries still answer plain strings."""
+    x = xtest(assets)
+    log = InferenceLog(LogSettings(tmp_path / "logs"), "engine-a")
+    v1 = _loaded(assets, "rf", 1)
+    for _ in range(2):
+        _append(log, v1, x[:500])
+    log.flush()
+    [path] = (tmp_path / "logs" / "ws" / "p").glob("*.arrow")
+    with pa.OSFile(str(path), "rb") as source:
+        stored = pa.ipc.open_stream(source).read_all()
+    for name in ("metadata.models", "metadata.last_model", "metadata.pipeline_version_id"):
+        column = stored.column(name)
+        assert pa.types.is_dictionary(column.type)
+        assert all(len(chunk.dictionary) == 1 for chunk in column.chunks)
+    # ~130 bytes a row: the inputs (72), numbers and indices. Written per row, the shared
+    # strings alone took ~160 more.
+    assert path.stat().st_size < 1000 * 200
+    table = log.query("ws", "p", limit=1000)
+    assert table is not None and table.num_rows == 1000
+    assert not any(pa.types.is_dictionary(f.type) for f in table.schema)
+    last = json.loads(table.column("metadata.last_model")[0].as_py())
+    assert last["model_name"] == MODELS["rf"]
+    assert table.column("metadata.pipeline_version_id").to_pylist() == ["id-1"] * 1000
+    assert table.column("metadata.engine").to_pylist() == ["engine-a"] * 1000
+
+
 def test_time_window(assets: Path, tmp_path: Path) -> None:
     log = InferenceLog(LogSettings(tmp_path), "e")
     v1 = _loaded(assets, "rf", 1)
