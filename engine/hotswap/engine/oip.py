@@ -223,11 +223,18 @@ def add_outputs(
         InvalidInput: a requested output the model does not have.
     """
     names = loaded.output_names
+    size = 0
+    if not wanted:  # every output, in order: the common case, without the look-ups
+        for name, values in zip(names, outputs, strict=True):
+            size += _add_output(response, name, values)
+        return size
     for name in wanted:
         if name not in names:
             raise InvalidInput(f"model {loaded.spec.pipeline!r} has no output {name!r} ({names})")
     by_name = dict(zip(names, outputs, strict=True))
-    return sum(_add_output(response, name, by_name[name]) for name in wanted or names)
+    for name in wanted:
+        size += _add_output(response, name, by_name[name])
+    return size
 
 
 def _add_output(response: oip.ModelInferResponse, name: str, values: Array) -> int:
@@ -276,9 +283,7 @@ def infer(
     if values is not None:  # the common request: nothing to look for, check or convert
         inferred = loaded.infer_tensor(values)
         response = answers.response(request)
-        size = values.nbytes
-        for name, output in zip(answers.output_names, inferred.outputs, strict=True):
-            size += _add_output(response, name, output)
+        size = values.nbytes + add_outputs(response, inferred.outputs, loaded, ())
         return _ran(response, inferred, started, size)
     columns = input_columns(loaded, input_tensors(request))
     check_rows(next(iter(columns.values())).shape[0], max_rows)
@@ -309,7 +314,7 @@ class _Answers:
     """What every answer of one loaded version shares, built on its first request: the
     response naming what served it, and the input a plain request feeds as is."""
 
-    __slots__ = ("_datatype", "_dtype", "_row", "_row_bytes", "_template", "output_names")
+    __slots__ = ("_datatype", "_dtype", "_row", "_row_bytes", "_template")
 
     def __init__(self, loaded: LoadedPipeline) -> None:
         spec = loaded.spec
@@ -322,7 +327,6 @@ class _Answers:
                 "models": oip.InferParameter(string_param=loaded.identity["hotswap.models"]),
             },
         )
-        self.output_names = loaded.output_names
         reader = loaded.plain_input
         datatype = (
             None if reader is None else _BY_KIND.get((reader.dtype.kind, reader.dtype.itemsize))
