@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 
 from bench import _cells
 from hotswap.clients._stack import LocalStack
@@ -146,6 +147,23 @@ def _summary(deploys: list[dict[str, Any]], probe: list[float]) -> dict[str, Any
     }
 
 
+def _cpu_seconds(stack: LocalStack) -> dict[str, float]:
+    """CPU seconds so far of the control plane and of all engines together."""
+    used = {"control": 0.0, "engines": 0.0}
+    for name, process in stack.processes.items():
+        times = psutil.Process(process.pid).cpu_times()
+        used["control" if name == "control" else "engines"] += times.user + times.system
+    return used
+
+
+def _cores(stack: LocalStack, seconds: float) -> dict[str, float]:
+    """Cores the control plane and the engines use over `seconds` of doing nothing."""
+    before, started = _cpu_seconds(stack), time.perf_counter()
+    time.sleep(seconds)
+    after, wall = _cpu_seconds(stack), time.perf_counter() - started
+    return {k: (after[k] - before[k]) / wall for k in after}
+
+
 def _series(
     stack: LocalStack, stub: Any, tmp: Path, name: str, swaps: int, engines: int
 ) -> tuple[list[dict[str, Any]], list[float]]:
@@ -192,6 +210,8 @@ def phase(
         )
         # Every model once on every engine first: the series measure swaps, not first loads.
         _deploys(stub, ["rf", "gbr", "xgb"], 3, pace=0.1)
+        # What the fleet costs doing nothing: heartbeats and the services' own timers.
+        idle = _cores(stack, 5.0)
         # No probe: on 2 cores, 16 engines each probed every 10 ms are busy already.
         quiet = _deploys(stub, ["rf", "gbr", "xgb"], swaps, pace=0.1)
         light = _series(stack, stub, tmp, "light", swaps, engines)
@@ -212,6 +232,8 @@ def phase(
     calm, busy = _summary(*light), _summary(*loaded)
     result: dict[str, Any] = {
         "engines": engines,
+        "idle_engine_cores": idle["engines"],
+        "idle_control_cores": idle["control"],
         "quiet": _summary(quiet, []),
         "light": calm,
         "loaded": busy,
@@ -272,6 +294,11 @@ def summary(fleet: dict[str, Any]) -> list[str]:
         "p50 / max ms | spread (probed) p50 / max ms |",
         "|---|---|---|---|---|---|---|",
     ]
+    idle = (
+        f"Idle, before the swaps: the {fleet['engines']} engines used "
+        f"{fleet['idle_engine_cores']:.3f} cores together, the control plane "
+        f"{fleet['idle_control_cores']:.3f}."
+    )
     for name in ("quiet", "light", "loaded"):
         s = fleet[name]
 
@@ -289,7 +316,7 @@ def summary(fleet: dict[str, Any]) -> list[str]:
                 else "| not probed |"
             )
         )
-    return lines
+    return [*lines, "", idle]
 
 
 def main(argv: list[str]) -> int:

@@ -22,7 +22,9 @@ from hotswap.v1 import types_pb2 as t
 TOKEN = "alice-token-0123456789abcdef"
 
 
-def _link(tmp_path: Path, model: bytes) -> tuple[ControlLink, access.Rules]:
+def _link(
+    tmp_path: Path, model: bytes, heartbeat_interval: float = 1.0
+) -> tuple[ControlLink, access.Rules]:
     async def fetch(sha256: str, offset: int) -> AsyncIterator[bytes]:
         yield model[offset:]
 
@@ -30,8 +32,11 @@ def _link(tmp_path: Path, model: bytes) -> tuple[ControlLink, access.Rules]:
     rules = access.Rules(fail_closed=True)
     # The channel is never dialled: the test feeds the link's dispatcher directly.
     channel = grpc.aio.insecure_channel("127.0.0.1:1")
-    return ControlLink(host, "127.0.0.1:1", "e1", "127.0.0.1:2", 1.0, channel=channel,
-                       token="t" * 16, rules=rules), rules  # fmt: skip
+    link = ControlLink(
+        host, "127.0.0.1:1", "e1", "127.0.0.1:2", heartbeat_interval, channel=channel,
+        token="t" * 16, rules=rules,
+    )  # fmt: skip
+    return link, rules
 
 
 def _version(model: bytes, number: int = 1) -> t.PipelineVersion:
@@ -76,6 +81,12 @@ async def test_access_rules_desired_state_and_a_swap(tmp_path: Path, assets: Pat
     assert state.state.serving[0].number == 2
     assert committed.committed.ok and committed.committed.swap_id == "s2"
 
+    # The desired state that follows a commit loads nothing: one report, the applied one.
+    link._dispatch(
+        f.ControlMessage(desired=f.DesiredState(revision=6, pipelines=[_version(model, 2)]))
+    )
+    assert [m.state.revision for m in await _sent(link)] == [6]
+
     link._dispatch(f.ControlMessage(commit=f.Commit(swap_id="never-prepared")))
     [refused] = await _sent(link)
     assert not refused.committed.ok
@@ -96,3 +107,31 @@ async def test_a_commit_switches_at_its_instant_not_before(tmp_path: Path, asset
     committed = (await asyncio.wait_for(link._outbox.get(), 5)).committed
     assert answer.state.serving[0].number == 1 and committed.ok
     assert committed.received_at_us < switch_at_us <= committed.switched_at_us
+
+
+async def test_an_idle_heartbeat_watches_no_split_models_until_a_swap(tmp_path: Path) -> None:
+    """With no split step to watch, the heartbeat sleeps until its next beat (an idle engine
+    used to wake 20 times a second to count failures); a swap, which may load split steps,
+    wakes it at once."""
+    link, _ = _link(tmp_path, b"", heartbeat_interval=600.0)
+    checks = 0
+
+    def counting_errors() -> int:
+        nonlocal checks
+        checks += 1
+        return 0
+
+    link._errors = counting_errors  # type: ignore[method-assign]
+    beating = asyncio.create_task(link._heartbeat_forever())
+    try:
+        first = await asyncio.wait_for(link._outbox.get(), 5)
+        assert first.HasField("heartbeat")
+        for _ in range(20):  # let the loop run the heartbeat's wait
+            await asyncio.sleep(0)
+        assert checks == 0
+        link._host.changes.notify()
+        second = await asyncio.wait_for(link._outbox.get(), 5)  # not 600 s later
+        assert second.HasField("heartbeat")
+    finally:
+        beating.cancel()
+        link._host.close()

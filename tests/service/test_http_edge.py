@@ -12,8 +12,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from hotswap.service import http_edge
 from hotswap.service.edge import StartupError
 from hotswap.service.http_edge import (
+    TICK_SECONDS,
     BodyRefused,
     HttpServer,
     bind_socket,
@@ -66,6 +68,46 @@ async def test_serves_and_stops_inside_the_services_loop() -> None:
     writer.close()
     with pytest.raises(OSError):
         await asyncio.open_connection(host, int(port))
+
+
+async def _date_of(address: str) -> bytes:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    dates = [line for line in head.split(b"\r\n") if line.lower().startswith(b"date:")]
+    assert len(dates) == 1, head
+    return dates[0]
+
+
+def _empty_app() -> Starlette:
+    return Starlette(routes=[Route("/", lambda request: PlainTextResponse(""))])
+
+
+async def test_the_date_header_moves_on_though_the_server_ticks_once_a_second() -> None:
+    """uvicorn ticks ten times a second and refreshes Date every tenth tick; this server
+    ticks once a second, and each tick must still refresh it."""
+    server = HttpServer(_empty_app(), "127.0.0.1:0")
+    address = await server.start()
+    first = await _date_of(address)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5 * TICK_SECONDS
+    later = first
+    while later == first and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        later = await _date_of(address)
+    assert later != first, "the Date header was not refreshed within five ticks"
+    await server.stop(grace=1.0)
+
+
+async def test_a_stop_does_not_wait_for_the_next_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_edge, "TICK_SECONDS", 600.0)
+    server = HttpServer(_empty_app(), "127.0.0.1:0")
+    await server.start()
+    await asyncio.wait_for(server.stop(grace=1.0), timeout=10)
 
 
 @pytest.mark.parametrize(

@@ -117,13 +117,12 @@ class SwapCoordinator:
 
     # -- desired state (level-triggered) -------------------------------------------------
 
-    def desired(self, engine: str) -> list[PipelineVersion]:
-        """Everything `engine` must serve now, per the store."""
-        return [d.version for d in self._store.deployments() if engine in d.engines]
-
-    def resync(self, engine: str) -> None:
-        """Sends `engine` its whole desired state (on every connect: level-triggered)."""
-        self._engines.push_desired(engine, self.desired(engine), self.revision)
+    def resync(self, engine: str, deployments: list[Deployment] | None = None) -> None:
+        """Sends `engine` its whole desired state (on every connect: level-triggered), from
+        `deployments` when the caller has just read them from the store."""
+        known = self._store.deployments() if deployments is None else deployments
+        desired = [d.version for d in known if engine in d.engines]
+        self._engines.push_desired(engine, desired, self.revision)
 
     def engine_connected(self, engine: str) -> None:
         """An engine (re)connected: it gets its desired state, and deployments that lack
@@ -135,8 +134,11 @@ class SwapCoordinator:
 
     def _bump(self, engines: set[str]) -> int:
         self.revision += 1
+        # Read once for all of them: each read parses every deployed version, and a swap
+        # on 16 engines spent most of its control-plane CPU reading the same rows 16 times.
+        deployments = self._store.deployments()
         for name in sorted(engines):
-            self.resync(name)
+            self.resync(name, deployments)
         return self.revision
 
     def _placeable(self) -> list[EngineRef]:

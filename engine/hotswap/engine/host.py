@@ -401,6 +401,15 @@ class EngineHost:
         """How many swaps each pipeline has committed so far (`reconcile`'s `seen`)."""
         return dict(self._swaps)
 
+    def serves_all(self, desired: list[VersionRef]) -> bool:
+        """Whether every version of `desired` is active already, so applying it loads
+        nothing (the desired state that follows each commit)."""
+        for ref in desired:
+            active = self._active.get(ref.key)
+            if active is None or active.spec.version_id != ref.version_id:
+                return False
+        return True
+
     async def reconcile(
         self, desired: list[VersionRef], seen: dict[str, int] | None = None
     ) -> None:

@@ -240,8 +240,18 @@ class ControlLink:
             # rollout rolls back on it, and every moment more requests meet that model.
             errors = sum(t.errors for t in beat.traffic)
             deadline = time.monotonic() + self._heartbeat_interval
+            if not beat.traffic:
+                # No split models to watch: sleep until the next beat, or until a swap
+                # (which may load some), instead of waking 20 times a second for nothing.
+                await self._wait_for_change(deadline - time.monotonic())
+                continue
             while time.monotonic() < deadline and self._errors() == errors:
                 await asyncio.sleep(min(ERROR_CHECK_SECONDS, self._heartbeat_interval))
+
+    async def _wait_for_change(self, seconds: float) -> None:
+        seen = self._host.changes.count
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._host.changes.wait_after(seen), max(seconds, 0.0))
 
     def _version_traffic(self) -> list[fleet_pb2.VersionTraffic]:
         """The request counts of the versions loaded now (not of every version ever served,
@@ -336,8 +346,11 @@ class ControlLink:
     async def _apply_desired(
         self, desired: fleet_pb2.DesiredState, seen: dict[str, int] | None = None
     ) -> None:
-        self._report()  # shows "Loading" while it builds; nothing applied yet (revision 0)
         refs = [_convert.version_ref(v) for v in desired.pipelines]
+        if not self._host.serves_all(refs):
+            # Shows "Loading" while it builds; nothing applied yet (revision 0). Not sent
+            # when there is nothing to build: every message costs both sides CPU.
+            self._report()
         if self._relay is None:
             await self._host.reconcile(refs, seen)
         else:  # applied once every process has applied it
