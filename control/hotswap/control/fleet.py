@@ -50,6 +50,8 @@ MAX_LABELS = 16
 # Entries of one heartbeat's counts taken (versions loaded, times processes, times models of
 # split steps): far more than an engine holds, far less than a 64 MiB message could list.
 MAX_HEARTBEAT_ENTRIES = 4096
+# Versions kept converted to messages (Fleet._message): the ones swaps are sending now.
+MAX_VERSION_MESSAGES = 256
 
 # What the access rules are made from: whether tokens are required, and the user tokens.
 AccessSource = Callable[[], tuple[bool, Sequence[Grant]]]
@@ -216,6 +218,9 @@ class Fleet:
         self._reports = asyncio.Condition()
         # Called when an engine reports model counts (rollouts decide on them at once).
         self.on_traffic: Callable[[], None] = lambda: None
+        # Versions as messages, by version id: a swap sends the same version to every
+        # engine (prepare, then desired state), so it is converted once, not per engine.
+        self._messages: dict[str, tuple[PipelineVersion, types_pb2.PipelineVersion]] = {}
 
     # -- connections ----------------------------------------------------------------------
 
@@ -459,7 +464,7 @@ class Fleet:
     ) -> PrepareDone:
         message = fleet_pb2.ControlMessage(
             prepare=fleet_pb2.Prepare(
-                swap_id=swap_id, version=_convert.pipeline_version(version), request_id=request_id
+                swap_id=swap_id, version=self._message(version), request_id=request_id
             )
         )
         answer = (await self._ask(engine, message, ("prepare", swap_id), timeout)).prepared
@@ -490,9 +495,20 @@ class Fleet:
         connection = self.connections.get(engine)
         if connection is not None:
             desired = fleet_pb2.DesiredState(
-                revision=revision, pipelines=[_convert.pipeline_version(v) for v in versions]
+                revision=revision, pipelines=[self._message(v) for v in versions]
             )
             self._send(connection, fleet_pb2.ControlMessage(desired=desired))
+
+    def _message(self, version: PipelineVersion) -> types_pb2.PipelineVersion:
+        known = self._messages.get(version.version_id)
+        if known is None or known[0] is not version:  # a version read again: convert again
+            if len(self._messages) >= MAX_VERSION_MESSAGES:
+                self._messages.clear()
+            known = self._messages[version.version_id] = (
+                version,
+                _convert.pipeline_version(version),
+            )
+        return known[1]
 
     def drained(self, engine: str, kept: Sequence[str]) -> None:
         connection = self.connections.get(engine)
