@@ -240,18 +240,24 @@ class ControlLink:
             # rollout rolls back on it, and every moment more requests meet that model.
             errors = sum(t.errors for t in beat.traffic)
             deadline = time.monotonic() + self._heartbeat_interval
-            if not beat.traffic:
-                # No split models to watch: sleep until the next beat, or until a swap
-                # (which may load some), instead of waking 20 times a second for nothing.
-                await self._wait_for_change(deadline - time.monotonic())
-                continue
-            while time.monotonic() < deadline and self._errors() == errors:
-                await asyncio.sleep(min(ERROR_CHECK_SECONDS, self._heartbeat_interval))
+            while (left := deadline - time.monotonic()) > 0:
+                if not self._serves_splits():
+                    # Nothing to watch: sleep until the next beat or the next swap (which
+                    # may load split steps), instead of waking 20 times a second.
+                    await self._wait_for_change(left)
+                elif self._errors() != errors:
+                    break
+                else:
+                    await asyncio.sleep(min(ERROR_CHECK_SECONDS, left))
+
+    def _serves_splits(self) -> bool:
+        """Whether models of split steps serve here (in this process or a worker)."""
+        return bool(self._host.traffic() or (self._relay is not None and self._relay.traffic()))
 
     async def _wait_for_change(self, seconds: float) -> None:
         seen = self._host.changes.count
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._host.changes.wait_after(seen), max(seconds, 0.0))
+            await asyncio.wait_for(self._host.changes.wait_after(seen), seconds)
 
     def _version_traffic(self) -> list[fleet_pb2.VersionTraffic]:
         """The request counts of the versions loaded now (not of every version ever served,
