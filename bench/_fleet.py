@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 
-from bench import _cells
+from bench import _cells, _peers
 from hotswap.clients._stack import LocalStack
 from hotswap.clients.loadtest import _input
 from hotswap.v1 import control_pb2 as c
@@ -151,8 +150,7 @@ def _cpu_seconds(stack: LocalStack) -> dict[str, float]:
     """CPU seconds so far of the control plane and of all engines together."""
     used = {"control": 0.0, "engines": 0.0}
     for name, process in stack.processes.items():
-        times = psutil.Process(process.pid).cpu_times()
-        used["control" if name == "control" else "engines"] += times.user + times.system
+        used["control" if name == "control" else "engines"] += _peers.cpu_seconds(process.pid)
     return used
 
 
