@@ -72,11 +72,12 @@ def test_query_newest_first_across_memory_and_files(assets: Path, tmp_path: Path
     assert log.query("", "p", limit=1).num_rows == 1  # type: ignore[union-attr]
 
 
-def test_repeated_metadata_is_stored_once_and_read_back_as_strings(
+def test_request_constants_are_stored_once_and_read_back_plain(
     assets: Path, tmp_path: Path
 ) -> None:
-    """The metadata strings every row of a request shares (the models' JSON, ids, the engine)
-    are written once per batch, not once per row; queries still answer plain strings."""
+    """What every row of a request shares (the models' JSON, ids, the engine, its instant and
+    elapsed time) is written once per batch or once per request, not once per row; queries
+    still answer plain columns."""
     x = xtest(assets)
     log = InferenceLog(LogSettings(tmp_path / "logs"), "engine-a")
     v1 = _loaded(assets, "rf", 1)
@@ -86,16 +87,26 @@ def test_repeated_metadata_is_stored_once_and_read_back_as_strings(
     [path] = (tmp_path / "logs" / "ws" / "p").glob("*.arrow")
     with pa.OSFile(str(path), "rb") as source:
         stored = pa.ipc.open_stream(source).read_all()
-    for name in ("metadata.models", "metadata.last_model", "metadata.pipeline_version_id"):
+    shared = ("metadata.models", "metadata.last_model", "metadata.pipeline_version_id")
+    for name in (*shared, "metadata.pipeline_version", "metadata.engine"):
         column = stored.column(name)
-        assert pa.types.is_dictionary(column.type)
-        assert all(len(chunk.dictionary) == 1 for chunk in column.chunks)
-    # ~130 bytes a row: the inputs (72), numbers and indices. Written per row, the shared
-    # strings alone took ~160 more.
-    assert path.stat().st_size < 1000 * 200
+        assert pa.types.is_run_end_encoded(column.type), name
+        assert [len(chunk.values) for chunk in column.chunks] == [1], name
+    for name in ("time", "metadata.elapsed"):  # one run per request at most
+        column = stored.column(name)
+        assert pa.types.is_run_end_encoded(column.type), name
+        assert sum(len(chunk.values) for chunk in column.chunks) <= 2, name
+    # ~80 bytes a row: the inputs (72), the output and check_failures. Written per row, the
+    # shared strings alone took ~160 more, and the instants, versions and elapsed times 24.
+    assert path.stat().st_size < 1000 * 90
     table = log.query("ws", "p", limit=1000)
     assert table is not None and table.num_rows == 1000
-    assert not any(pa.types.is_dictionary(f.type) for f in table.schema)
+    encoded = [f.name for f in table.schema if pa.types.is_dictionary(f.type)]
+    encoded += [f.name for f in table.schema if pa.types.is_run_end_encoded(f.type)]
+    assert encoded == []
+    assert table.column("metadata.elapsed").to_pylist() == [1234] * 1000
+    assert table.column("metadata.pipeline_version").to_pylist() == [1] * 1000
+    assert len(set(table.column("time").to_pylist()[:500])) == 1
     last = json.loads(table.column("metadata.last_model")[0].as_py())
     assert last["model_name"] == MODELS["rf"]
     assert table.column("metadata.pipeline_version_id").to_pylist() == ["id-1"] * 1000
