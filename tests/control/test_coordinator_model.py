@@ -110,10 +110,19 @@ class PlainEngines:
     def abort(self, engine: str, swap_id: str, reason: str, request_id: str) -> None:
         self.engines[engine].prepared.pop(swap_id, None)
 
-    def push_desired(self, engine: str, versions: Sequence[PipelineVersion], revision: int) -> None:
+    def push_desired(
+        self,
+        engine: str,
+        versions: Sequence[PipelineVersion],
+        revision: int,
+        unless_served: bool = False,
+    ) -> None:
         found = self.engines[engine]
+        wanted = {v.key: v.number for v in versions}
+        if unless_served and found.connected and found.serving == wanted:
+            return  # not sent: its revision stays where it was, as the fleet's does
         if found.connected:  # applied at once: the engine serves exactly what is desired
-            found.serving = {v.key: v.number for v in versions}
+            found.serving = wanted
             found.applied = max(found.applied, revision)
 
     async def wait_applied(self, engine: str, revision: int, timeout: float) -> bool:

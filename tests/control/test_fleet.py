@@ -9,7 +9,7 @@ import pytest
 
 from hotswap.control.domain import ModelVersion, PipelineVersion
 from hotswap.control.engine_port import EngineGone
-from hotswap.control.fleet import OUTBOX_LIMIT, EngineRefused, Fleet
+from hotswap.control.fleet import OUTBOX_LIMIT, EngineConnection, EngineRefused, Fleet
 from hotswap.v1 import fleet_pb2 as f
 
 
@@ -94,3 +94,43 @@ async def test_engines_gone_for_good_are_forgotten_unless_kept() -> None:
     fleet.disconnect(fleet.connections["assigned"])
     assert fleet.forget_gone(keep={"assigned"}.__contains__) == ["gone"]
     assert sorted(fleet.connections) == ["assigned", "live"]
+
+
+def _next(connection: EngineConnection) -> f.ControlMessage:
+    message = connection.outbox.get_nowait()
+    assert message is not None
+    return message
+
+
+def _running(version: PipelineVersion) -> f.ServingPipeline:
+    return f.ServingPipeline(
+        workspace=version.workspace, pipeline=version.pipeline, version_id=version.version_id,
+        number=version.number, pipeline_state=f.PIPELINE_STATE_RUNNING,
+    )  # fmt: skip
+
+
+async def test_a_commit_answer_carries_what_the_engine_serves() -> None:
+    """The engine's state rides on its commit answer: known by the time commit() returns,
+    and the desired state that follows a commit is not sent to an engine that runs it."""
+    fleet = _fleet()
+    connection = fleet.connect(_hello("e1", "a"))
+    assert _next(connection).WhichOneof("kind") == "access"  # sent on connect
+    version = _version("1" * 64)
+    committing = asyncio.ensure_future(fleet.commit("e1", "s", "", timeout=5))
+    await asyncio.sleep(0)
+    assert _next(connection).WhichOneof("kind") == "commit"
+    answer = f.CommitResult(swap_id="s", ok=True, state=f.StateReport(serving=[_running(version)]))
+    fleet.handle(connection, f.EngineMessage(committed=answer))
+    await committing
+    assert connection.serving["ws/p"].version_id == "id"
+
+    fleet.push_desired("e1", [version], 3, unless_served=True)
+    assert connection.outbox.empty()  # runs it already: nothing to send
+    assert connection.may_fetch("1" * 64)  # what it may fetch follows the desired state
+    other = PipelineVersion("ws", "p", "id2", 2, version.steps, 0)
+    fleet.push_desired("e1", [other], 4, unless_served=True)
+    assert _next(connection).desired.revision == 4  # runs another: sent
+    fleet.push_desired("e1", [], 5, unless_served=True)  # must release it: sent
+    assert _next(connection).desired.revision == 5
+    fleet.push_desired("e1", [version], 6)  # without the flag, always sent (reconnects)
+    assert _next(connection).desired.revision == 6

@@ -76,10 +76,11 @@ async def test_access_rules_desired_state_and_a_swap(tmp_path: Path, assets: Pat
     [prepared] = await _sent(link)
     assert prepared.prepared.ok and prepared.prepared.swap_id == "s2"
     link._dispatch(f.ControlMessage(commit=f.Commit(swap_id="s2")))
-    state, committed = await _sent(link)
-    # The report goes before the answer: endpoints list the engine by the time Deploy returns.
-    assert state.state.serving[0].number == 2
+    [committed] = await _sent(link)
+    # What it serves rides on the answer: endpoints list the engine by the time Deploy
+    # returns, and no separate report is sent.
     assert committed.committed.ok and committed.committed.swap_id == "s2"
+    assert committed.committed.state.serving[0].number == 2
 
     # The desired state that follows a commit loads nothing: one report, the applied one.
     link._dispatch(
@@ -103,9 +104,8 @@ async def test_a_commit_switches_at_its_instant_not_before(tmp_path: Path, asset
     switch_at_us = time.time_ns() // 1000 + 200_000  # 200 ms from now
     link._dispatch(f.ControlMessage(commit=f.Commit(swap_id="s1", switch_at_us=switch_at_us)))
     assert await _sent(link) == []  # nothing yet: the instant has not come
-    answer = await asyncio.wait_for(link._outbox.get(), 5)  # the state report, then the answer
     committed = (await asyncio.wait_for(link._outbox.get(), 5)).committed
-    assert answer.state.serving[0].number == 1 and committed.ok
+    assert committed.state.serving[0].number == 1 and committed.ok
     assert committed.received_at_us < switch_at_us <= committed.switched_at_us
 
 

@@ -17,6 +17,7 @@ import hotswap
 from hotswap.clients._stack import LocalStack
 from hotswap.v1 import control_pb2 as c
 from hotswap.v1 import fleet_pb2 as f
+from hotswap.v1 import types_pb2
 from tests.e2e import _api
 from tests.security._peer import ScriptedEngine
 
@@ -213,3 +214,33 @@ def test_control_plane_killed_after_the_commit_point_keeps_the_new_version(
         assert [(v.pipeline, v.number) for v in desired.pipelines] == [("p", 1)]
     finally:
         back.close()
+
+
+@pytest.mark.parametrize("state_on_answer", [True, False], ids=["reported", "silent"])
+def test_the_desired_state_after_a_commit_goes_only_where_it_changes_something(
+    control: Any, engine: ScriptedEngine, state_on_answer: bool
+) -> None:
+    """An engine whose commit answer says it runs the new version gets no copy of the
+    desired state after it (two messages a swap per engine saved); one that said nothing
+    does."""
+    pending = _deploy_in_background(control)
+    prepare = engine.next("prepare").prepare
+    engine.prepared(prepare.swap_id)
+    engine.next("commit")
+    answer = f.CommitResult(swap_id=prepare.swap_id, ok=True)
+    if state_on_answer:
+        answer.state.serving.append(_serving(prepare.version))
+    engine.send(f.EngineMessage(committed=answer))
+    assert list(pending.result(timeout=30).unconfirmed_engines) == []
+    if state_on_answer:  # known from the answer alone: clients are sent there at once
+        assert _api.endpoints(control, "p") == ["127.0.0.1:1"]
+    # A logs query is queued after everything the deploy sent: what came before it is all.
+    logs = control.GetPipelineLogs.future(
+        types_pb2.GetLogsRequest(workspace=_api.WS, pipeline="p"), timeout=30
+    )
+    kinds = []
+    while (message := engine.received.get(timeout=10)).WhichOneof("kind") != "logs":
+        kinds.append(message.WhichOneof("kind"))
+    engine.send(f.EngineMessage(logs=f.LogsResult(query_id=message.logs.query_id, error="no")))
+    logs.result(timeout=30)
+    assert ("desired" in kinds) is not state_on_answer, kinds

@@ -117,12 +117,17 @@ class SwapCoordinator:
 
     # -- desired state (level-triggered) -------------------------------------------------
 
-    def resync(self, engine: str, deployments: list[Deployment] | None = None) -> None:
+    def resync(
+        self,
+        engine: str,
+        deployments: list[Deployment] | None = None,
+        unless_served: bool = False,
+    ) -> None:
         """Sends `engine` its whole desired state (on every connect: level-triggered), from
         `deployments` when the caller has just read them from the store."""
         known = self._store.deployments() if deployments is None else deployments
         desired = [d.version for d in known if engine in d.engines]
-        self._engines.push_desired(engine, desired, self.revision)
+        self._engines.push_desired(engine, desired, self.revision, unless_served)
 
     def engine_connected(self, engine: str) -> None:
         """An engine (re)connected: it gets its desired state, and deployments that lack
@@ -132,13 +137,13 @@ class SwapCoordinator:
                 self._start_refill(deployment)
         self.resync(engine)
 
-    def _bump(self, engines: set[str]) -> int:
+    def _bump(self, engines: set[str], unless_served: bool = False) -> int:
         self.revision += 1
         # Read once for all of them: each read parses every deployed version, and a swap
         # on 16 engines spent most of its control-plane CPU reading the same rows 16 times.
         deployments = self._store.deployments()
         for name in sorted(engines):
-            self.resync(name, deployments)
+            self.resync(name, deployments, unless_served)
         return self.revision
 
     def _placeable(self) -> list[EngineRef]:
@@ -355,7 +360,9 @@ class SwapCoordinator:
             raise
         finally:
             dropped = set(current.engines if current else ()) - set(engines)
-            self._bump(dropped | set(engines))
+            # An engine whose commit answer says it runs its desired state already gets no
+            # copy of it; the others (dropped, unconfirmed) converge from it.
+            self._bump(dropped | set(engines), unless_served=True)
         swap.commit_ms = _ms_since(commit_start)
         self._metrics.swap_phase_seconds.labels("commit").observe(swap.commit_ms / 1000)
         return _result(swap, version, current, _ms_since(started))

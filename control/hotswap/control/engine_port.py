@@ -85,8 +85,16 @@ class EnginePort(Protocol):
         """Tells `engine` to drop what it prepared for `swap_id` (no answer expected)."""
         ...
 
-    def push_desired(self, engine: str, versions: Sequence[PipelineVersion], revision: int) -> None:
-        """Sends `engine` everything it must serve now, numbered `revision` (no-op if gone)."""
+    def push_desired(
+        self,
+        engine: str,
+        versions: Sequence[PipelineVersion],
+        revision: int,
+        unless_served: bool = False,
+    ) -> None:
+        """Sends `engine` everything it must serve now, numbered `revision` (no-op if gone).
+        With `unless_served`, nothing is sent when the engine reports it runs exactly that
+        already (its revision then stays where it was)."""
         ...
 
     def drained(self, engine: str, kept: Sequence[str]) -> None:

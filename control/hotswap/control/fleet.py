@@ -198,6 +198,15 @@ def _blobs(version: types_pb2.PipelineVersion) -> list[str]:
     ]
 
 
+def _serves_exactly(connection: EngineConnection, versions: Sequence[PipelineVersion]) -> bool:
+    """Whether the engine's last report has it running `versions` and nothing else."""
+    wanted = {v.key: v.version_id for v in versions}
+    served = connection.serving
+    return served.keys() == wanted.keys() and all(
+        s.state == "Running" and s.version_id == wanted[key] for key, s in served.items()
+    )
+
+
 class Fleet:
     """Engines by name, their latest reports, and awaited answers; an `EnginePort`."""
 
@@ -361,6 +370,8 @@ class Fleet:
         elif kind == "prepared":
             self._resolve(connection, ("prepare", message.prepared.swap_id), message)
         elif kind == "committed":
+            if message.committed.HasField("state"):  # known before the answer is (see there)
+                self._apply_state(connection, message.committed.state)
             self._resolve(connection, ("commit", message.committed.swap_id), message)
         elif kind == "logs":
             self._resolve(connection, ("logs", message.logs.query_id), message)
@@ -370,10 +381,12 @@ class Fleet:
             connection.draining = True
             self._notify()
         elif kind == "state":
-            state = message.state
-            connection.serving = {f"{s.workspace}/{s.pipeline}": _serving(s) for s in state.serving}
-            connection.applied_revision = max(connection.applied_revision, state.revision)
-            self._notify()
+            self._apply_state(connection, message.state)
+
+    def _apply_state(self, connection: EngineConnection, state: fleet_pb2.StateReport) -> None:
+        connection.serving = {f"{s.workspace}/{s.pipeline}": _serving(s) for s in state.serving}
+        connection.applied_revision = max(connection.applied_revision, state.revision)
+        self._notify()
 
     def _notify(self) -> None:
         async def notify() -> None:
@@ -491,13 +504,27 @@ class Fleet:
             abort = fleet_pb2.Abort(swap_id=swap_id, reason=reason, request_id=request_id)
             self._send(connection, fleet_pb2.ControlMessage(abort=abort))
 
-    def push_desired(self, engine: str, versions: Sequence[PipelineVersion], revision: int) -> None:
+    def push_desired(
+        self,
+        engine: str,
+        versions: Sequence[PipelineVersion],
+        revision: int,
+        unless_served: bool = False,
+    ) -> None:
         connection = self.connections.get(engine)
-        if connection is not None:
-            desired = fleet_pb2.DesiredState(
-                revision=revision, pipelines=[self._message(v) for v in versions]
+        if connection is None:
+            return
+        if unless_served and _serves_exactly(connection, versions):
+            # The engine would change nothing and answer a StateReport: two messages a swap
+            # per engine saved. Which blobs it may fetch still follows the desired state.
+            connection.desired_blobs = frozenset(
+                sha for v in versions for sha in _blobs(self._message(v))
             )
-            self._send(connection, fleet_pb2.ControlMessage(desired=desired))
+            return
+        desired = fleet_pb2.DesiredState(
+            revision=revision, pipelines=[self._message(v) for v in versions]
+        )
+        self._send(connection, fleet_pb2.ControlMessage(desired=desired))
 
     def _message(self, version: PipelineVersion) -> types_pb2.PipelineVersion:
         known = self._messages.get(version.version_id)

@@ -417,8 +417,9 @@ class EngineHost:
 
         `seen` is `swaps_seen()` when the desired state arrived. A pipeline that a swap
         committed since then keeps the swap's version: the swap is newer than this desired
-        state (the control plane sends the one that follows it right after the commit), and
-        restoring the older version would break read-your-writes until that one came.
+        state (every state queued after the commit lists it; one that matches what the
+        engine runs is not sent at all), and restoring the older version would break
+        read-your-writes.
         """
         seen = self.swaps_seen() if seen is None else seen
         async with self._reconcile_lock:

@@ -145,12 +145,14 @@ class ControlLink:
     def _send(self, message: fleet_pb2.EngineMessage) -> None:
         self._outbox.put_nowait(message)
 
-    def _report(self, revision: int = 0) -> None:
-        report = fleet_pb2.StateReport(
+    def _state(self, revision: int = 0) -> fleet_pb2.StateReport:
+        return fleet_pb2.StateReport(
             revision=revision,
             serving=[_convert.serving_pipeline(s) for s in self._host.states()],
         )
-        self._send(fleet_pb2.EngineMessage(state=report))
+
+    def _report(self, revision: int = 0) -> None:
+        self._send(fleet_pb2.EngineMessage(state=self._state(revision)))
 
     async def _requests(self) -> AsyncIterator[fleet_pb2.EngineMessage]:
         yield fleet_pb2.EngineMessage(
@@ -506,9 +508,8 @@ class ControlLink:
             if old is not None and state.active is not old:
                 # Fires when the last in-flight request (or the retention) lets go of it.
                 weakref.finalize(old, released)
-        # The report goes first so the control plane knows what we serve by the time it sees
-        # the commit answer (GetPipelineEndpoints after Deploy returns must include us).
-        self._report()
+        # What we serve now rides on the answer: the control plane knows it by the time it
+        # sees the commit answer (GetPipelineEndpoints after Deploy returns must include us).
         if worker_failed is None:
             answer = fleet_pb2.CommitResult(
                 swap_id=commit.swap_id,
@@ -516,6 +517,7 @@ class ControlLink:
                 switch_us=switch_us,
                 switched_at_us=self._host.switched_at_us,
                 received_at_us=self._received_at_us.pop(commit.swap_id, 0),
+                state=self._state(),
             )
         else:
             self._received_at_us.pop(commit.swap_id, None)
@@ -523,6 +525,7 @@ class ControlLink:
                 swap_id=commit.swap_id,
                 error=f"a worker process: {worker_failed.error}",
                 cause=worker_failed.cause or fleet_pb2.FAILURE_CAUSE_UNEXPECTED,
+                state=self._state(),
             )
         self._send(fleet_pb2.EngineMessage(committed=answer))
 

@@ -425,6 +425,7 @@ class CommitResult(_message.Message):
     CAUSE_FIELD_NUMBER: _builtins.int
     SWITCHED_AT_US_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_US_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     swap_id: _builtins.str
     ok: _builtins.bool
     error: _builtins.str
@@ -440,6 +441,13 @@ class CommitResult(_message.Message):
     """When the Commit message reached the engine, Unix microseconds (its clock): how much lead
     the control plane must give the next switch instant.
     """
+    @_builtins.property
+    def state(self) -> Global___StateReport:
+        """What the engine serves once switched (revision 0), in place of a StateReport of its own:
+        the control plane applies it before the answer, so GetPipelineEndpoints after Deploy
+        returns includes this engine.
+        """
+
     def __init__(
         self,
         *,
@@ -450,10 +458,11 @@ class CommitResult(_message.Message):
         cause: Global___FailureCause.ValueType = ...,
         switched_at_us: _builtins.int = ...,
         received_at_us: _builtins.int = ...,
+        state: Global___StateReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "error", b"error", "ok", b"ok", "received_at_us", b"received_at_us", "swap_id", b"swap_id", "switch_us", b"switch_us", "switched_at_us", b"switched_at_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "error", b"error", "ok", b"ok", "received_at_us", b"received_at_us", "state", b"state", "swap_id", b"swap_id", "switch_us", b"switch_us", "switched_at_us", b"switched_at_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,7 +470,9 @@ Global___CommitResult: _TypeAlias = CommitResult  # noqa: Y015
 
 @_typing.final
 class StateReport(_message.Message):
-    """Sent after applying a DesiredState and whenever what the engine serves changes."""
+    """Sent after applying a DesiredState and whenever what the engine serves changes (after a
+    commit it rides on the CommitResult instead).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
