@@ -116,12 +116,15 @@ async def test_an_idle_heartbeat_watches_no_split_models_until_a_swap(tmp_path: 
     link, _ = _link(tmp_path, b"", heartbeat_interval=600.0)
     checks = 0
 
-    def counting_errors() -> int:
-        nonlocal checks
-        checks += 1
-        return 0
+    count_errors = link._split_errors
 
-    link._errors = counting_errors  # type: ignore[method-assign]
+    def counting_errors() -> int | None:
+        nonlocal checks
+        found = count_errors()
+        checks += found is not None  # a check of split models' failures
+        return found
+
+    link._split_errors = counting_errors  # type: ignore[method-assign]
     beating = asyncio.create_task(link._heartbeat_forever())
     try:
         first = await asyncio.wait_for(link._outbox.get(), 5)

@@ -243,18 +243,15 @@ class ControlLink:
             errors = sum(t.errors for t in beat.traffic)
             deadline = time.monotonic() + self._heartbeat_interval
             while (left := deadline - time.monotonic()) > 0:
-                if not self._serves_splits():
+                now = self._split_errors()
+                if now is None:
                     # Nothing to watch: sleep until the next beat or the next swap (which
                     # may load split steps), instead of waking 20 times a second.
                     await self._wait_for_change(left)
-                elif self._errors() != errors:
+                elif now != errors:
                     break
                 else:
                     await asyncio.sleep(min(ERROR_CHECK_SECONDS, left))
-
-    def _serves_splits(self) -> bool:
-        """Whether models of split steps serve here (in this process or a worker)."""
-        return bool(self._host.traffic() or (self._relay is not None and self._relay.traffic()))
 
     async def _wait_for_change(self, seconds: float) -> None:
         seen = self._host.changes.count
@@ -271,12 +268,15 @@ class ControlLink:
                 found.append(_convert.version_traffic(loaded.spec, bound))
         return found
 
-    def _errors(self) -> int:
-        """Failures counted so far by the models of split steps, workers' included."""
-        errors = int(sum(snap[2] for _, counts in self._host.traffic() for *_, snap in counts))
-        if self._relay is not None:
-            errors += sum(t.errors for t in self._relay.traffic())
-        return errors
+    def _split_errors(self) -> int | None:
+        """Failures counted so far by the models of split steps, workers' included; None
+        when no split step serves here (one read of the counts answers both)."""
+        own = self._host.traffic()
+        workers = self._relay.traffic() if self._relay is not None else []
+        if not own and not workers:
+            return None
+        errors = int(sum(snap[2] for _, counts in own for *_, snap in counts))
+        return errors + sum(t.errors for t in workers)
 
     def _dispatch(self, message: fleet_pb2.ControlMessage) -> None:
         kind = message.WhichOneof("kind")
