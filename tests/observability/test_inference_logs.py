@@ -281,3 +281,28 @@ def test_a_caller_sees_only_its_workspaces_logs(assets: Path, tmp_path: Path) ->
     assert log.query("", "p", 10, visible=lambda ws: ws == "other") is None
     assert log.query("ws", "p", 10, visible=lambda ws: ws == "other") is None
     log.close()
+
+
+def test_a_limited_query_of_a_file_answers_its_newest_rows_in_a_window(
+    assets: Path, tmp_path: Path
+) -> None:
+    """A file's encoded columns cannot be filtered, only sliced and decoded: the newest
+    rows of the window must still come back, newest first, and only as many as asked."""
+    x = xtest(assets)
+    log = InferenceLog(LogSettings(tmp_path), "e")
+    v1 = _loaded(assets, "rf", 1)
+    first = _append(log, v1, x[:300])
+    t0 = first.column("time")[0].value
+    poll(lambda: time.time_ns() // 1_000_000 > t0, 1.0, 0.001)
+    t1 = _append(log, v1, x[300:600]).column("time")[0].value
+    log.flush()
+
+    def inputs(table: pa.Table | None) -> np.ndarray:
+        assert table is not None
+        return np.asarray(table.column("in.tensor").combine_chunks().flatten()).reshape(-1, 18)
+
+    np.testing.assert_array_equal(inputs(log.query("ws", "p", 3)), x[599:596:-1])
+    in_first = log.query("ws", "p", 3, start_ms=t0, end_ms=t1)
+    np.testing.assert_array_equal(inputs(in_first), x[299:296:-1])  # the first request's last
+    assert in_first.column("time").to_pylist() == [first.column("time")[0].as_py()] * 3  # type: ignore[union-attr]
+    assert log.query("ws", "p", 1000, start_ms=t0, end_ms=t1).num_rows == 300  # type: ignore[union-attr]

@@ -375,7 +375,7 @@ class InferenceLog:
             for table in itertools.chain(reversed(list(self._tables(pending))), files):
                 if rows >= limit:
                     break
-                selected = _select(_plain(table), start_ms, end_ms)
+                selected = _select(table, start_ms, end_ms, limit - rows)
                 if selected.num_rows:
                     parts.append(selected)
                     rows += selected.num_rows
@@ -475,19 +475,28 @@ def _count_rows(path: Path) -> int:
     return _read(path).num_rows if path.exists() else 0
 
 
-def _select(table: pa.Table, start_ms: int, end_ms: int) -> pa.Table:
-    """Rows in [start_ms, end_ms) (0 = unbounded), newest (last appended) first."""
+def _select(table: pa.Table, start_ms: int, end_ms: int, most: int) -> pa.Table:
+    """The newest (last appended) `most` rows in [start_ms, end_ms) (0 = unbounded), newest
+    first, as plain columns. Only the rows from the oldest one kept on are decoded: encoded
+    columns cannot be filtered, but a slice of them can be decoded, and a query for the
+    newest 100 rows of a 16 MiB file should not decode all of it."""
+    n = table.num_rows
     if start_ms or end_ms:
         times = table.column("time")
-        mask = None
+        if pa.types.is_run_end_encoded(times.type):
+            times = pc.run_end_decode(times)
+        mask = pa.chunked_array([pa.array(np.ones(n, np.bool_))])
         if start_ms:
-            mask = pc.greater_equal(times, pa.scalar(start_ms, _TIME))
+            mask = pc.and_(mask, pc.greater_equal(times, pa.scalar(start_ms, _TIME)))
         if end_ms:
-            before = pc.less(times, pa.scalar(end_ms, _TIME))
-            mask = before if mask is None else pc.and_(mask, before)
-        table = table.filter(mask)
-    n = table.num_rows
-    return table.take(pa.array(range(n - 1, -1, -1), pa.int64())) if n > 1 else table
+            mask = pc.and_(mask, pc.less(times, pa.scalar(end_ms, _TIME)))
+        kept = np.flatnonzero(pc.fill_null(mask, False).to_numpy())[-most:]
+    else:
+        kept = np.arange(max(0, n - most), n)
+    if not len(kept):
+        return table.slice(0, 0)
+    first = int(kept[0])
+    return _plain(table.slice(first)).take(pa.array(kept[::-1] - first))
 
 
 def encode(table: pa.Table | None) -> bytes:
