@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hotswap.control import _convert
@@ -167,9 +167,7 @@ class EngineConnection:
     def send(self, message: fleet_pb2.ControlMessage) -> None:
         kind = message.WhichOneof("kind")
         if kind == "desired":
-            self.desired_blobs = frozenset(
-                sha for version in message.desired.pipelines for sha in _blobs(version)
-            )
+            self.desired_blobs = _desired_blobs(message.desired.pipelines)
         elif kind == "prepare":
             prepare = message.prepare
             self.prepare_blobs[prepare.swap_id] = frozenset(_blobs(prepare.version))
@@ -196,6 +194,11 @@ def _blobs(version: types_pb2.PipelineVersion) -> list[str]:
         *(step.sha256 for step in version.steps),
         *(m.sha256 for split in version.splits for m in split.models),
     ]
+
+
+def _desired_blobs(pipelines: Iterable[types_pb2.PipelineVersion]) -> frozenset[str]:
+    """The blobs an engine may fetch for its desired state."""
+    return frozenset(sha for version in pipelines for sha in _blobs(version))
 
 
 def _serves_exactly(connection: EngineConnection, versions: Sequence[PipelineVersion]) -> bool:
@@ -517,9 +520,7 @@ class Fleet:
         if unless_served and _serves_exactly(connection, versions):
             # The engine would change nothing and answer a StateReport: two messages a swap
             # per engine saved. Which blobs it may fetch still follows the desired state.
-            connection.desired_blobs = frozenset(
-                sha for v in versions for sha in _blobs(self._message(v))
-            )
+            connection.desired_blobs = _desired_blobs([self._message(v) for v in versions])
             return
         desired = fleet_pb2.DesiredState(
             revision=revision, pipelines=[self._message(v) for v in versions]

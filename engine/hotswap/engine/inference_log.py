@@ -477,26 +477,27 @@ def _count_rows(path: Path) -> int:
 
 def _select(table: pa.Table, start_ms: int, end_ms: int, most: int) -> pa.Table:
     """The newest (last appended) `most` rows in [start_ms, end_ms) (0 = unbounded), newest
-    first, as plain columns. Only the rows from the oldest one kept on are decoded: encoded
-    columns cannot be filtered, but a slice of them can be decoded, and a query for the
-    newest 100 rows of a 16 MiB file should not decode all of it."""
+    first, as plain columns. Only the rows from the oldest kept to the newest kept are
+    decoded: encoded columns cannot be filtered, but a slice of them can be decoded, and a
+    query for the newest 100 rows of a 16 MiB file should not decode all of it."""
     n = table.num_rows
     if start_ms or end_ms:
         times = table.column("time")
         if pa.types.is_run_end_encoded(times.type):
             times = pc.run_end_decode(times)
-        mask = pa.chunked_array([pa.array(np.ones(n, np.bool_))])
+        mask = None
         if start_ms:
-            mask = pc.and_(mask, pc.greater_equal(times, pa.scalar(start_ms, _TIME)))
+            mask = pc.greater_equal(times, pa.scalar(start_ms, _TIME))
         if end_ms:
-            mask = pc.and_(mask, pc.less(times, pa.scalar(end_ms, _TIME)))
+            before = pc.less(times, pa.scalar(end_ms, _TIME))
+            mask = before if mask is None else pc.and_(mask, before)
         kept = np.flatnonzero(pc.fill_null(mask, False).to_numpy())[-most:]
     else:
         kept = np.arange(max(0, n - most), n)
     if not len(kept):
         return table.slice(0, 0)
-    first = int(kept[0])
-    return _plain(table.slice(first)).take(pa.array(kept[::-1] - first))
+    first, last = int(kept[0]), int(kept[-1])
+    return _plain(table.slice(first, last - first + 1)).take(pa.array(kept[::-1] - first))
 
 
 def encode(table: pa.Table | None) -> bytes:
