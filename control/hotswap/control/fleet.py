@@ -517,14 +517,13 @@ class Fleet:
         connection = self.connections.get(engine)
         if connection is None:
             return
+        pipelines = [self._message(v) for v in versions]
         if unless_served and _serves_exactly(connection, versions):
             # The engine would change nothing and answer a StateReport: two messages a swap
             # per engine saved. Which blobs it may fetch still follows the desired state.
-            connection.desired_blobs = _desired_blobs([self._message(v) for v in versions])
+            connection.desired_blobs = _desired_blobs(pipelines)
             return
-        desired = fleet_pb2.DesiredState(
-            revision=revision, pipelines=[self._message(v) for v in versions]
-        )
+        desired = fleet_pb2.DesiredState(revision=revision, pipelines=pipelines)
         self._send(connection, fleet_pb2.ControlMessage(desired=desired))
 
     def _message(self, version: PipelineVersion) -> types_pb2.PipelineVersion:
