@@ -129,8 +129,9 @@ def test_engine_reflection_is_enough_to_call_it(
 
     # What grpcurl does: build the messages from the reflected descriptors alone and call.
     method = oip.methods_by_name["ModelMetadata"]
-    request_class = message_factory.GetMessageClass(method.input_type)
-    response_class = message_factory.GetMessageClass(method.output_type)
+    # Classes built at run time from descriptors: their fields are unknown to the type checker.
+    request_class: Any = message_factory.GetMessageClass(method.input_type)
+    response_class: Any = message_factory.GetMessageClass(method.output_type)
     call: Any = channel.unary_unary(
         f"/{oip.full_name}/{method.name}",
         request_serializer=lambda m: m.SerializeToString(),
