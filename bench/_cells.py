@@ -235,6 +235,20 @@ def swap_run(
     return run_load(spec, plan, window_s=window_s, progress=False)
 
 
+def quiet_worst_ms(engine: str, table: Any, rate: float, seconds: float, runs: int) -> list[float]:
+    """The worst latency of each of `runs` open-loop runs of `seconds` with no swap: the
+    control for a swap window of that length (the worst of more requests is worse)."""
+    spec = LoadSpec(
+        Target((engine,), WS, PIPELINE),
+        _input.ipc_stream(table),
+        table.num_rows,
+        rate=rate,
+        duration=seconds,
+        requests=None,
+    )
+    return [run_load(spec, progress=False)["latency_ms"]["max"] for _ in range(runs)]
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
