@@ -10,14 +10,21 @@ MODELS := examples/housing/models/.stamp
 # Debian's prometheus, chromium and chromedriver: the tests' real Prometheus and browser.
 SYSTEM_TOOLS := prometheus chromium chromium-driver
 
-.PHONY: system-tools test-slow install proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic bench-http bench-pause clean
+.PHONY: system-tools test-slow install lock proto proto-check fmt lint test test-all demo models bench bench-auth bench-traffic bench-http bench-pause clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,train,plot]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,train,plot]'
 	touch $(STAMP)
+
+# Moves every locked package to the newest version pyproject allows; run the tests, then commit.
+lock: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade --upgrade-strategy eager \
+	  -e '.[dev,train,plot]'
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.new
+	mv constraints.new constraints.txt
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos \
