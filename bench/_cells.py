@@ -218,14 +218,7 @@ def swap_run(
     window_s: float = 0.25,
 ) -> dict[str, Any]:
     """Open-loop load at `rate` while `plan` swaps; ends shortly after the last swap."""
-    spec = LoadSpec(
-        Target((engine,), WS, PIPELINE),
-        _input.ipc_stream(table),
-        table.num_rows,
-        rate=rate,
-        duration=None,
-        requests=None,
-    )
+    spec = _open_loop(engine, table, rate, None)
     plan.control, plan.workspace, plan.pipeline, plan.stop_load_after = (
         control_address,
         WS,
@@ -238,7 +231,13 @@ def swap_run(
 def quiet_worst_ms(engine: str, table: Any, rate: float, seconds: float, runs: int) -> list[float]:
     """The worst latency of each of `runs` open-loop runs of `seconds` with no swap: the
     control for a swap window of that length (the worst of more requests is worse)."""
-    spec = LoadSpec(
+    spec = _open_loop(engine, table, rate, seconds)
+    return [run_load(spec, progress=False)["latency_ms"]["max"] for _ in range(runs)]
+
+
+def _open_loop(engine: str, table: Any, rate: float, seconds: float | None) -> LoadSpec:
+    """Native `Infer` of `table` at `rate` requests/s, for `seconds` (None: until stopped)."""
+    return LoadSpec(
         Target((engine,), WS, PIPELINE),
         _input.ipc_stream(table),
         table.num_rows,
@@ -246,7 +245,6 @@ def quiet_worst_ms(engine: str, table: Any, rate: float, seconds: float, runs: i
         duration=seconds,
         requests=None,
     )
-    return [run_load(spec, progress=False)["latency_ms"]["max"] for _ in range(runs)]
 
 
 def rss_mb(pid: int) -> float:
