@@ -312,8 +312,8 @@ def markdown(r: dict[str, Any]) -> str:
 
 def pause_targets(cost: list[dict[str, Any]]) -> list[tuple[str, str, str, bool]]:
     """The worst window of the biggest model against the smallest's, as engines run by
-    default (big models in a process of their own); then each against the worst of quiet
-    runs as long as its windows (older results have no quiet runs)."""
+    default (big models in a process of their own); then each over the median worst latency
+    of its quiet runs, as long as its windows (older results have no quiet runs)."""
     mine = [c for c in cost if c["mode"] == "own process"]
     small, big = mine[0], mine[-1]
     ratio = big["pause_ms"] / small["pause_ms"]
