@@ -24,7 +24,13 @@ from hotswap.control.settings import Settings
 from hotswap.control.store import Store
 from hotswap.control.timeline import SwapTimeline
 from hotswap.control.uploads import ModelUploads
-from hotswap.service.edge import bind, is_loopback, server_credentials, server_options
+from hotswap.service.edge import (
+    add_servicer,
+    bind,
+    is_loopback,
+    server_credentials,
+    server_options,
+)
 from hotswap.service.http_edge import HttpTls
 from hotswap.service.log_config import RequestIdInterceptor
 from hotswap.service.metrics_http import MetricsEndpoint
@@ -80,7 +86,9 @@ class ControlPlaneServer:
         self._server = self._grpc_server(interceptors)
         # With --fleet-listen, engines have a server (and port) of their own.
         self._fleet_server = self._grpc_server(interceptors) if settings.fleet_listen else None
-        control_pb2_grpc.add_ControlPlaneServicer_to_server(
+        add_servicer(
+            self._server,
+            control_pb2_grpc.add_ControlPlaneServicer_to_server,
             ControlPlaneServicer(
                 self.store,
                 uploads,
@@ -90,11 +98,11 @@ class ControlPlaneServer:
                 logs=self.logs,
                 rollouts=self.rollouts,
             ),
-            self._server,
         )
-        fleet_pb2_grpc.add_FleetServicer_to_server(
-            FleetServicer(self.fleet, self.coordinator, self.blobs, self.store),
+        add_servicer(
             self._fleet_server or self._server,
+            fleet_pb2_grpc.add_FleetServicer_to_server,
+            FleetServicer(self.fleet, self.coordinator, self.blobs, self.store),
         )
         # The web console: its own HTTP port, calling this server's API like any client.
         self.console = (

@@ -32,6 +32,7 @@ from hotswap.engine.workers import WorkerRelay
 from hotswap.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from hotswap.service.edge import (
     StartupError,
+    add_servicer,
     bind,
     client_channel,
     is_loopback,
@@ -296,10 +297,11 @@ class EngineServer:
         self._identity.name = self.name
         self._identity.address = self.address
         self._identity.connected = self.link.connected.is_set
-        engine_pb2_grpc.add_EngineServicer_to_server(engine, self._server)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.host, plane),
+        add_servicer(self._server, engine_pb2_grpc.add_EngineServicer_to_server, engine)
+        add_servicer(
             self._server,
+            grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+            InferenceServicer(self.host, plane),
         )
         return self.host, self.link
 

@@ -41,7 +41,7 @@ import pyarrow as pa
 from hotswap.engine.blob_cache import BlobCache
 from hotswap.engine.inference_log import encode
 from hotswap.engine.settings import Settings
-from hotswap.service.edge import server_options
+from hotswap.service.edge import add_servicer, server_options
 from hotswap.service.log_tables import concat_logs
 from hotswap.v1 import fleet_pb2, fleet_pb2_grpc, types_pb2
 
@@ -369,6 +369,6 @@ def stop(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
 def unix_server(relay: WorkerRelay, address: str) -> grpc.aio.Server:
     # The engine's message limits: a worker's LogsResult can be tens of MB.
     server = grpc.aio.server(options=server_options())
-    fleet_pb2_grpc.add_FleetServicer_to_server(relay, server)
+    add_servicer(server, fleet_pb2_grpc.add_FleetServicer_to_server, relay)
     server.add_insecure_port(address)
     return server

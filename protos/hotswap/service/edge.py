@@ -124,6 +124,39 @@ def server_options(
     ]
 
 
+Servicer = TypeVar("Servicer")
+
+
+def add_servicer(
+    server: grpc.aio.Server, add: Callable[[Servicer, Any], None], servicer: Servicer
+) -> None:
+    """Adds `servicer` to `server` with a generated ``add_*Servicer_to_server`` (`add`), its
+    methods served by the generic handler that function makes, not as registered methods.
+
+    Why: for every call it accepts, grpc.aio's server waits (``asyncio.wait``) on one pending
+    call request per registered method plus one for the generic handlers, so each call costs
+    Python work in proportion to the registered methods: the engine's Health, reflection,
+    Engine and OIP services have 15, the control plane's 26. Served generically (one pending
+    request, then a dict look-up per service), the engine answered 5-16 % more 1-row calls a
+    second at 4-12 % less CPU each (docs/adr/0003).
+    """
+    add(servicer, _GenericHandlersOnly(server))
+
+
+class _GenericHandlersOnly:
+    """The server as a generated ``add_*Servicer_to_server`` sees it: it passes the methods'
+    handlers twice, once as a generic handler and once to register; the second is dropped."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        """The same handlers the generic one holds: nothing to add."""
+
+
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from hotswap.service.edge import bind, server_options
+from hotswap.service.edge import add_servicer, bind, server_options
 
 LIVENESS = "liveness"
 """A service name that is SERVING while the process runs, for liveness probes (readiness
@@ -112,7 +112,7 @@ class Health:
             ],
             maximum_concurrent_rpcs=2 * MAX_OPEN_STREAMS,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
+        add_servicer(server, health_pb2_grpc.add_HealthServicer_to_server, self._servicer)
         port = bind(server, listen, None)
         await server.start()
         return server, port
@@ -129,10 +129,12 @@ async def add_probes(server: grpc.aio.Server, services: Sequence[str]) -> Health
     `LIVENESS` name starts SERVING."""
     streams = _OpenStreams(MAX_OPEN_STREAMS)
     servicer = _CappedHealth(streams)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    add_servicer(server, health_pb2_grpc.add_HealthServicer_to_server, servicer)
     names = [*services, HEALTH_SERVICE, REFLECTION_SERVICE]
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
-        _CappedReflection(names, streams), server
+    add_servicer(
+        server,
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+        _CappedReflection(names, streams),
     )
     probes = Health(servicer)
     for name in ("", *services):
