@@ -21,9 +21,8 @@ HEALTH_METHODS = len(health_pb2.DESCRIPTOR.services_by_name["Health"].methods)
 
 def _call_requests() -> int:
     """The server's pending call requests (tasks of grpc.aio's AioServer._request*call)."""
-    return sum(
-        1 for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith("AioServer._request")
-    )
+    names = [getattr(t.get_coro(), "__qualname__", "") for t in asyncio.all_tasks()]
+    return sum(name.startswith("AioServer._request") for name in names)
 
 
 async def _serve(add: Callable[[grpc.aio.Server], Any]) -> tuple[int, int]:
@@ -35,9 +34,8 @@ async def _serve(add: Callable[[grpc.aio.Server], Any]) -> tuple[int, int]:
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            answer = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=10
-            )
+            stub: Any = health_pb2_grpc.HealthStub(channel)
+            answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
         return _call_requests(), answer.status
     finally:
         await server.stop(None)
